@@ -1,0 +1,1 @@
+"""`qwen2_jax.infer`: JIT-compiled batch generation with a KV cache (generation issue)."""

@@ -1,0 +1,299 @@
+"""HF checkpoints (config.json + safetensors, single or sharded) to params and back.
+
+Loading is strict: missing, unexpected, wrong-shape or wrong-dtype tensors and truncated files
+are all collected and raised together as one `CheckpointError` naming each key and file, before
+any data is read; every param slot must be filled exactly once, so nothing is left randomly
+initialised. Tensors are read one at a time and each param is handed to JAX as soon as it is
+complete, so peak host memory is about the params plus one stacked param being assembled.
+Saving writes into a temporary directory beside the target and renames it only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from qwen2_jax.api import abstract_params
+from qwen2_jax.checkpoint import safetensors_io as st
+from qwen2_jax.checkpoint.keymap import Entry, checkpoint_entries
+from qwen2_jax.config import Qwen2Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_NAMES = ("F32", "BF16", "F16")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not match its config; the message lists every bad key with its file."""
+
+
+def _tree_get(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _tree_set(tree: dict, path: tuple[str, ...], value) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _open_files(directory: str) -> dict[str, st.SafetensorsFile]:
+  """key -> open file, from the index (sharded) or the single file."""
+  index_path = os.path.join(directory, INDEX_FILE)
+  single = os.path.join(directory, SINGLE_FILE)
+  if os.path.isfile(index_path):
+    with open(index_path) as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+    files = {}
+    for name in sorted(set(weight_map.values())):
+      path = os.path.join(directory, name)
+      if not os.path.isfile(path):
+        missing = sorted(k for k, v in weight_map.items() if v == name)
+        raise CheckpointError(f"{path}: listed in {INDEX_FILE} for {len(missing)} tensors "
+                              f"(e.g. {missing[0]!r}) but missing")
+      files[name] = st.SafetensorsFile(path)
+    by_key = {}
+    for key, name in weight_map.items():
+      if key not in files[name].entries:
+        raise CheckpointError(f"{files[name].path}: {INDEX_FILE} maps {key!r} here but the "
+                              "file does not contain it")
+      by_key[key] = files[name]
+    for name, f in files.items():  # tensors present in a shard but not in the index
+      for key in f.keys():
+        if weight_map.get(key) != name:
+          by_key.setdefault(key, f)
+    return by_key
+  if os.path.isfile(single):
+    f = st.SafetensorsFile(single)
+    return {key: f for key in f.keys()}
+  raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+
+
+def _declared_dtype(config: Qwen2Config) -> str | None:
+  extra = dict(config.extra)
+  value = extra.get("torch_dtype") or extra.get("dtype")
+  return json.loads(value) if value else None
+
+
+def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32",
+                       show_progress: bool = True,
+                       **config_overrides) -> tuple[Qwen2Config, dict[str, Any]]:
+  """Reads an HF Qwen2 directory into (config, params).
+
+  Args:
+    path: directory with config.json and model.safetensors or a sharded index.
+    dtype: dtype of the returned params ("float32", "bfloat16", ...); None keeps each
+      tensor's checkpoint dtype (bit-exact). Sets `config.param_dtype`.
+    show_progress: a progress bar over tensors.
+    **config_overrides: implementation settings for the returned config (e.g. `dtype` is not
+      accepted here; pass `compute_dtype="bfloat16"` to set `config.dtype`, or `scan_layers`,
+      `remat_policy`, `attention_impl`).
+
+  Raises:
+    CheckpointError: missing / unexpected / wrong-shape / wrong-dtype tensors (all listed).
+    safetensors_io.SafetensorsError: a truncated or malformed file.
+    FileNotFoundError: no config.json or weights.
+  """
+  directory = os.fspath(path)
+  compute_dtype = config_overrides.pop("compute_dtype", None)
+  if compute_dtype is not None:
+    config_overrides["dtype"] = compute_dtype
+  config = Qwen2Config.from_hf(directory, **config_overrides)
+  by_key = _open_files(directory)
+  entries = checkpoint_entries(config)
+  expected = {e.hf_key: e for e in entries}
+  declared = _declared_dtype(config)
+  problems = []
+  for e in entries:
+    if e.hf_key not in by_key:
+      problems.append(f"missing tensor {e.hf_key!r} (expected {list(e.hf_shape)}) in {directory}")
+      continue
+    f = by_key[e.hf_key]
+    if f.shape(e.hf_key) != e.hf_shape:
+      problems.append(f"{f.path}: tensor {e.hf_key!r} has shape {list(f.shape(e.hf_key))}, "
+                      f"config.json implies {list(e.hf_shape)}")
+    got = f.dtype(e.hf_key)
+    if got not in _FLOAT_NAMES:
+      problems.append(f"{f.path}: tensor {e.hf_key!r} has dtype {got}, expected a float dtype")
+    elif declared and got != st.dtype_name(jnp.dtype(declared)):
+      problems.append(f"{f.path}: tensor {e.hf_key!r} has dtype {got}, config.json declares "
+                      f"{declared}")
+  tied_head = None
+  for key, f in sorted(by_key.items()):
+    if key in expected:
+      continue
+    if key == "lm_head.weight" and config.tie_word_embeddings:
+      tied_head = f  # accepted only if it equals the embedding (checked below)
+      continue
+    problems.append(f"{f.path}: unexpected tensor {key!r} (not part of a {config.to_hf_dict()['architectures'][0]} "
+                    f"with this config.json)")
+  if problems:
+    raise CheckpointError(f"{len(problems)} problem(s) in checkpoint {directory}:\n  "
+                          + "\n  ".join(problems))
+
+  shapes = abstract_params(config)
+  slots: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
+  for e in entries:
+    slots[e.path].append(e)
+  remaining = {p: len(v) for p, v in slots.items()}
+  buffers: dict[tuple[str, ...], np.ndarray] = {}
+  params: dict[str, Any] = {}
+  order = sorted(entries, key=lambda e: (by_key[e.hf_key].path, by_key[e.hf_key].entries[e.hf_key][2]))
+  for e in tqdm(order, desc=f"loading {os.path.basename(directory) or directory}", unit="tensor",
+                disable=not show_progress):
+    raw = by_key[e.hf_key].read(e.hf_key)
+    value = e.transform.to_param(raw)
+    target_shape = _tree_get(shapes, e.path).shape
+    target_dtype = raw.dtype if dtype is None else jnp.dtype(dtype)
+    if e.path not in buffers:
+      buffers[e.path] = np.empty(target_shape, dtype=target_dtype)
+    buf = buffers[e.path]
+    buf[e.index] = value.astype(buf.dtype)
+    remaining[e.path] -= 1
+    if remaining[e.path] == 0:  # param complete: hand it to JAX, free the host copy
+      _tree_set(params, e.path, jnp.asarray(buffers.pop(e.path)))
+  assert not buffers, f"unfilled params: {list(buffers)}"
+  if tied_head is not None:
+    head = tied_head.read("lm_head.weight")
+    embed = by_key["model.embed_tokens.weight"].read("model.embed_tokens.weight")
+    if head.shape != embed.shape or not np.array_equal(head, embed):
+      raise CheckpointError(f"{tied_head.path}: 'lm_head.weight' is present and differs from "
+                            "'model.embed_tokens.weight' but config.json sets "
+                            "tie_word_embeddings=true")
+  leaf_dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+  if len(leaf_dtypes) == 1:
+    config = config.replace(param_dtype=leaf_dtypes.pop())
+  return config, params
+
+
+def _parse_size(size: int | str) -> int:
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+  if not m:
+    raise ValueError(f"max_shard_size: cannot parse {size!r} (e.g. '5GB', '500MB', 10**9)")
+  unit = (m.group(2) or "B").upper()
+  base = 1024 if "I" in unit else 1000
+  power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0] if unit != "B" else "B"]
+  return int(float(m.group(1)) * base ** power)
+
+
+def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dict[str, Any], *,
+                       max_shard_size: int | str = "5GB", dtype: str | None = None,
+                       overwrite: bool = False, show_progress: bool = True) -> None:
+  """Writes config.json + safetensors (sharded with an index when over `max_shard_size`).
+
+  Args:
+    path: output directory; created atomically (written beside it, renamed when complete).
+    config: the model config (implementation settings are not written).
+    params: the params pytree, host or device (sharded arrays are gathered one tensor at a time).
+    max_shard_size: bytes per safetensors file, an int or a string like "5GB" / "500MiB".
+    dtype: cast every tensor to this dtype; None keeps each param's dtype (bit-exact round trip).
+    overwrite: replace an existing directory at `path` (only once the new one is complete).
+  """
+  target = os.path.abspath(os.fspath(path))
+  if os.path.exists(target) and not overwrite:
+    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+  limit = _parse_size(max_shard_size)
+  entries = checkpoint_entries(config)
+  shapes = abstract_params(config)
+  problems = []
+  flat_expected = {tuple(str(getattr(k, "key", k)) for k in kp): v.shape
+                   for kp, v in jax.tree_util.tree_leaves_with_path(shapes)}
+  flat_given = {tuple(str(getattr(k, "key", k)) for k in kp): np.shape(v)
+                for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+  for p in sorted(set(flat_expected) | set(flat_given)):
+    name = "/".join(p)
+    if p not in flat_given:
+      problems.append(f"param {name} is missing")
+    elif p not in flat_expected:
+      problems.append(f"param {name} is not part of this config's model")
+    elif tuple(flat_given[p]) != tuple(flat_expected[p]):
+      problems.append(f"param {name} has shape {list(flat_given[p])}, config implies "
+                      f"{list(flat_expected[p])}")
+  if problems:
+    raise CheckpointError("params do not match the config:\n  " + "\n  ".join(problems))
+
+  def out_dtype(e: Entry):
+    return np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(_tree_get(params, e.path).dtype)
+
+  # Greedy sharding in write order.
+  shards: list[list[Entry]] = [[]]
+  used = 0
+  for e in entries:
+    nbytes = int(np.prod(e.hf_shape)) * out_dtype(e).itemsize
+    if shards[-1] and used + nbytes > limit:
+      shards.append([])
+      used = 0
+    shards[-1].append(e)
+    used += nbytes
+  by_name = {e.hf_key: e for e in entries}
+  total = sum(int(np.prod(e.hf_shape)) * out_dtype(e).itemsize for e in entries)
+
+  def produce(key: str) -> np.ndarray:
+    e = by_name[key]
+    value = np.asarray(jax.device_get(_tree_get(params, e.path)[e.index]))
+    return e.transform.to_hf(value).astype(out_dtype(e))
+
+  parent = os.path.dirname(target)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+  try:
+    hf_config = config.to_hf_dict()
+    dtypes = {str(out_dtype(e)) for e in entries}
+    hf_config.pop("torch_dtype", None)
+    hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+      f.write("\n")
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {os.path.basename(target)}",
+               disable=not show_progress)
+    weight_map = {}
+    for name, shard in zip(names, shards):
+      st.write_file(os.path.join(tmp, name),
+                    [(e.hf_key, out_dtype(e), e.hf_shape) for e in shard], produce,
+                    on_tensor=lambda _, n: bar.update(n))
+      weight_map.update({e.hf_key: name for e in shard})
+    bar.close()
+    if len(shards) > 1:
+      with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _write_generation_config(tmp, config)
+    if os.path.exists(target):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+      os.rename(target, os.path.join(old, "x"))
+      os.rename(tmp, target)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _write_generation_config(directory: str, config: Qwen2Config) -> None:
+  gen = {k: v for k, v in (("bos_token_id", config.bos_token_id),
+                           ("eos_token_id", config.eos_token_id),
+                           ("pad_token_id", config.pad_token_id)) if v is not None}
+  if gen:
+    if isinstance(gen.get("eos_token_id"), tuple):
+      gen["eos_token_id"] = list(gen["eos_token_id"])
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)

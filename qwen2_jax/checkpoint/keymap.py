@@ -1,0 +1,97 @@
+"""The one declarative map between HF checkpoint keys and this project's params, used both ways.
+
+Each `Entry` says: this HF tensor is that slot of that param (a layer slice of a stacked param
+when layers are scanned), converted by a `Transform` that has an exact inverse (transposes and
+reshapes only, so HF -> params -> HF is bit-exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.model import layer_param_prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """HF array <-> param array; `to_param(to_hf(p)) == p` bit for bit."""
+  name: str
+  to_param: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda w: w, lambda p: p)
+# nn.Linear stores [out, in]; params store [in, out].
+LINEAR = Transform("linear", lambda w: w.T, lambda p: p.T)
+
+
+def heads_in(n: int) -> Transform:
+  """q/k/v_proj weight [n*D, H] <-> [H, n, D]."""
+  return Transform(f"heads_in({n})",
+                   lambda w: w.T.reshape(w.shape[1], n, w.shape[0] // n),
+                   lambda p: p.reshape(p.shape[0], -1).T)
+
+
+def heads_bias(n: int) -> Transform:
+  """q/k/v_proj bias [n*D] <-> [n, D]."""
+  return Transform(f"heads_bias({n})", lambda w: w.reshape(n, -1), lambda p: p.reshape(-1))
+
+
+def heads_out(n: int) -> Transform:
+  """o_proj weight [H, n*D] <-> [n, D, H]."""
+  return Transform(f"heads_out({n})",
+                   lambda w: w.T.reshape(n, w.shape[1] // n, w.shape[0]),
+                   lambda p: p.reshape(-1, p.shape[-1]).T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  hf_key: str
+  path: tuple[str, ...]          # param path in the params tree
+  index: tuple[int, ...]         # slot inside that param (e.g. the layer of a stacked param)
+  transform: Transform
+  hf_shape: tuple[int, ...]      # shape of the HF tensor
+
+
+def dense_layer_entries(config: Qwen2Config) -> list[tuple[str, tuple[str, ...], Transform,
+                                                           tuple[int, ...]]]:
+  """Per-layer (HF suffix, param sub-path, transform, HF shape) of a dense decoder layer."""
+  H, N, K, D, F = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                   config.head_size, config.intermediate_size)
+  return [
+      ("input_layernorm.weight", ("input_layernorm", "weight"), IDENTITY, (H,)),
+      ("self_attn.q_proj.weight", ("self_attn", "q_proj"), heads_in(N), (N * D, H)),
+      ("self_attn.q_proj.bias", ("self_attn", "q_bias"), heads_bias(N), (N * D,)),
+      ("self_attn.k_proj.weight", ("self_attn", "k_proj"), heads_in(K), (K * D, H)),
+      ("self_attn.k_proj.bias", ("self_attn", "k_bias"), heads_bias(K), (K * D,)),
+      ("self_attn.v_proj.weight", ("self_attn", "v_proj"), heads_in(K), (K * D, H)),
+      ("self_attn.v_proj.bias", ("self_attn", "v_bias"), heads_bias(K), (K * D,)),
+      ("self_attn.o_proj.weight", ("self_attn", "o_proj"), heads_out(N), (H, N * D)),
+      ("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), IDENTITY, (H,)),
+      ("mlp.gate_proj.weight", ("mlp", "gate_proj"), LINEAR, (F, H)),
+      ("mlp.up_proj.weight", ("mlp", "up_proj"), LINEAR, (F, H)),
+      ("mlp.down_proj.weight", ("mlp", "down_proj"), LINEAR, (H, F)),
+  ]
+
+
+def checkpoint_entries(config: Qwen2Config) -> list[Entry]:
+  """Every HF tensor of a checkpoint of `config`, in the order `save_pretrained` writes them."""
+  V, H = config.vocab_size, config.hidden_size
+  entries = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), (), IDENTITY,
+                   (V, H))]
+  for i in range(config.num_hidden_layers):
+    if config.is_sparse_layer(i):
+      raise NotImplementedError(
+          f"layer {i} is a sparse MoE layer; MoE checkpoints are not supported yet")
+    prefix = layer_param_prefix(config, i)
+    root, index = (prefix[0],), tuple(prefix[1:])
+    for suffix, sub, transform, shape in dense_layer_entries(config):
+      entries.append(Entry(f"model.layers.{i}.{suffix}", root + sub, index, transform, shape))
+  entries.append(Entry("model.norm.weight", ("norm", "weight"), (), IDENTITY, (H,)))
+  if not config.tie_word_embeddings:
+    entries.append(Entry("lm_head.weight", ("lm_head",), (), LINEAR, (V, H)))
+  return entries

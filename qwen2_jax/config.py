@@ -1,0 +1,343 @@
+"""Model configuration: `Qwen2Config`, HF `config.json` conversion, and presets by name.
+
+One frozen dataclass describes a Qwen2, Qwen2.5 or Qwen2-MoE model (the HF fields) plus the
+settings that only this implementation has (dtypes, layer scan, remat, kernel choices). Values
+are validated once, in `__post_init__`; an inconsistent value raises `ConfigError` naming the
+field. `from_hf` accepts both HF spellings of the rope settings and keeps unknown HF fields;
+`from_dict` (the project's own config files) rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+# Settings that exist only in this implementation; never written to HF config.json.
+RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl",
+                  "moe_impl", "logits_dtype")
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
+ATTENTION_IMPLS = ("xla", "pallas")
+MOE_IMPLS = ("dense", "ragged_dot", "pallas")
+_DTYPES = ("float32", "bfloat16", "float16")
+_ROPE_TYPES = ("default", "yarn", "linear")
+
+# HF config.json fields that describe the checkpoint or the PyTorch runtime, not the model.
+# They are accepted by `from_hf` and carried in `extra` so a round trip keeps them.
+_HF_BOOKKEEPING = ("architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                   "layer_types", "_name_or_path", "output_router_logits", "qkv_bias",
+                   "model_type")
+
+
+class ConfigError(ValueError):
+  """A configuration value is missing, unknown or inconsistent; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Qwen2Config:
+  """Architecture (HF `config.json` fields) and implementation settings of one model.
+
+  Frozen and hashable, so it can be a static argument of `jax.jit`.
+  """
+  # --- architecture (names and meaning as in HF config.json) ---
+  vocab_size: int                    # embedding rows; >= tokenizer size (Qwen2 pads to 151936/152064)
+  hidden_size: int                   # model width H
+  intermediate_size: int             # dense SwiGLU width F (unused by MoE layers)
+  num_hidden_layers: int             # decoder layers L
+  num_attention_heads: int           # query heads N
+  num_key_value_heads: int           # key/value heads K; N % K == 0 (GQA)
+  head_dim: int | None = None        # None -> hidden_size // num_attention_heads (Qwen2 has none)
+  max_position_embeddings: int = 32768
+  rms_norm_eps: float = 1e-6         # read from config.json: 1e-5 on some checkpoints
+  rope_theta: float = 1_000_000.0
+  rope_scaling: Mapping[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0, ...}
+  tie_word_embeddings: bool = False  # True for 0.5B/1.5B/3B: lm_head is embed_tokens
+  hidden_act: str = "silu"
+  use_sliding_window: bool = False   # False on every published checkpoint
+  sliding_window: int | None = None  # window w: key j visible from query i iff i - j < w
+  max_window_layers: int = 28        # layers i >= this use the sliding window when enabled
+  attention_dropout: float = 0.0     # kept for round trips; training here uses no dropout
+  initializer_range: float = 0.02    # std of the normal init of weights
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  # --- MoE (Qwen2-MoE); num_experts == 0 means a dense model ---
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0     # width of one routed expert
+  shared_expert_intermediate_size: int = 0  # width of the shared expert (0: none)
+  norm_topk_prob: bool = False       # renormalise the top-k router weights
+  decoder_sparse_step: int = 1       # layer i is sparse iff (i + 1) % step == 0 ...
+  mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+  router_aux_loss_coef: float = 0.001
+  # --- long context ---
+  dual_chunk_attention_config: Mapping[str, Any] | None = None
+  # --- implementation settings (not part of HF config.json) ---
+  param_dtype: str = "float32"       # storage dtype of params
+  dtype: str = "float32"             # compute dtype of activations (bfloat16 for training)
+  logits_dtype: str | None = None    # None: logits in `dtype`, like the reference
+  scan_layers: bool = True           # run layers under nn.scan: params stacked on a layer axis
+  remat_policy: str = "none"         # activation checkpointing per layer, see REMAT_POLICIES
+  attention_impl: str = "xla"        # "xla" | "pallas"
+  moe_impl: str = "dense"            # "dense" | "ragged_dot" | "pallas"
+  # HF fields that do not affect the model, kept verbatim for round trips (JSON text).
+  extra: tuple[tuple[str, str], ...] = ()
+
+  def __post_init__(self):
+    def fail(field, msg):
+      raise ConfigError(f"Qwen2Config.{field}: {msg}")
+
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        fail(field, f"must be a positive integer, got {value!r}")
+    if self.num_experts == 0 and self.intermediate_size <= 0:
+      fail("intermediate_size", f"must be positive, got {self.intermediate_size}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+           f"num_attention_heads={self.num_attention_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      fail("num_attention_heads", f"{self.num_attention_heads} does not divide "
+           f"hidden_size={self.hidden_size} (and no head_dim is given)")
+    if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
+      fail("head_dim", f"must be a positive even integer, got {self.head_dim}")
+    if self.head_dim is None and (self.hidden_size // self.num_attention_heads) % 2:
+      fail("hidden_size", "hidden_size // num_attention_heads must be even for RoPE")
+    if not self.rms_norm_eps > 0:
+      fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+    if not self.rope_theta > 0:
+      fail("rope_theta", f"must be > 0, got {self.rope_theta}")
+    if self.hidden_act != "silu":
+      fail("hidden_act", f"only 'silu' is supported (Qwen2), got {self.hidden_act!r}")
+    if self.use_sliding_window and not (self.sliding_window and self.sliding_window > 0):
+      fail("sliding_window", "must be a positive integer when use_sliding_window is true")
+    if self.num_experts < 0:
+      fail("num_experts", f"must be >= 0, got {self.num_experts}")
+    if self.num_experts:
+      if not 0 < self.num_experts_per_tok <= self.num_experts:
+        fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], "
+             f"got {self.num_experts_per_tok}")
+      if self.moe_intermediate_size <= 0:
+        fail("moe_intermediate_size", f"must be positive, got {self.moe_intermediate_size}")
+      if self.decoder_sparse_step <= 0:
+        fail("decoder_sparse_step", f"must be positive, got {self.decoder_sparse_step}")
+      if self.shared_expert_intermediate_size < 0:
+        fail("shared_expert_intermediate_size", "must be >= 0")
+    for i in self.mlp_only_layers:
+      if not 0 <= i < self.num_hidden_layers:
+        fail("mlp_only_layers", f"layer {i} is outside [0, {self.num_hidden_layers})")
+    if self.rope_scaling is not None:
+      rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+      if rope_type not in _ROPE_TYPES:
+        fail("rope_scaling", f"unknown rope_type {rope_type!r}; known: {_ROPE_TYPES}")
+      if rope_type != "default" and not self.rope_scaling.get("factor", 0) > 0:
+        fail("rope_scaling", "'factor' must be > 0")
+    for field, allowed in (("param_dtype", _DTYPES), ("dtype", _DTYPES),
+                           ("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                           ("moe_impl", MOE_IMPLS)):
+      if getattr(self, field) not in allowed:
+        fail(field, f"{getattr(self, field)!r} is not one of {allowed}")
+    if self.logits_dtype is not None and self.logits_dtype not in _DTYPES:
+      fail("logits_dtype", f"{self.logits_dtype!r} is not one of {_DTYPES}")
+    # Normalise containers so the config stays hashable and comparable.
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+    for field in ("rope_scaling", "dual_chunk_attention_config"):
+      value = getattr(self, field)
+      if value is not None:
+        object.__setattr__(self, field, _FrozenDict(value))
+
+  def __hash__(self):
+    return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+  # ----- derived quantities -----
+  @property
+  def head_size(self) -> int:
+    """Per-head width D."""
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  def is_sparse_layer(self, i: int) -> bool:
+    """Whether decoder layer i uses the MoE block (the rule of HF Qwen2-MoE)."""
+    return (self.num_experts > 0 and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0)
+
+  def uses_sliding_window(self, i: int) -> bool:
+    return bool(self.use_sliding_window) and i >= self.max_window_layers
+
+  @property
+  def rope_type(self) -> str:
+    if self.rope_scaling is None:
+      return "default"
+    return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+  def replace(self, **changes) -> "Qwen2Config":
+    """A copy with `changes` applied (validated like any new config)."""
+    unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ConfigError(f"Qwen2Config has no field(s) {sorted(unknown)}")
+    return dataclasses.replace(self, **changes)
+
+  # ----- project config files (strict) -----
+  def to_dict(self) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, Mapping):
+        value = dict(value)
+      elif isinstance(value, tuple) and f.name != "extra":
+        value = list(value)
+      out[f.name] = value
+    out["extra"] = {k: json.loads(v) for k, v in self.extra}
+    return out
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Qwen2Config":
+    """Builds a config from this project's own dict/YAML/JSON form; unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ConfigError(f"unknown Qwen2Config field(s) {unknown}; known fields: {sorted(names)}")
+    kwargs = dict(d)
+    if "extra" in kwargs:
+      kwargs["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in dict(kwargs["extra"]).items()))
+    if "mlp_only_layers" in kwargs:
+      kwargs["mlp_only_layers"] = tuple(kwargs["mlp_only_layers"])
+    try:
+      return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+      raise ConfigError(str(e)) from None
+
+  # ----- HF config.json -----
+  @classmethod
+  def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **overrides) -> "Qwen2Config":
+    """Reads an HF config (a directory, a config.json path, or its dict).
+
+    Accepts the published spelling (`rope_theta` + `rope_scaling`) and the one written by
+    transformers >= 5 (`rope_parameters` holding `rope_theta` and the scaling). Fields that do
+    not affect the model are kept in `extra`. `overrides` set implementation fields (dtype, ...).
+    """
+    if isinstance(source, Mapping):
+      d, where = dict(source), "config dict"
+    else:
+      path = os.fspath(source)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"no HF config.json at {path}")
+      with open(path) as f:
+        d = json.load(f)
+      where = path
+    model_type = d.get("model_type", "qwen2")
+    if model_type not in ("qwen2", "qwen2_moe"):
+      raise ConfigError(f"{where}: model_type {model_type!r} is not qwen2 or qwen2_moe")
+    names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS) - {"extra"}
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in d.items():
+      if key == "rope_parameters" and value is not None:
+        params = dict(value)
+        if "rope_theta" in params:
+          kwargs["rope_theta"] = float(params.pop("rope_theta"))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        kwargs["rope_scaling"] = None if rope_type == "default" else params
+      elif key == "rope_scaling":
+        if value is not None and value.get("rope_type", value.get("type")) != "default":
+          kwargs["rope_scaling"] = dict(value)
+      elif key in names and key not in ("rope_scaling",):
+        kwargs[key] = value
+      else:
+        extra[key] = value
+    if kwargs.get("num_key_value_heads") is None and "num_attention_heads" in kwargs:
+      kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    if kwargs.get("intermediate_size") is None:
+      kwargs["intermediate_size"] = 0
+    if not kwargs.get("use_sliding_window", False):
+      extra.setdefault("sliding_window", kwargs.pop("sliding_window", None))
+    if model_type == "qwen2" and "num_experts" in kwargs:
+      extra["num_experts"] = kwargs.pop("num_experts")
+    kwargs["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in extra.items()))
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.name not in kwargs]
+    if missing:
+      raise ConfigError(f"{where}: required field(s) {missing} missing")
+    try:
+      return cls(**kwargs).replace(**overrides)
+    except ConfigError as e:
+      raise ConfigError(f"{where}: {e}") from None
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The HF config.json dict (published spelling: `rope_theta` + `rope_scaling`)."""
+    extra = {k: json.loads(v) for k, v in self.extra}
+    d: dict[str, Any] = {
+        "architectures": ["Qwen2MoeForCausalLM" if self.is_moe else "Qwen2ForCausalLM"],
+        "model_type": "qwen2_moe" if self.is_moe else "qwen2",
+    }
+    skip = set(RUNTIME_FIELDS) | {"extra", "head_dim", "dual_chunk_attention_config"}
+    if not self.is_moe:
+      skip |= {"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+               "mlp_only_layers", "router_aux_loss_coef"}
+    for f in dataclasses.fields(self):
+      if f.name in skip:
+        continue
+      value = getattr(self, f.name)
+      if isinstance(value, Mapping):
+        value = dict(value)
+      elif isinstance(value, tuple):
+        value = list(value)
+      d[f.name] = value
+    if self.head_dim is not None:
+      d["head_dim"] = self.head_dim
+    if self.dual_chunk_attention_config is not None:
+      d["dual_chunk_attention_config"] = dict(self.dual_chunk_attention_config)
+    for key, value in extra.items():
+      if key not in ("architectures", "model_type"):
+        d.setdefault(key, value)
+    # transformers >= 5 rejects a stale layer_types list of the wrong length; drop it so the
+    # reader recomputes it from use_sliding_window / max_window_layers.
+    if len(d.get("layer_types") or []) != self.num_hidden_layers:
+      d.pop("layer_types", None)
+    return d
+
+  def save_hf(self, directory: str | os.PathLike) -> None:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+      f.write("\n")
+
+
+class _FrozenDict(dict):
+  """A read-only dict, so configs holding rope/DCA settings stay immutable."""
+
+  def _readonly(self, *args, **kwargs):
+    raise TypeError("config mappings are read-only; use Qwen2Config.replace")
+
+  __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly
+
+  def __hash__(self):
+    return hash(json.dumps(self, sort_keys=True))
+
+
+def num_params(config: Qwen2Config) -> int:
+  """Analytic parameter count (also checked against `jax.eval_shape` in tests)."""
+  H, L, V, D = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.head_size
+  N, K = config.num_attention_heads, config.num_key_value_heads
+  attn = H * N * D + N * D + 2 * (H * K * D + K * D) + N * D * H
+  total = V * H * (1 if config.tie_word_embeddings else 2) + H
+  for i in range(L):
+    if config.is_sparse_layer(i):
+      mlp = config.num_experts * 3 * H * config.moe_intermediate_size + config.num_experts * H
+      if config.shared_expert_intermediate_size:
+        mlp += 3 * H * config.shared_expert_intermediate_size + H
+    else:
+      mlp = 3 * H * config.intermediate_size
+    total += attn + mlp + 2 * H
+  return total
+

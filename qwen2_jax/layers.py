@@ -1,0 +1,133 @@
+"""Building blocks of the Qwen2 decoder: RMSNorm, rotary embeddings (plain, linear, YaRN), SwiGLU.
+
+Shape letters: B batch, T query length, S key length, H hidden, N query heads, K key/value
+heads, G = N // K query heads per kv head, D head width, F MLP width, V vocabulary, L layers.
+Numerics follow the `transformers` reference exactly (shared/reference/qwen2.md §1, §5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2_jax.config import Qwen2Config
+
+Array = jax.Array
+
+
+def dtype_of(name: str | None):
+  return None if name is None else jnp.dtype(name)
+
+
+def weight_init(config: Qwen2Config):
+  return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm as in the reference: normalise in f32, cast back, THEN scale by `weight`."""
+  config: Qwen2Config
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                        (x.shape[-1],), dtype_of(self.config.param_dtype))
+    return rms_norm(x, weight, self.config.rms_norm_eps)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_inv_freq(config: Qwen2Config, head_dim: int | None = None,
+                  theta: float | None = None) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [D/2] (float32) and the cos/sin multiplier (`attention_factor`).
+
+  Supports `rope_scaling` types "default", "linear" and "yarn"; YaRN follows the reference's
+  formula (shared/reference/qwen2.md §5), including an explicit `attention_factor`, `mscale` /
+  `mscale_all_dim`, `beta_fast` / `beta_slow` and `truncate`.
+  """
+  dim = head_dim or config.head_size
+  base = config.rope_theta if theta is None else theta
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
+  inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+  scaling = config.rope_scaling or {}
+  rope_type = config.rope_type
+  if rope_type == "default":
+    return inv_freq, 1.0
+  factor = float(scaling["factor"])
+  if rope_type == "linear":
+    return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+  # YaRN.
+  original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+  attention_factor = scaling.get("attention_factor")
+  if attention_factor is None:
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    get = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+    if mscale and mscale_all_dim:
+      attention_factor = get(factor, mscale) / get(factor, mscale_all_dim)
+    else:
+      attention_factor = get(factor)
+  beta_fast = scaling.get("beta_fast") or 32
+  beta_slow = scaling.get("beta_slow") or 1
+  corr = lambda rotations: dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+  low, high = corr(beta_fast), corr(beta_slow)
+  if scaling.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  extrapolation = (1 - ramp).astype(np.float32)
+  interpolated = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+  inv_freq = interpolated * (1 - extrapolation) + inv_freq * extrapolation
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray, attention_factor: float,
+                 dtype) -> tuple[Array, Array]:
+  """cos, sin of shape [B, T, D] (half-split layout), angles in f32, cast to `dtype`."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+  cos = jnp.cos(emb) * attention_factor
+  sin = jnp.sin(emb) * attention_factor
+  return cos.astype(dtype), sin.astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x [B, T, heads, D] by cos/sin [B, T, D] ("NeoX" half-split layout)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ----------------------------------------------------------------------------- MLP
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)), no biases. Also the shared expert of Qwen2-MoE."""
+  config: Qwen2Config
+  width: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+    init = weight_init(cfg)
+    H, F = x.shape[-1], self.width
+    gate = self.param("gate_proj", nn.with_logical_partitioning(init, ("embed", "mlp")), (H, F), pdt)
+    up = self.param("up_proj", nn.with_logical_partitioning(init, ("embed", "mlp")), (H, F), pdt)
+    down = self.param("down_proj", nn.with_logical_partitioning(init, ("mlp", "embed")), (F, H), pdt)
+    x = x.astype(dt)
+    g = jnp.einsum("BTH,HF->BTF", x, gate.astype(dt))
+    u = jnp.einsum("BTH,HF->BTF", x, up.astype(dt))
+    h = nn.with_logical_constraint(jax.nn.silu(g) * u,
+                                   ("activation_batch", "activation_length", "activation_mlp"))
+    return jnp.einsum("BTF,FH->BTH", h, down.astype(dt))

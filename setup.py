@@ -1,0 +1,41 @@
+"""qwen2-jax: Qwen2 / Qwen2.5 / Qwen2-MoE in pure functional JAX + Flax, for TPU."""
+
+from setuptools import setup
+
+# `train/` and `infer/` live at the top of the repository (the product layout) but install as
+# sub-packages of the one distribution: `qwen2_jax.train` and `qwen2_jax.infer`. No generic
+# top-level module names (`train`, `infer`) ever land in site-packages.
+PACKAGE_DIR = {"qwen2_jax": "qwen2_jax", "qwen2_jax.train": "train", "qwen2_jax.infer": "infer"}
+
+# Known-good, pinned for tests and CI. Supported range: jax/jaxlib 0.10.x on Python 3.11-3.12
+# (jax 0.11 drops Python 3.11); Pallas TPU APIs move between minor versions, so the pin matters.
+JAX_VERSION = "0.10.2"
+
+setup(
+    name="qwen2-jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11,<3.13",
+    package_dir=PACKAGE_DIR,
+    packages=["qwen2_jax", "qwen2_jax.checkpoint", "qwen2_jax.cli", "qwen2_jax.train",
+              "qwen2_jax.infer"],
+    install_requires=[
+        f"jax=={JAX_VERSION}",
+        f"jaxlib=={JAX_VERSION}",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.21",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        # torch first, from the CPU wheel: `pip install torch==2.13.0` before `.[test]`.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4"],
+    },
+    entry_points={"console_scripts": ["qwen2-jax=qwen2_jax.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""`qwen2_jax.train`: pretraining, post-training (SFT, DPO) and upcycling (later issues)."""
