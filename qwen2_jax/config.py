@@ -24,11 +24,6 @@ MOE_IMPLS = ("dense", "ragged_dot", "pallas")
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_TYPES = ("default", "yarn", "linear")
 
-# HF config.json fields that describe the checkpoint or the PyTorch runtime, not the model.
-# They are accepted by `from_hf` and carried in `extra` so a round trip keeps them.
-_HF_BOOKKEEPING = ("architectures", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                   "layer_types", "_name_or_path", "output_router_logits", "qkv_bias",
-                   "model_type")
 
 
 class ConfigError(ValueError):
@@ -253,6 +248,8 @@ class Qwen2Config:
           kwargs["rope_scaling"] = dict(value)
       elif key in names and key not in ("rope_scaling",):
         kwargs[key] = value
+      elif key in ("architectures", "model_type"):
+        continue  # derived from the config on write
       else:
         extra[key] = value
     if kwargs.get("num_key_value_heads") is None and "num_attention_heads" in kwargs:
@@ -299,8 +296,8 @@ class Qwen2Config:
     if self.dual_chunk_attention_config is not None:
       d["dual_chunk_attention_config"] = dict(self.dual_chunk_attention_config)
     for key, value in extra.items():
-      if key not in ("architectures", "model_type"):
-        d.setdefault(key, value)
+      if d.get(key) is None:  # e.g. an unused sliding_window kept verbatim
+        d[key] = value
     # transformers >= 5 rejects a stale layer_types list of the wrong length; drop it so the
     # reader recomputes it from use_sliding_window / max_window_layers.
     if len(d.get("layer_types") or []) != self.num_hidden_layers:

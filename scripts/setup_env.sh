@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project virtualenv at .venv and installs qwen2-jax with its test extras.
+# Idempotent: a second run only checks. Needs Python 3.11 or 3.12 and the package registry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3.12 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
+  done
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY ($($PY --version))"
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.qwen2_jax_installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  # The CPU build of torch first (the test oracle); a bare `torch` would pull CUDA wheels.
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+echo "[setup] $(python -c 'import jax, flax, transformers; print(f"jax {jax.__version__}, flax {flax.__version__}, transformers {transformers.__version__}")')"
