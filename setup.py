@@ -31,11 +31,17 @@ setup(
         "ml_dtypes>=0.5",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "pyyaml>=6",
     ],
     extras_require={
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         # torch first, from the CPU wheel: `pip install torch==2.13.0` before `.[test]`.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4"],
+        # Parquet sources need pyarrow (also in [data]).
+        "data": ["pyarrow>=14"],
+        # libtpu (via jax[tpu]) lets the tests compile Pallas kernels and steps for TPU ahead
+        # of time on a CPU machine; tensorboard's reader checks our event files.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4",
+                 f"jax[tpu]=={JAX_VERSION}", "tensorboard>=2.15", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["qwen2-jax=qwen2_jax.cli:main"]},
 )

@@ -1,1 +1,14 @@
-"""`qwen2_jax.infer`: JIT-compiled batch generation with a KV cache (generation issue)."""
+"""`qwen2_jax.infer`: JIT-compiled batch generation with a KV cache.
+
+  Engine          token ids in, token ids + logprobs + finish reasons out (engine.py)
+  SamplingParams  per-request greedy / temperature / top-k / top-p / seed / stops (sampling.py)
+  Generator       Engine + tokenizer: text prompts, chat, JSONL batches (api.py)
+  GenerationInputError and its subclasses: typed input errors naming the parameter (validation.py)
+"""
+
+from qwen2_jax.infer.api import Completion, Generator, load_model
+from qwen2_jax.infer.engine import Engine, GenerationResult, decode_layout, init_cache
+from qwen2_jax.infer.sampling import SamplingParams
+from qwen2_jax.infer.validation import (ContextOverflowError, EmptyPromptError,
+                                        GenerationInputError, InvalidParameterError,
+                                        PromptTooLongError, RequestFormatError, TokenIdError)

@@ -1,4 +1,5 @@
-"""The stable functional API: `init_params`, `forward`, `param_logical_axes`, `count_params`.
+"""The stable functional API: `init_params`, `forward`, `forward_with_aux`, `param_logical_axes`,
+`count_params`.
 
 Params are a plain nested dict of arrays (no Flax boxing), so they can be saved, converted and
 sharded without Flax. `forward` is a pure function of (config, params, inputs); jit it with the
@@ -50,6 +51,22 @@ def count_params(params_or_shapes: Params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params_or_shapes))
 
 
+def _check_inputs(input_ids, positions, segment_ids):
+  """Validated (input_ids, positions, segment_ids) arrays; positions default to 0..T-1."""
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+  B, T = input_ids.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  elif jnp.shape(positions) != (B, T):
+    raise ValueError(f"positions shape {jnp.shape(positions)} != input_ids shape {(B, T)}")
+  if segment_ids is not None and jnp.shape(segment_ids) != (B, T):
+    raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != input_ids shape {(B, T)}")
+  return (input_ids, jnp.asarray(positions),
+          None if segment_ids is None else jnp.asarray(segment_ids))
+
+
 def forward(config: Qwen2Config, params: Params, input_ids: jax.Array, *,
             positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None) -> jax.Array:
@@ -67,15 +84,26 @@ def forward(config: Qwen2Config, params: Params, input_ids: jax.Array, *,
   Returns:
     logits [B, T, V] in the compute dtype (or `config.logits_dtype`).
   """
-  input_ids = jnp.asarray(input_ids)
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-  B, T = input_ids.shape
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  elif jnp.shape(positions) != (B, T):
-    raise ValueError(f"positions shape {jnp.shape(positions)} != input_ids shape {(B, T)}")
-  if segment_ids is not None and jnp.shape(segment_ids) != (B, T):
-    raise ValueError(f"segment_ids shape {jnp.shape(segment_ids)} != input_ids shape {(B, T)}")
-  return _model(config).apply({"params": params}, input_ids, jnp.asarray(positions),
-                              None if segment_ids is None else jnp.asarray(segment_ids))
+  return _model(config).apply({"params": params},
+                              *_check_inputs(input_ids, positions, segment_ids))
+
+
+def forward_with_aux(config: Qwen2Config, params: Params, input_ids: jax.Array, *,
+                     positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`forward` plus the Qwen2-MoE losses and metrics (`qwen2_jax.moe.moe_aux`).
+
+  Tokens with segment id 0 (padding) are left out of the router statistics.
+
+  Returns:
+    (logits [B, T, V], aux) with aux = {"aux_loss": [] load-balancing loss (`transformers`'
+    value; multiply by `config.router_aux_loss_coef` for the objective), "router_z_loss": [],
+    "expert_load": [S, E] share of each sparse layer's top-k choices per expert, "drop_rate":
+    [] share of assignments dropped by `config.moe_capacity_factor`}. For a dense model the
+    losses are 0 and expert_load is [0, E].
+  """
+  from qwen2_jax import moe  # pylint: disable=import-outside-toplevel
+  logits, state = _model(config).apply({"params": params},
+                                       *_check_inputs(input_ids, positions, segment_ids),
+                                       mutable=["intermediates"])
+  return logits, moe.moe_aux(config, state.get("intermediates", {}))

@@ -63,3 +63,72 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
   if return_lse:
     return out, lse.reshape(B, N, T).transpose(0, 2, 1)  # [B, T, N]
   return out
+
+
+def merge_attention(parts) -> Array:
+  """Exact softmax attention over the union of disjoint key sets, from each set's (out, lse).
+
+  `out = sum_k exp(lse_k - logsumexp_k(lse_k)) * out_k`; out_k [B, T, N, D], lse_k [B, T, N].
+  A part whose keys are all masked (or empty) gets weight 0.
+  """
+  outs, lses = zip(*parts)
+  lse_all = jax.nn.logsumexp(jnp.stack(lses), axis=0)  # [B, T, N]
+  out = sum(o.astype(jnp.float32) * jnp.exp(l - lse_all)[..., None] for o, l in zip(outs, lses))
+  return out.astype(outs[0].dtype)
+
+
+def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array,
+                     q_index: Array, cache_valid: Array, *, scale: float,
+                     sliding_window=None) -> Array:
+  """Attention of T new queries over a KV cache plus the T new keys (the decode / extend path).
+
+  Cache slot j of a row holds that row's token j, so kv indices are the slot numbers. The new
+  tokens come after every valid cache slot; the masking rule above applies to both key sets.
+
+  Args:
+    q: [B, T, N, D] new queries; k, v: [B, T, K, D] new keys / values (rotated).
+    k_cache, v_cache: [B, S, K, D] keys / values of earlier tokens.
+    q_index: [B, T] token index of each new token.
+    cache_valid: [B, S] True where a slot holds an earlier token of the row.
+    scale: logit multiplier; sliding_window: optional window (int or scalar array).
+
+  Returns:
+    out [B, T, N, D], equal to `xla_attention` over the whole sequence.
+  """
+  B, S = cache_valid.shape
+  new_mask = attention_mask(q_index, q_index, None, None, sliding_window=sliding_window)
+  if S == 0:  # prefill into an empty cache
+    return xla_attention(q, k, v, new_mask, scale=scale)
+  kv_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  cache_mask = attention_mask(q_index, kv_index, None, None, sliding_window=sliding_window,
+                              kv_valid=cache_valid)
+  return merge_attention([
+      xla_attention(q, k_cache, v_cache, cache_mask, scale=scale, return_lse=True),
+      xla_attention(q, k, v, new_mask, scale=scale, return_lse=True)])
+
+
+def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_ids: Array | None,
+                          *, impl: str, scale: float, sliding_window=None) -> Array:
+  """Causal self-attention of a whole sequence: the one place that picks the implementation.
+
+  impl "xla": `xla_attention` with the masking rule above. impl "pallas": the Pallas flash
+  kernel (`qwen2_jax.kernels.flash_attention`) inside `jax.shard_map`, batch split over the mesh
+  axes the rules give "activation_batch" and heads over those of "activation_heads". The kernel
+  uses token indices 0..T-1 (what `q_index` is on this path) and has no sliding window.
+  """
+  if impl == "xla":
+    mask = attention_mask(q_index, q_index, segment_ids, segment_ids,
+                          sliding_window=sliding_window)
+    return xla_attention(q, k, v, mask, scale=scale)
+  if sliding_window is not None:
+    raise ValueError("attention_impl='pallas' has no sliding window; use attention_impl='xla' "
+                     "for configs with use_sliding_window")
+  import flax.linen as nn
+
+  from qwen2_jax.kernels import flash_attention as flash_lib
+
+  batch_axes, _, head_axes, _ = tuple(nn.logical_to_mesh_axes(
+      ("activation_batch", "activation_length", "activation_heads", "activation_kv")))
+  return flash_lib.sharded_flash_attention(q, k, v, segment_ids, batch_axes=batch_axes,
+                                           head_axes=head_axes, causal=True, scale=scale)
+

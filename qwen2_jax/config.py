@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 # Settings that exist only in this implementation; never written to HF config.json.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl",
-                  "moe_impl", "logits_dtype")
+                  "moe_impl", "logits_dtype", "moe_capacity_factor")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -77,6 +77,8 @@ class Qwen2Config:
   remat_policy: str = "none"         # activation checkpointing per layer, see REMAT_POLICIES
   attention_impl: str = "xla"        # "xla" | "pallas"
   moe_impl: str = "dense"            # "dense" | "ragged_dot" | "pallas"
+  moe_capacity_factor: float | None = None  # None: dropless; else each expert takes at most
+                                            # ceil(factor * assignments / num_experts)
   # HF fields that do not affect the model, kept verbatim for round trips (JSON text).
   extra: tuple[tuple[str, str], ...] = ()
 
@@ -135,6 +137,8 @@ class Qwen2Config:
                            ("moe_impl", MOE_IMPLS)):
       if getattr(self, field) not in allowed:
         fail(field, f"{getattr(self, field)!r} is not one of {allowed}")
+    if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+      fail("moe_capacity_factor", f"must be None (dropless) or > 0, got {self.moe_capacity_factor}")
     if self.logits_dtype is not None and self.logits_dtype not in _DTYPES:
       fail("logits_dtype", f"{self.logits_dtype!r} is not one of {_DTYPES}")
     # Normalise containers so the config stays hashable and comparable.

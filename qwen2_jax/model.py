@@ -12,13 +12,18 @@ scan_layers=False names them "layers_0", "layers_1", ...):
   layers/self_attn/o_proj         [L, N, D, H]
   layers/post_attention_layernorm/weight [L, H]
   layers/mlp/{gate_proj, up_proj} [L, H, F]      down_proj [L, F, H]
+  (sparse layers, `qwen2_jax.moe.Qwen2MoeBlock`, instead hold under layers/mlp/:
+   router [L, H, E], experts/{gate_proj, up_proj} [L, E, H, F'], experts/down_proj [L, E, F', H],
+   shared_expert/{gate_proj, up_proj, down_proj}, shared_expert_gate [L, H, 1].
+   A stack mixing dense and sparse layers (mlp_only_layers, decoder_sparse_step > 1) is never
+   scanned: its layers are "layers_0", "layers_1", ... whatever scan_layers says.)
   norm/weight                     [H]
   lm_head                         [H, V]         (absent when tie_word_embeddings)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,6 +34,7 @@ from qwen2_jax import attention as attn_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
 from qwen2_jax.layers import weight_init
+from qwen2_jax.moe import Qwen2MoeBlock
 
 Array = jax.Array
 
@@ -37,14 +43,26 @@ BTND = ("activation_batch", "activation_length", "activation_heads", "activation
 BTKD = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 
 
+class KVCache(NamedTuple):
+  """Rotated keys / values of earlier tokens, for cached decoding (`qwen2_jax.infer`).
+
+  Slot j of row b holds row b's token j; slots [0, lengths[b]) are valid. The model reads the
+  cache and returns the new tokens' keys / values; writing them back is the caller's job.
+  """
+  k: Array        # [L, B, S, K, D]
+  v: Array        # [L, B, S, K, D]
+  lengths: Array  # [B] int32, tokens already cached per row
+
+
 class Qwen2Attention(nn.Module):
   """GQA self-attention with q/k/v biases, RoPE, and no o_proj bias."""
   config: Qwen2Config
-  sliding_window: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, q_index: Array,
-               segment_ids: Array | None) -> Array:
+               segment_ids: Array | None, sliding_window: Array | int | None = None,
+               cache: tuple[Array, Array, Array] | None = None):
+    """Returns out [B, T, H]; with `cache` = (k [B, S, K, D], v, valid [B, S]): (out, (k, v) new)."""
     cfg = self.config
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     H, N, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -67,31 +85,50 @@ class Qwen2Attention(nn.Module):
     k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos, sin), BTKD), "key_proj")
     v = checkpoint_name(nn.with_logical_constraint(v, BTKD), "value_proj")
 
-    mask = attn_lib.attention_mask(q_index, q_index, segment_ids, segment_ids,
-                                   sliding_window=self.sliding_window)
-    out = attn_lib.xla_attention(q, k, v, mask, scale=D ** -0.5)  # [B, T, N, D]
+    if cache is None:
+      out = attn_lib.causal_self_attention(q, k, v, q_index, segment_ids, impl=cfg.attention_impl,
+                                           scale=D ** -0.5, sliding_window=sliding_window)
+    else:
+      k_cache, v_cache, cache_valid = cache
+      out = attn_lib.cached_attention(q, k, v, k_cache, v_cache, q_index, cache_valid,
+                                      scale=D ** -0.5, sliding_window=sliding_window)
     out = nn.with_logical_constraint(out, BTND)
-    return jnp.einsum("BTND,NDH->BTH", out, wo)
+    out = jnp.einsum("BTND,NDH->BTH", out, wo)
+    return out if cache is None else (out, (k, v))
 
 
 class Qwen2DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
   config: Qwen2Config
-  sliding_window: int | None = None  # set by the parent for layers that use the window
+  sparse: bool = False  # the MLP is the MoE block (config.is_sparse_layer of this layer)
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, q_index: Array,
-               segment_ids: Array | None):
+               segment_ids: Array | None, sliding_window: Array | None,
+               cache_kv: tuple[Array, Array] | None = None, cache_valid: Array | None = None):
+    """`sliding_window`: this layer's window (a scalar; huge = full attention) or None.
+
+    With `cache_kv` (this layer's cached k, v [B, S, K, D]) and `cache_valid` [B, S], returns
+    (x, (k, v)) with the new tokens' k, v [B, T, K, D]; otherwise (x, None).
+    """
     cfg = self.config
     h = RMSNorm(cfg, name="input_layernorm")(x)
-    h = Qwen2Attention(cfg, sliding_window=self.sliding_window, name="self_attn")(h, cos, sin, q_index,
-                                                                     segment_ids)
+    cache = None if cache_kv is None else (*cache_kv, cache_valid)
+    h = Qwen2Attention(cfg, name="self_attn")(h, cos, sin, q_index, segment_ids, sliding_window,
+                                             cache)
+    new_kv = None
+    if cache is not None:
+      h, new_kv = h
     x = nn.with_logical_constraint(x + h, BTH)
     h = RMSNorm(cfg, name="post_attention_layernorm")(x)
-    # The seam for Qwen2-MoE: sparse layers swap this block for the MoE block.
-    h = SwiGLU(cfg, cfg.intermediate_size, name="mlp")(h)
+    # The seam for Qwen2-MoE: sparse layers swap this block for the MoE block, which sows its
+    # router statistics (padding, segment id 0, excluded) into "intermediates".
+    if self.sparse:
+      h = Qwen2MoeBlock(cfg, name="mlp")(h, None if segment_ids is None else segment_ids > 0)
+    else:
+      h = SwiGLU(cfg, cfg.intermediate_size, name="mlp")(h)
     x = nn.with_logical_constraint(x + h, BTH)
-    return x, None
+    return x, new_kv
 
 
 _REMAT_POLICIES = {
@@ -104,10 +141,17 @@ _REMAT_POLICIES = {
 
 
 def _layers_scannable(cfg: Qwen2Config) -> bool:
-  """nn.scan needs identical layers: no per-layer sliding window split, no dense/MoE mix."""
-  if cfg.use_sliding_window and 0 < cfg.max_window_layers < cfg.num_hidden_layers:
-    return False
+  """nn.scan needs layers with identical params: no dense/MoE mix."""
   return len({cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers)}) == 1
+
+
+def layer_windows(cfg: Qwen2Config) -> Array | None:
+  """Per-layer sliding window [L] (int32; a huge value where the layer attends fully), or None."""
+  if not cfg.use_sliding_window:
+    return None
+  full = jnp.iinfo(jnp.int32).max
+  return jnp.array([cfg.sliding_window if cfg.uses_sliding_window(i) else full
+                    for i in range(cfg.num_hidden_layers)], dtype=jnp.int32)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -115,7 +159,15 @@ class Qwen2ForCausalLM(nn.Module):
   config: Qwen2Config
 
   @nn.compact
-  def __call__(self, input_ids: Array, positions: Array, segment_ids: Array | None) -> Array:
+  def __call__(self, input_ids: Array, positions: Array, segment_ids: Array | None,
+               cache: KVCache | None = None, logits_index: Array | None = None):
+    """Logits [B, T, V] of input_ids [B, T] at RoPE positions [B, T].
+
+    Cached decoding (`qwen2_jax.infer`): with `cache`, the T tokens of row b are its tokens
+    cache.lengths[b] + 0..T-1, attending to the valid cache slots and causally to each other;
+    returns (logits, (k, v)) with the new keys / values [L, B, T, K, D]. `logits_index` [B, T']
+    picks the positions whose logits are computed (e.g. each row's last prompt token).
+    """
     cfg = self.config
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     B, T = input_ids.shape
@@ -127,22 +179,40 @@ class Qwen2ForCausalLM(nn.Module):
     inv_freq, attention_factor = rope_inv_freq(cfg)
     cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, dt)  # [B, T, D]
     q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cache_kv = cache_valid = None
+    if cache is not None:
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+      q_index = cache.lengths.astype(jnp.int32)[:, None] + q_index  # [B, T]
+      S = cache.k.shape[2]
+      cache_valid = jnp.arange(S, dtype=jnp.int32)[None, :] < cache.lengths[:, None]  # [B, S]
+      cache_kv = (cache.k, cache.v)
 
     layer_cls = Qwen2DecoderLayer
-    window = lambda i: cfg.sliding_window if cfg.uses_sliding_window(i) else None
+    windows = layer_windows(cfg)
     if cfg.remat_policy != "none":
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
                            prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers and _layers_scannable(cfg):
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                       split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                               nn.broadcast if windows is None else 0, 0, nn.broadcast),
                       length=cfg.num_hidden_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, window(0), name="layers")(x, cos, sin, q_index, segment_ids)
+      x, new_kv = stack(cfg, sparse=cfg.is_sparse_layer(0), name="layers")(
+          x, cos, sin, q_index, segment_ids, windows, cache_kv, cache_valid)
     else:
+      new_kvs = []
       for i in range(cfg.num_hidden_layers):
-        x, _ = layer_cls(cfg, window(i), name=f"layers_{i}")(x, cos, sin, q_index, segment_ids)
+        window = None if windows is None else windows[i]
+        layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+        x, kv = layer_cls(cfg, sparse=cfg.is_sparse_layer(i), name=f"layers_{i}")(
+            x, cos, sin, q_index, segment_ids, window, layer_kv, cache_valid)
+        new_kvs.append(kv)
+      new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[..., None].astype(jnp.int32), axis=1)  # [B, T', H]
     x = RMSNorm(cfg, name="norm")(x)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)  # [B, T, V]
@@ -155,7 +225,7 @@ class Qwen2ForCausalLM(nn.Module):
                                                  "activation_vocab"))
     if cfg.logits_dtype is not None:
       logits = logits.astype(cfg.logits_dtype)
-    return logits
+    return logits if cache is None else (logits, new_kv)
 
 
 def layer_param_prefix(config: Qwen2Config, i: int) -> tuple[Any, ...]:

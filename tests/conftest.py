@@ -8,8 +8,18 @@ network: a Qwen2-style byte-level BPE `tokenizer.json` and a SentencePiece model
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+
+# Sharding tests (tests/test_sharding.py) compare 8-device meshes with one device in the same
+# process, so the CPU backend gets 8 fake devices; this must happen before any test initialises
+# JAX. Unsharded arrays still live on device 0. JAX_PLATFORMS=cpu (unless set) keeps an
+# installed libtpu from probing for a TPU on every test run.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+
+jax.config.update("jax_num_cpu_devices", 8)
 
 # Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single
 # digits (this is what splits numbers one digit per token), punctuation runs, newline runs,

@@ -225,3 +225,25 @@ def test_bad_configs_raise_naming_the_problem(tmp_path):
                        type("T", (), {"eos_id": 0, "encode": lambda self, t, parse_special=True: [1, 2]})())
   with pytest.raises(D.DataConfigError, match=r"bad\.jsonl:2: no string field 'text'"):
     _collect(ds)
+
+
+def test_parquet_and_text_sources_give_the_same_documents(tmp_path):
+  """A Parquet column (several row groups) yields the same packed stream as the same JSONL."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  docs = _docs(12, seed=6)
+  texts = [f"{s}:{n}" for s, n in docs]
+  pq.write_table(pa.table({"body": texts, "id": list(range(12))}), tmp_path / "d.parquet",
+                 row_group_size=5)
+  make = lambda source: D.DataConfig(sources=(source,), seq_len=16, batch_size=1, num_epochs=1)
+  a = _collect(D.build_dataset(make(D.SourceConfig(kind="parquet", paths=(str(tmp_path / "d.parquet"),),
+                                                   field="body")), RangeTokenizer()))
+  b = _collect(D.build_dataset(make(D.SourceConfig(kind="jsonl", paths=(_jsonl(tmp_path / "d.jsonl", docs),),
+                                                   field="body")), RangeTokenizer()))
+  assert len(a) == len(b) > 3
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+  with pytest.raises(D.DataConfigError, match="no column 'text'"):
+    D.build_dataset(make(D.SourceConfig(kind="parquet", paths=(str(tmp_path / "d.parquet"),))),
+                    RangeTokenizer())

@@ -164,3 +164,34 @@ def test_mlp_layer(reference):
   out = L.SwiGLU(config, config.intermediate_size).apply(
       {"params": params["layers_1"]["mlp"]}, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+     "beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3},
+    {"rope_type": "linear", "factor": 2.0},
+])
+def test_rope_scaling_logits_match_transformers(tmp_path, scaling):
+  """YaRN (incl. explicit beta/attention_factor) and linear rope scaling match transformers,
+  read from the config.json transformers writes, at positions past the original length."""
+  model = make_hf_qwen2(tmp_path, rope_parameters={"rope_theta": 10000.0, **scaling})
+  ids = np.random.RandomState(10).randint(0, 257, (1, 150))
+  ref = hf_logits(model, ids)
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
+  assert config.rope_type == scaling["rope_type"]
+  out = np.asarray(q.forward(config, params, ids))
+  np.testing.assert_allclose(out, ref, atol=FP32_TOL)
+  plain = np.asarray(q.forward(config.replace(rope_scaling=None), params, ids))
+  assert np.abs(plain - ref).max() > 1e-2  # the scaling really matters here
+
+
+def test_yarn_sanity_numbers_from_the_reference():
+  """head_dim 128, theta 1e6, L0 32768, factor 4: attention_factor 1.13863 and the ramp edges."""
+  config = q.get_preset("qwen2-7b", rope_scaling={"type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 32768})
+  inv_freq, factor = L.rope_inv_freq(config)
+  assert factor == pytest.approx(1.13863, abs=1e-5)
+  base, _ = L.rope_inv_freq(config.replace(rope_scaling=None))
+  np.testing.assert_array_equal(inv_freq[:23], base[:23])            # below low=23: extrapolate
+  np.testing.assert_allclose(inv_freq[40:], base[40:] / 4, rtol=1e-6)  # from high=40: interpolate

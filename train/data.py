@@ -37,7 +37,7 @@ class DataConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-  """One corpus. `paths` are files or glob patterns (expanded and sorted)."""
+  """One corpus. `paths` are files or glob patterns (`~` and `$VARS` expanded; sorted)."""
   kind: str                       # "text" | "jsonl" | "parquet" | "arrayrecord"
   paths: tuple[str, ...]
   weight: float = 1.0             # mixture weight (relative)
@@ -57,7 +57,7 @@ class SourceConfig:
   def files(self) -> list[str]:
     out = []
     for pattern in self.paths:
-      matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+      matches = sorted(glob.glob(os.path.expandvars(os.path.expanduser(pattern)), recursive=True))
       if not matches:
         raise DataConfigError(f"SourceConfig.paths: {pattern!r} matches no file")
       out.extend(m for m in matches if os.path.isfile(m))

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections import defaultdict
 from typing import Any
@@ -91,9 +92,16 @@ def _declared_dtype(config: Qwen2Config) -> str | None:
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32",
-                       show_progress: bool = True,
+                       show_progress: bool = True, shardings: Any = None, mesh: Any = None,
+                       rules: Any = None,
                        **config_overrides) -> tuple[Qwen2Config, dict[str, Any]]:
   """Reads an HF Qwen2 directory into (config, params).
+
+  Sharded loading: with `shardings` (a tree like the params of `jax.sharding.Sharding`, or a
+  function config -> such a tree) or `mesh` (+ `rules`, default "fsdp"; see
+  `qwen2_jax.sharding`), every param is built in place with `jax.make_array_from_callback`:
+  each process reads (memory-mapped) only the slices its own devices hold, and no whole
+  sharded param is ever assembled on a host.
 
   Args:
     path: directory with config.json and model.safetensors or a sharded index.
@@ -150,6 +158,19 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
   slots: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
   for e in entries:
     slots[e.path].append(e)
+  if mesh is not None and shardings is None:
+    from qwen2_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+    shardings = sharding_lib.param_shardings(config, mesh, sharding_lib.get_rules(rules or "fsdp"))
+  if callable(shardings):
+    shardings = shardings(config)
+  if shardings is not None:
+    params = _load_sharded(directory, by_key, slots, shapes, shardings, dtype, show_progress)
+    if tied_head is not None:
+      _check_tied_head(tied_head, by_key)
+    leaf_dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+    if len(leaf_dtypes) == 1:
+      config = config.replace(param_dtype=leaf_dtypes.pop())
+    return config, params
   remaining = {p: len(v) for p, v in slots.items()}
   buffers: dict[tuple[str, ...], np.ndarray] = {}
   params: dict[str, Any] = {}
@@ -169,16 +190,60 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
       _tree_set(params, e.path, jnp.asarray(buffers.pop(e.path)))
   assert not buffers, f"unfilled params: {list(buffers)}"
   if tied_head is not None:
-    head = tied_head.read("lm_head.weight")
-    embed = by_key["model.embed_tokens.weight"].read("model.embed_tokens.weight")
-    if head.shape != embed.shape or not np.array_equal(head, embed):
-      raise CheckpointError(f"{tied_head.path}: 'lm_head.weight' is present and differs from "
-                            "'model.embed_tokens.weight' but config.json sets "
-                            "tie_word_embeddings=true")
+    _check_tied_head(tied_head, by_key)
   leaf_dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
   if len(leaf_dtypes) == 1:
     config = config.replace(param_dtype=leaf_dtypes.pop())
   return config, params
+
+
+def _check_tied_head(tied_head: st.SafetensorsFile, by_key: dict[str, st.SafetensorsFile]) -> None:
+  head = tied_head.read("lm_head.weight")
+  embed = by_key["model.embed_tokens.weight"].read("model.embed_tokens.weight")
+  if head.shape != embed.shape or not np.array_equal(head, embed):
+    raise CheckpointError(f"{tied_head.path}: 'lm_head.weight' is present and differs from "
+                          "'model.embed_tokens.weight' but config.json sets "
+                          "tie_word_embeddings=true")
+
+
+def _mmap(f: st.SafetensorsFile, key: str) -> np.ndarray:
+  """A read-only memory map of one tensor: slicing it reads only the pages it touches."""
+  name, shape, begin, _ = f.entries[key]
+  with open(f.path, "rb") as fh:
+    (header_len,) = struct.unpack("<Q", fh.read(8))
+  if not shape or 0 in shape:
+    return f.read(key)
+  return np.memmap(f.path, dtype=st.numpy_dtype(name), mode="r", offset=8 + header_len + begin,
+                   shape=shape)
+
+
+def _load_sharded(directory: str, by_key, slots: dict[tuple[str, ...], list[Entry]], shapes,
+                  shardings, dtype: str | None, show_progress: bool) -> dict[str, Any]:
+  """Builds each param from the slices this process's devices hold (see `load_hf_checkpoint`)."""
+  params: dict[str, Any] = {}
+  for path, slot in tqdm(sorted(slots.items()), desc=f"loading {os.path.basename(directory)}",
+                         unit="param", disable=not show_progress):
+    shape = _tree_get(shapes, path).shape
+    sharding = _tree_get(shardings, path)
+    first = slot[0]
+    target_dtype = (st.numpy_dtype(by_key[first.hf_key].dtype(first.hf_key)) if dtype is None
+                    else np.dtype(jnp.dtype(dtype)))
+    stacked = len(first.index)  # leading param dims that select a checkpoint tensor
+    by_index = {e.index: e for e in slot}
+
+    def read(index, by_index=by_index, stacked=stacked, shape=shape, target_dtype=target_dtype):
+      index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+      outer = [range(*ix.indices(n)) for ix, n in zip(index[:stacked], shape[:stacked])]
+      out = np.empty([len(r) for r in outer] + [len(range(*ix.indices(n)))
+                     for ix, n in zip(index[stacked:], shape[stacked:])], dtype=target_dtype)
+      for pos in np.ndindex(*[len(r) for r in outer]):
+        e = by_index[tuple(r[p] for r, p in zip(outer, pos))]
+        value = e.transform.to_param(_mmap(by_key[e.hf_key], e.hf_key))
+        out[pos] = value[index[stacked:]]
+      return out
+
+    _tree_set(params, path, jax.make_array_from_callback(shape, sharding, read))
+  return params
 
 
 def _parse_size(size: int | str) -> int:

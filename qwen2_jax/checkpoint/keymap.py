@@ -2,7 +2,9 @@
 
 Each `Entry` says: this HF tensor is that slot of that param (a layer slice of a stacked param
 when layers are scanned), converted by a `Transform` that has an exact inverse (transposes and
-reshapes only, so HF -> params -> HF is bit-exact).
+reshapes only, so HF -> params -> HF is bit-exact). Qwen2-MoE's per-expert tensors
+(`mlp.experts.{e}.*`) are slots of stacked [E, ...] expert params: `index` = (layer, expert)
+when layers are scanned, (expert,) otherwise.
 """
 
 from __future__ import annotations
@@ -78,19 +80,44 @@ def dense_layer_entries(config: Qwen2Config) -> list[tuple[str, tuple[str, ...],
   ]
 
 
+def moe_layer_entries(config: Qwen2Config) -> list[tuple[str, tuple[str, ...], Transform,
+                                                         tuple[int, ...], tuple[int, ...]]]:
+  """Per-layer (HF suffix, param sub-path, transform, HF shape, expert slot) of a sparse layer's
+  MLP (`qwen2_jax.moe.Qwen2MoeBlock`): each expert's HF tensor is one slot of a stacked
+  [E, ...] param."""
+  H, E, F, S = (config.hidden_size, config.num_experts, config.moe_intermediate_size,
+                config.shared_expert_intermediate_size)
+  out = [("mlp.gate.weight", ("mlp", "router"), LINEAR, (E, H), ())]
+  for e in range(E):
+    for name, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+      out.append((f"mlp.experts.{e}.{name}.weight", ("mlp", "experts", name), LINEAR, shape,
+                  (e,)))
+  if S:
+    for name, shape in (("gate_proj", (S, H)), ("up_proj", (S, H)), ("down_proj", (H, S))):
+      out.append((f"mlp.shared_expert.{name}.weight", ("mlp", "shared_expert", name), LINEAR,
+                  shape, ()))
+    out.append(("mlp.shared_expert_gate.weight", ("mlp", "shared_expert_gate"), LINEAR, (1, H),
+                ()))
+  return out
+
+
 def checkpoint_entries(config: Qwen2Config) -> list[Entry]:
   """Every HF tensor of a checkpoint of `config`, in the order `save_pretrained` writes them."""
   V, H = config.vocab_size, config.hidden_size
   entries = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), (), IDENTITY,
                    (V, H))]
   for i in range(config.num_hidden_layers):
-    if config.is_sparse_layer(i):
-      raise NotImplementedError(
-          f"layer {i} is a sparse MoE layer; MoE checkpoints are not supported yet")
     prefix = layer_param_prefix(config, i)
     root, index = (prefix[0],), tuple(prefix[1:])
-    for suffix, sub, transform, shape in dense_layer_entries(config):
-      entries.append(Entry(f"model.layers.{i}.{suffix}", root + sub, index, transform, shape))
+    layer = dense_layer_entries(config)
+    if config.is_sparse_layer(i):
+      layer = [e for e in layer if not e[0].startswith("mlp.")]
+      layer = [(*e, ()) for e in layer] + moe_layer_entries(config)
+    else:
+      layer = [(*e, ()) for e in layer]
+    for suffix, sub, transform, shape, slot in layer:
+      entries.append(Entry(f"model.layers.{i}.{suffix}", root + sub, index + slot, transform,
+                           shape))
   entries.append(Entry("model.norm.weight", ("norm", "weight"), (), IDENTITY, (H,)))
   if not config.tie_word_embeddings:
     entries.append(Entry("lm_head.weight", ("lm_head",), (), LINEAR, (V, H)))

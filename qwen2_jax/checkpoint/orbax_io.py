@@ -57,13 +57,17 @@ def load_orbax_config(path: str | os.PathLike, **overrides) -> Qwen2Config:
 
 
 def restore_orbax(path: str | os.PathLike, *, shardings: Any | None = None,
-                  dtype: str | None = None, **overrides) -> tuple[Qwen2Config, dict[str, Any]]:
+                  dtype: str | None = None, mesh: Any = None, rules: Any = None,
+                  **overrides) -> tuple[Qwen2Config, dict[str, Any]]:
   """Restores (config, params) from `save_orbax`'s directory.
 
   Args:
     path: the checkpoint directory.
-    shardings: optional tree (like the params) of `jax.sharding.Sharding`; each array is
-      restored directly into it.
+    shardings: optional tree (like the params) of `jax.sharding.Sharding`, or a function
+      config -> such a tree; each array is restored directly into it (each process reads only
+      the chunks its devices hold).
+    mesh, rules: instead of `shardings`, the mesh and rules (default "fsdp") of
+      `qwen2_jax.sharding` that give them.
     dtype: cast params to this dtype on restore; None keeps the saved dtype.
     **overrides: implementation settings for the returned config.
   """
@@ -72,6 +76,11 @@ def restore_orbax(path: str | os.PathLike, *, shardings: Any | None = None,
   if dtype is not None:
     config = config.replace(param_dtype=dtype)
   shapes = abstract_params(config)
+  if mesh is not None and shardings is None:
+    from qwen2_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+    shardings = sharding_lib.param_shardings(config, mesh, sharding_lib.get_rules(rules or "fsdp"))
+  if callable(shardings):
+    shardings = shardings(config)
   if shardings is None:
     device = jax.devices()[0]
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), shapes)

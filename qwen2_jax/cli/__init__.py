@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("convert", "tokenizer", "data")
+SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,122 @@
+"""Sampling: per-request `SamplingParams` and the vectorised sampler that runs inside the loop.
+
+Every setting is per row of the batch and travels as an array, so a batch may mix greedy,
+temperature, top-k and top-p requests, and changing them never recompiles. Order of the logit
+processors, as in `transformers`: temperature, then top-k, then top-p. `temperature == 0` is
+greedy (argmax). Randomness is reproducible per request: the key of a row's t-th generated token
+is `fold_in(key(seed), t)`, so a request's samples depend on neither its batch neighbours nor the
+batch size. Reported logprobs are those of the raw model distribution (log-softmax of the logits,
+before temperature / top-k / top-p), as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qwen2_jax.infer import validation
+
+Array = jax.Array
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+  """How to generate for one request; validated on construction (typed errors naming the field)."""
+  max_new_tokens: int = 128           # tokens to generate at most (the stop token included)
+  temperature: float = 0.0            # 0: greedy; > 0: sample from softmax(logits / temperature)
+  top_k: int = 0                      # keep the k most likely tokens; 0: off
+  top_p: float = 1.0                  # keep the smallest set with probability >= top_p; 1: off
+  seed: int = 0                       # per-request RNG seed (unsigned 32 bit)
+  stop_token_ids: tuple[int, ...] = ()  # extra ids that end the request (EOS is added unless ...)
+  ignore_eos: bool = False            # ... this is set
+
+  def __post_init__(self):
+    try:
+      object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+    except TypeError:
+      raise validation.InvalidParameterError(
+          "stop_token_ids", f"must be a sequence of ids, got {self.stop_token_ids!r}") from None
+    validation.check_sampling(self)
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.temperature == 0.0 or self.top_k == 1
+
+
+class RowParams(NamedTuple):
+  """SamplingParams of a batch as arrays, one entry per row (leaves are [B] or [B, W])."""
+  temperature: Array   # [B] f32
+  top_k: Array         # [B] i32 (0: off)
+  top_p: Array         # [B] f32 (1: off)
+  seed: Array          # [B] u32
+  max_new_tokens: Array  # [B] i32
+  stop_ids: Array      # [B, W] i32, padded with -1
+
+
+def row_params(params: list[SamplingParams], stop_ids: list[tuple[int, ...]],
+               stop_width: int) -> RowParams:
+  """Packs per-request params into arrays; `stop_ids[i]` already includes EOS where wanted."""
+  stops = [list(s) + [-1] * (stop_width - len(s)) for s in stop_ids]
+  return RowParams(
+      temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
+      top_k=jnp.asarray([p.top_k for p in params], jnp.int32),
+      top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
+      seed=jnp.asarray([p.seed % 2**32 for p in params], jnp.uint32),
+      max_new_tokens=jnp.asarray([p.max_new_tokens for p in params], jnp.int32),
+      stop_ids=jnp.asarray(stops, jnp.int32).reshape(len(params), stop_width))
+
+
+def mask_top_k(logits: Array, k: Array) -> Array:
+  """Sets all but each row's k largest logits to -inf; k [B] (0 keeps all). Ties at the k-th are kept."""
+  V = logits.shape[-1]
+  desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+  kth = jnp.take_along_axis(desc, (jnp.clip(k, 1, V) - 1)[:, None], axis=-1)  # [B, 1]
+  keep = (logits >= kth) | (k[:, None] <= 0)
+  return jnp.where(keep, logits, _NEG_INF)
+
+
+def mask_top_p(logits: Array, p: Array) -> Array:
+  """Keeps each row's nucleus: the most likely tokens whose probability reaches p [B] (1 keeps all).
+
+  A token is kept iff the probability of the tokens strictly more likely than it is < p; the most
+  likely token is always kept. Ties with the last kept token are kept too.
+  """
+  desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+  probs = jax.nn.softmax(desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted token
+  kept = (before < p[:, None]).at[:, 0].set(True)
+  threshold = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+  keep = (logits >= threshold) | (p[:, None] >= 1.0)
+  return jnp.where(keep, logits, _NEG_INF)
+
+
+def processed_logits(logits: Array, rp: RowParams) -> Array:
+  """Temperature, then top-k, then top-p, per row; the distribution sampled from, as logits."""
+  t = jnp.where(rp.temperature > 0, rp.temperature, 1.0)
+  x = logits.astype(jnp.float32) / t[:, None]
+  needs_filter = jnp.any(rp.top_k > 0) | jnp.any(rp.top_p < 1.0)
+  # The sorts cost a few ms per step at Qwen2's vocab: skip them when no row filters.
+  return jax.lax.cond(needs_filter, lambda x: mask_top_p(mask_top_k(x, rp.top_k), rp.top_p),
+                      lambda x: x, x)
+
+
+def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
+  """Next token [B] and its raw logprob [B] from logits [B, V] for the step-th generated token."""
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    x = processed_logits(logits, rp)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(rp.seed)
+    return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+  sampling = (rp.temperature > 0) & (rp.top_k != 1)
+  drawn = jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
+  token = jnp.where(sampling, drawn, greedy)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logprob

@@ -1,0 +1,391 @@
+"""Ahead-of-time TPU planning: compile a step for a named TPU topology on any machine.
+
+With `libtpu` installed (`pip install "jax[tpu]"`), the real TPU compiler runs on a CPU host for
+a described topology ("v5p-128", "v6e:16x16"). Every input is a sharded `jax.ShapeDtypeStruct`,
+so nothing is allocated: the 72B training step compiles on a laptop. From the compiled program:
+
+  memory   per-device argument / output / temporary bytes (`compiled.memory_analysis()`),
+           total = arguments + outputs - donated aliases + temporaries, vs the chip's HBM
+  FLOPs    XLA's `cost_analysis()` next to the analytic 6 * N * tokens + attention
+  estimate a roofline step time max(compute, HBM traffic, collectives) and the MFU it implies:
+           ESTIMATES from peak numbers, never measured
+
+XLA's cost analysis counts a while-loop body once, and the layer scan is a while loop; so the
+reported XLA FLOPs / bytes come from two extra unrolled compiles with 1 and 2 layers, extrapolated
+linearly to L layers (cost(L) = a + b * L). Loops the TPU compiler itself creates (collective
+matmuls over FSDP shards) are still counted once, so XLA's figure can be BELOW the analytic one
+on FSDP meshes; the roofline uses the larger of the two.
+
+Targets: "train" (forward, backward, optimizer update of `qwen2_jax.train.step`). A target is a
+function (config, mesh, rules, batch, seq_len) -> `jax.stages.Lowered` plus its analytic FLOPs;
+generation adds "prefill" and "decode" to `TARGETS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import optax
+
+from qwen2_jax import api, sharding
+from qwen2_jax.config import Qwen2Config, num_params
+
+GiB = 1 << 30
+
+
+# ----------------------------------------------------------------------------------- the chips
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+  """Per-chip peak numbers of one TPU generation (one JAX device per chip)."""
+  generation: str
+  hbm_bytes: int           # HBM capacity
+  peak_bf16_flops: float   # dense bf16 matmul peak, FLOP/s
+  hbm_bandwidth: float     # bytes/s
+  ici_bandwidth: float     # bytes/s per chip, all ICI links together (bidirectional)
+  torus_dims: int          # 3: v4/v5p (names count TensorCores, 2 per chip); 2: v5e/v6e (chips)
+  chip_config: str         # libtpu chip config: one device per chip
+
+# Sources (Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/<gen>, 2025):
+#   v4  (/tpu/docs/v4):  275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s, ICI 2400 Gbps per chip
+#   v5e (/tpu/docs/v5e): 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 1600 Gbps per chip
+#   v5p (/tpu/docs/v5p): 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s, ICI 4800 Gbps per chip
+#   v6e (/tpu/docs/v6e): 918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s, ICI 3584 Gbps per chip
+# HBM is taken in GiB (the pages write "GB"; the runtime reports 16/32/95 GiB usable-ish).
+CHIPS = {
+    "v4": ChipSpec("v4", 32 * GiB, 275e12, 1200e9, 2400e9 / 8, 3, "megacore"),
+    "v5e": ChipSpec("v5e", 16 * GiB, 197e12, 819e9, 1600e9 / 8, 2, "default"),
+    "v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2765e9, 4800e9 / 8, 3, "megacore"),
+    "v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1640e9, 3584e9 / 8, 2, "default"),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice shape (chips per axis), optionally repeated over DCN as several slices."""
+  chip: ChipSpec
+  dims: tuple[int, ...]
+  num_slices: int = 1
+
+  @property
+  def chips_per_slice(self) -> int:
+    return math.prod(self.dims)
+
+  @property
+  def num_chips(self) -> int:
+    return self.chips_per_slice * self.num_slices
+
+  @property
+  def name(self) -> str:
+    """The Cloud accelerator-type name (v4/v5p count TensorCores, v5e/v6e count chips)."""
+    n = self.chips_per_slice * (2 if self.chip.torus_dims == 3 else 1)
+    slices = f" x{self.num_slices} slices" if self.num_slices > 1 else ""
+    return f"{self.chip.generation}-{n} ({self.chip.generation}:{'x'.join(map(str, self.dims))})" \
+        + slices
+
+
+def _default_dims(num_chips: int, ndim: int) -> tuple[int, ...]:
+  """The usual slice shape for a chip count: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ... (3D) or
+  1x1, 2x2, 2x4, 4x4, 4x8, ... (2D); power-of-two counts only (else give the shape)."""
+  if num_chips < 1 or num_chips & (num_chips - 1):
+    raise ValueError(f"{num_chips} chips: give the shape explicitly (e.g. 'v5p:16x16x24')")
+  dims = [1] * ndim
+  if ndim == 3 and num_chips >= 4:
+    dims = [2, 2, 1]
+  while math.prod(dims) < num_chips:
+    i = max(j for j in range(ndim) if dims[j] == min(dims))
+    dims[i] *= 2
+  if math.prod(dims) != num_chips:
+    raise ValueError(f"{num_chips} chips do not form a {ndim}D slice")
+  return tuple(dims)
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  """'v5p-128' (64 chips: v4/v5p names count TensorCores), 'v5e-8', 'v6e-256', or an explicit
+  shape 'v5p:4x4x4', 'v5e:4x4', 'v6e:16x16' (chips per axis)."""
+  m = re.fullmatch(r"\s*([a-z0-9]+?)(?:[-:])(\d+(?:x\d+)*)\s*", name.lower())
+  if not m:
+    raise ValueError(f"topology {name!r}: expected e.g. 'v5p-128' or 'v5p:4x4x4'")
+  gen = _ALIASES.get(m.group(1), m.group(1))
+  if gen not in CHIPS:
+    raise ValueError(f"topology {name!r}: unknown TPU generation {m.group(1)!r}; known: "
+                     f"{sorted(CHIPS)}")
+  chip = CHIPS[gen]
+  if "x" in m.group(2) or ":" in name:
+    dims = tuple(int(d) for d in m.group(2).split("x"))
+    if len(dims) != chip.torus_dims:
+      raise ValueError(f"topology {name!r}: {gen} slices are {chip.torus_dims}D")
+  else:
+    count = int(m.group(2))
+    if chip.torus_dims == 3:
+      if count % 2:
+        raise ValueError(f"topology {name!r}: {gen} names count TensorCores (2 per chip)")
+      count //= 2
+    dims = _default_dims(count, chip.torus_dims)
+  return Topology(chip, dims, num_slices)
+
+
+def topology_devices(topology: Topology) -> list[Any]:
+  """The (compile-only) devices of the topology, from libtpu's topology description."""
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's host probing
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compile-only use never claims a TPU, so several planner processes may share libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  dims3 = tuple(topology.dims) + (1,) * (3 - len(topology.dims))
+  if topology.chips_per_slice == 8 and topology.chip.torus_dims == 2:
+    per_host = dims3  # v5e-8 / v6e-8: one host with 8 chips
+  else:
+    per_host = tuple(min(d, b) for d, b in zip(dims3, (2, 2, 1)))
+  desc = topologies.get_topology_desc(
+      platform="tpu", topology_name=f"{topology.chip.generation}:"
+      f"{'x'.join(map(str, topology.dims))}", chip_config_name=topology.chip.chip_config,
+      chips_per_host_bounds=per_host, num_slices=topology.num_slices)
+  return list(desc.devices)
+
+
+# ------------------------------------------------------------------------------------- targets
+
+def train_flops_per_token(config: Qwen2Config, seq_len: int) -> float:
+  """Model FLOPs per trained token: 6 * (matmul params; for MoE the active ones: top-k of the
+  routed experts) + 12 * L * N * D * T (attention scores and values over the full T x T square,
+  as the XLA path computes them)."""
+  matmul_params = num_params(config) - config.vocab_size * config.hidden_size * (
+      0 if config.tie_word_embeddings else 1)  # the embedding lookup is not a matmul
+  if config.is_moe:  # Qwen2-MoE: each token runs only its top-k routed experts
+    sparse = sum(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
+    matmul_params -= sparse * (config.num_experts - config.num_experts_per_tok) * 3 \
+        * config.hidden_size * config.moe_intermediate_size
+  attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_size \
+      * seq_len
+  return 6 * matmul_params + attention
+
+
+def _lower_train(config: Qwen2Config, mesh, rules, batch_size: int, seq_len: int):
+  from qwen2_jax.train import step as train_lib  # pylint: disable=import-outside-toplevel
+  optimizer = optax.adamw(1e-4)  # f32 mu and nu, like every Adam variant
+  state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
+  batch = train_lib.abstract_batch(batch_size, seq_len, mesh, rules)
+  return train_lib.make_train_step(config, optimizer, mesh, rules).lower(state, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  lower: Callable[..., Any]                            # (config, mesh, rules, B, T) -> Lowered
+  flops_per_token: Callable[[Qwen2Config, int], float]  # analytic model FLOPs per token
+
+
+TARGETS = {"train": Target(_lower_train, train_flops_per_token)}
+
+
+# ------------------------------------------------------------------------------------- compile
+
+def _is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "exceeds" in text and \
+      "memory" in text
+
+
+@dataclasses.dataclass
+class Compiled:
+  """One AOT compile: the memory it needs per device, or why it does not fit."""
+  batch_size: int
+  compile_seconds: float
+  fits: bool
+  memory: dict[str, int] | None = None   # per device; None when the compiler ran out of HBM
+  error: str | None = None
+  compiled: Any = dataclasses.field(default=None, repr=False)
+
+
+def compile_step(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
+                 rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str = "train",
+                 hbm_margin: float = 0.05, devices=None) -> Compiled:
+  """Compiles `target` for the topology; fits iff total bytes <= (1 - hbm_margin) * HBM."""
+  devices = topology_devices(topology) if devices is None else devices
+  mesh = sharding.make_mesh(mesh_config, devices)
+  start = time.perf_counter()
+  try:
+    compiled = TARGETS[target].lower(config, mesh, rules, batch_size, seq_len).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_oom(e):
+      raise
+    first = str(e).strip().splitlines()[0][:300]
+    return Compiled(batch_size, time.perf_counter() - start, False, error=first)
+  seconds = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  memory = {"argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "alias_bytes": int(m.alias_size_in_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes),
+            "generated_code_bytes": int(m.generated_code_size_in_bytes)}
+  memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
+                           - memory["alias_bytes"] + memory["temp_bytes"]
+                           + memory["generated_code_bytes"])
+  fits = memory["total_bytes"] <= (1 - hbm_margin) * topology.chip.hbm_bytes
+  return Compiled(batch_size, seconds, fits, memory, compiled=compiled)
+
+
+def _cost(compiled) -> tuple[float, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_size: int,
+             seq_len: int, *, target: str = "train", devices=None) -> dict[str, float]:
+  """XLA FLOPs and bytes accessed per device for all L layers, from unrolled 1- and 2-layer
+  compiles: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))."""
+  devices = topology_devices(topology) if devices is None else devices
+  mesh = sharding.make_mesh(mesh_config, devices)
+  costs = []
+  for layers in (1, 2):
+    small = config.replace(num_hidden_layers=layers, scan_layers=False,
+                           max_window_layers=min(config.max_window_layers, layers),
+                           mlp_only_layers=tuple(i for i in config.mlp_only_layers if i < layers))
+    costs.append(_cost(TARGETS[target].lower(small, mesh, rules, batch_size, seq_len).compile()))
+  (f1, b1), (f2, b2) = costs
+  L = config.num_hidden_layers
+  return {"flops": f1 + (L - 1) * (f2 - f1), "bytes_accessed": b1 + (L - 1) * (b2 - b1)}
+
+
+def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int],
+             rules: sharding.Rules, batch_size: int, seq_len: int, xla: dict[str, float],
+             flops_per_token: float) -> dict[str, float]:
+  """Step-time ESTIMATE: max of compute, HBM traffic and collective time per device.
+
+  compute = max(XLA FLOPs, analytic model FLOPs) / peak: XLA also counts a compiler-generated
+  loop's body once (the collective matmuls that overlap FSDP all-gathers with matmuls are such
+  loops), so its count can fall below the model's. memory = XLA bytes accessed / HBM bandwidth.
+  collectives (rough): FSDP all-gathers params twice (forward, backward) in the compute dtype and
+  reduce-scatters f32 grads; tensor parallelism all-reduces the [B, T, H] activations 4 times
+  per layer.
+  """
+  chip = topology.chip
+  table = dict(rules)
+  def degree(logical):
+    return math.prod(mesh_shape[a] for a in table.get(logical, ()) if a in mesh_shape)
+  fsdp, tp = degree("embed"), degree("mlp")
+  itemsize = 2 if config.dtype == "bfloat16" else 4
+  params = num_params(config) / tp
+  fsdp_bytes = params * (2 * itemsize + 4) * (fsdp - 1) / fsdp
+  tokens_per_group = batch_size * seq_len / max(1, topology.num_chips // tp)
+  tp_bytes = (4 * config.num_hidden_layers * tokens_per_group * config.hidden_size * itemsize
+              * 2 * (tp - 1) / tp)
+  model_flops = flops_per_token * batch_size * seq_len
+  t_compute = max(xla["flops"], model_flops / topology.num_chips) / chip.peak_bf16_flops
+  t_memory = xla["bytes_accessed"] / chip.hbm_bandwidth
+  t_comm = (fsdp_bytes + tp_bytes) / chip.ici_bandwidth
+  step = max(t_compute, t_memory, t_comm)
+  return {"compute_s": t_compute, "hbm_s": t_memory, "collectives_s": t_comm, "step_s": step,
+          "bound": ("compute", "hbm", "collectives")[[t_compute, t_memory, t_comm].index(step)],
+          "mfu": model_flops / (step * chip.peak_bf16_flops * topology.num_chips),
+          "tokens_per_s": batch_size * seq_len / step}
+
+
+# ------------------------------------------------------------------------------------ planning
+
+def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
+         rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str = "train",
+         rules_name: str = "custom", hbm_margin: float = 0.05, with_cost: bool = True,
+         compiled: Compiled | None = None) -> dict[str, Any]:
+  """The full report of one configuration (see the module docstring); JSON-serialisable."""
+  devices = topology_devices(topology)
+  mesh_shape = mesh_config.shape(len(devices))
+  if compiled is None:
+    compiled = compile_step(config, topology, mesh_config, rules, batch_size, seq_len,
+                            target=target, hbm_margin=hbm_margin, devices=devices)
+  tokens = batch_size * seq_len
+  per_token = TARGETS[target].flops_per_token(config, seq_len)
+  report: dict[str, Any] = {
+      "target": target,
+      "model": {"params": num_params(config), "layers": config.num_hidden_layers,
+                "param_dtype": config.param_dtype, "dtype": config.dtype,
+                "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
+                "attention_impl": config.attention_impl},
+      "topology": {"name": topology.name, "generation": topology.chip.generation,
+                   "chips": topology.num_chips, "num_slices": topology.num_slices,
+                   "hbm_bytes_per_chip": topology.chip.hbm_bytes,
+                   "peak_bf16_flops_per_chip": topology.chip.peak_bf16_flops},
+      "mesh": mesh_shape, "rules": rules_name,
+      "batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tokens,
+      "compile_seconds": round(compiled.compile_seconds, 2),
+      "hbm_margin": hbm_margin, "fits": compiled.fits,
+      "memory_per_device": compiled.memory, "error": compiled.error,
+      "flops_per_device": {"analytic_model": per_token * tokens / topology.num_chips},
+      "replicated_params": [
+          {"param": name, "bytes": n} for name, n in sharding.replicated_params(
+              api.abstract_params(config),
+              sharding.param_shardings(config, sharding.make_mesh(mesh_config, devices), rules))],
+  }
+  if with_cost and compiled.memory is not None:
+    scan_flops, scan_bytes = _cost(compiled.compiled)
+    xla = xla_cost(config, topology, mesh_config, rules, batch_size, seq_len, target=target,
+                   devices=devices)
+    report["flops_per_device"].update(xla=xla["flops"], xla_scanned_program=scan_flops)
+    report["bytes_accessed_per_device"] = {"xla": xla["bytes_accessed"],
+                                           "xla_scanned_program": scan_bytes}
+    report["estimate"] = {"note": "ESTIMATE from peak chip numbers (roofline), not measured",
+                          **roofline(config, topology, mesh_shape, rules, batch_size, seq_len,
+                                     xla, per_token)}
+  return report
+
+
+def search_batch(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
+                 rules: sharding.Rules, seq_len: int, *, target: str = "train",
+                 hbm_margin: float = 0.05, max_batch: int | None = None,
+                 on_probe: Callable[[Compiled], None] | None = None
+                 ) -> tuple[Compiled | None, list[Compiled]]:
+  """The largest global batch (a multiple of the batch shards) whose step fits.
+
+  Per-device memory is close to linear in the batch, so after probing 1 and 2 multiples each
+  next probe is the line's prediction through the two largest fitting probes, kept strictly
+  between the largest fit and the smallest non-fit; it ends when they are adjacent (usually 4
+  or 5 compiles instead of the 7 to 10 of doubling plus bisection). Returns (the best fitting
+  compile or None, every probe in order).
+  """
+  devices = topology_devices(topology)
+  mesh = sharding.make_mesh(mesh_config, devices)
+  unit = sharding.num_batch_shards(mesh, rules)
+  budget = (1 - hbm_margin) * topology.chip.hbm_bytes
+  probes: list[Compiled] = []
+
+  def probe(multiple: int) -> bool:
+    c = compile_step(config, topology, mesh_config, rules, multiple * unit, seq_len,
+                     target=target, hbm_margin=hbm_margin, devices=devices)
+    for p in probes:  # keep only the best executable alive (a 72B one holds host memory)
+      if c.fits and p.fits and p.batch_size < c.batch_size:
+        p.compiled = None
+    if not c.fits:
+      c.compiled = None
+    probes.append(c)
+    if on_probe is not None:
+      on_probe(c)
+    return c.fits
+
+  limit = max(1, (max_batch or 1 << 30) // unit)
+  good, bad = 0, limit + 1
+  candidate = 1
+  while bad - good > 1:
+    if probe(candidate):
+      good = candidate
+    else:
+      bad = candidate
+    fitting = sorted((p for p in probes if p.fits), key=lambda p: p.batch_size)[-2:]
+    if len(fitting) == 2:
+      (b0, m0), (b1, m1) = [(p.batch_size // unit, p.memory["total_bytes"]) for p in fitting]
+      slope = max((m1 - m0) / (b1 - b0), 1.0)
+      candidate = int((budget - m1) / slope) + b1
+    else:
+      candidate = 2 * good if good else 1
+    candidate = min(max(candidate, good + 1), bad - 1)
+  if good == 0:
+    return None, probes
+  best = max((p for p in probes if p.fits), key=lambda p: p.batch_size)
+  return best, probes

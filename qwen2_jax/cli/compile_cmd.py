@@ -1,0 +1,190 @@
+"""`qwen2-jax compile`: ahead-of-time compile a step for a TPU topology and report if it fits.
+
+Runs the real TPU compiler (libtpu) on this machine for a named topology; no TPU is needed and
+nothing is allocated. Examples:
+
+  qwen2-jax compile --preset qwen2-7b --topology v5p-8 --batch 16 --seq-len 4096 --remat full
+  qwen2-jax compile --preset qwen2-72b --topology v6e-256 --mesh fsdp=-1,sequence=4 \\
+      --search-batch --json
+
+Exit status: 0 when the step fits (with --search-batch: when some batch fits), 2 when it does
+not, 1 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_GIB = float(1 << 30)
+
+
+def register(subparsers) -> None:
+  p = subparsers.add_parser(
+      "compile", help="AOT-compile a training step for a TPU topology: memory, FLOPs, estimates",
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  model = p.add_mutually_exclusive_group(required=True)
+  model.add_argument("--preset", help="model preset name (e.g. qwen2-7b, qwen2-tiny)")
+  model.add_argument("--config", help="HF config.json (or its directory) of the model")
+  p.add_argument("--topology", required=True,
+                 help="TPU topology: v5e-8, v5p-128, v6e-256, v4-32 or explicit v5p:4x4x4")
+  p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
+  p.add_argument("--target", default="train", help="what to compile (default: train)")
+  size = p.add_mutually_exclusive_group(required=True)
+  size.add_argument("--batch", type=int, help="global batch size (sequences per step)")
+  size.add_argument("--search-batch", action="store_true",
+                    help="find the largest global batch that fits (doubling, then bisection)")
+  p.add_argument("--max-batch", type=int, default=None, help="upper bound for --search-batch")
+  p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+  p.add_argument("--mesh", default="",
+                 help="mesh axis sizes, e.g. 'fsdp=-1' (default) or 'fsdp=16,tensor=4'; "
+                      "axes: data, fsdp, sequence, expert, tensor")
+  p.add_argument("--dcn-axis", default="data", help="mesh axis spanning slices (multi-slice)")
+  p.add_argument("--rules", default="fsdp",
+                 help="sharding rules: dp, fsdp, fsdp_tp, or a JSON file with a custom table")
+  p.add_argument("--remat", default="full",
+                 help="remat policy: none, full, dots, dots_with_no_batch_dims, save_qkv_proj")
+  p.add_argument("--attention-impl", default=None,
+                 help="xla or pallas (flash attention kernel); default: the model config's")
+  p.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
+  p.add_argument("--param-dtype", default="float32", help="param / optimizer dtype (float32)")
+  p.add_argument("--moe-impl", default=None, choices=("dense", "ragged_dot", "pallas"),
+                 help="Qwen2-MoE expert dispatch (default: the config's; 'pallas' is the "
+                      "grouped-matmul kernel, 'ragged_dot' XLA's)")
+  p.add_argument("--capacity-factor", type=float, default=None,
+                 help="Qwen2-MoE capacity factor (default: dropless)")
+  p.add_argument("--hbm-margin", type=float, default=0.05,
+                 help="fraction of HBM kept free when deciding 'fits' (default 0.05)")
+  p.add_argument("--no-cost", action="store_true",
+                 help="skip the FLOPs / roofline part (saves two small extra compiles)")
+  p.add_argument("--json", action="store_true", help="print the report as JSON")
+  p.set_defaults(func=run)
+
+
+def _model_config(args):
+  from qwen2_jax import presets  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.config import Qwen2Config  # pylint: disable=import-outside-toplevel
+  overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
+  if args.attention_impl:
+    overrides["attention_impl"] = args.attention_impl
+  if args.moe_impl is not None:
+    overrides["moe_impl"] = args.moe_impl
+  if args.capacity_factor is not None:
+    overrides["moe_capacity_factor"] = args.capacity_factor
+  if args.preset:
+    return presets.get_preset(args.preset, **overrides)
+  return Qwen2Config.from_hf(args.config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+  # Compile on the CPU host for a described TPU; the local backend never needs a TPU.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  try:
+    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print("qwen2-jax compile needs libtpu, the TPU compiler: pip install 'jax[tpu]' "
+          "(same version as jax)", file=sys.stderr)
+    return 1
+  from qwen2_jax import aot, sharding  # pylint: disable=import-outside-toplevel
+
+  try:
+    config = _model_config(args)
+    topology = aot.parse_topology(args.topology, args.num_slices)
+    mesh_config = sharding.MeshConfig.from_string(args.mesh)
+    mesh_config = sharding.MeshConfig.from_dict(
+        {**mesh_config.ici_dict(), "num_slices": args.num_slices, "dcn_axis": args.dcn_axis})
+    rules = sharding.get_rules(args.rules)
+    if args.target not in aot.TARGETS:
+      raise ValueError(f"unknown target {args.target!r}; known: {sorted(aot.TARGETS)}")
+  except (ValueError, OSError) as e:
+    print(f"qwen2-jax compile: {e}", file=sys.stderr)
+    return 1
+  rules_name = os.path.basename(str(args.rules))
+  common = dict(target=args.target, hbm_margin=args.hbm_margin)
+  probes = []
+  if args.search_batch:
+    log = sys.stderr if args.json else sys.stdout  # with --json, stdout is only the report
+
+    def progress(c):
+      state = "fits" if c.fits else "does not fit"
+      total = f"{c.memory['total_bytes'] / _GIB:.2f} GiB" if c.memory else "compiler OOM"
+      print(f"  batch {c.batch_size:>6}: {total}, {state} ({c.compile_seconds:.1f} s)",
+            file=log, flush=True)
+
+    print(f"searching the largest batch for {args.preset or args.config} on {topology.name}",
+          file=log, flush=True)
+    best, probes = aot.search_batch(config, topology, mesh_config, rules, args.seq_len,
+                                    max_batch=args.max_batch, on_probe=progress, **common)
+    if best is None:
+      report = aot.plan(config, topology, mesh_config, rules, probes[0].batch_size, args.seq_len,
+                        rules_name=rules_name, with_cost=False, compiled=probes[0], **common)
+    else:
+      report = aot.plan(config, topology, mesh_config, rules, best.batch_size, args.seq_len,
+                        rules_name=rules_name, with_cost=not args.no_cost, compiled=best, **common)
+    report["search"] = [{"batch_size": c.batch_size, "fits": c.fits,
+                         "total_bytes": c.memory["total_bytes"] if c.memory else None,
+                         "compile_seconds": round(c.compile_seconds, 2), "error": c.error}
+                        for c in probes]
+  else:
+    report = aot.plan(config, topology, mesh_config, rules, args.batch, args.seq_len,
+                      rules_name=rules_name, with_cost=not args.no_cost, **common)
+  report["model"]["name"] = args.preset or args.config
+  if args.json:
+    print(json.dumps(report, indent=2, sort_keys=True))
+  else:
+    print(format_report(report))
+  return 0 if report["fits"] else 2
+
+
+def format_report(r: dict) -> str:
+  """The human-readable form of an `aot.plan` report."""
+  topo, mem, model = r["topology"], r["memory_per_device"], r["model"]
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [
+      f"{model.get('name', '')}: {r['target']} step on {topo['name']}, {topo['chips']} chips",
+      f"  mesh {mesh} | rules {r['rules']} | remat {model['remat_policy']} | attention "
+      f"{model['attention_impl']} | params "
+      f"{model['param_dtype']}, compute {model['dtype']}",
+      f"  batch {r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens per step",
+  ]
+  hbm = topo["hbm_bytes_per_chip"] / _GIB
+  if mem is None:
+    lines.append(f"  memory per device: the compiler ran out of HBM ({r['error']})")
+  else:
+    lines.append(
+        f"  memory per device: arguments {mem['argument_bytes'] / _GIB:.2f} GiB, outputs "
+        f"{mem['output_bytes'] / _GIB:.2f} GiB (donated/aliased {mem['alias_bytes'] / _GIB:.2f}),"
+        f" temporaries {mem['temp_bytes'] / _GIB:.2f} GiB")
+    lines.append(f"  total {mem['total_bytes'] / _GIB:.2f} GiB of {hbm:.1f} GiB HBM "
+                 f"(keeping {r['hbm_margin']:.0%} free): "
+                 f"{'FITS' if r['fits'] else 'DOES NOT FIT'}")
+  lines.append(f"  compile time (this machine): {r['compile_seconds']:.1f} s")
+  if r.get("replicated_params"):
+    big = ", ".join(f"{p['param']} ({p['bytes'] / 2**20:.0f} MiB)" for p in r["replicated_params"])
+    lines.append(f"  WARNING: large params replicated on every device: {big}")
+  flops = r["flops_per_device"]
+  if "xla" in flops:
+    lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic 6*N*tokens + "
+                 f"attention {flops['analytic_model']:.3e} (XLA/analytic "
+                 f"{flops['xla'] / flops['analytic_model']:.2f})")
+  if "estimate" in r:
+    e = r["estimate"]
+    lines.append(f"  ESTIMATE (roofline from peak chip numbers, not a measurement): step "
+                 f"{e['step_s']:.3g} s ({e['bound']}-bound; compute {e['compute_s']:.3g} s, HBM "
+                 f"{e['hbm_s']:.3g} s, collectives {e['collectives_s']:.3g} s), MFU "
+                 f"{e['mfu']:.0%}, {e['tokens_per_s']:,.0f} tokens/s")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the subcommand alone (for tests and before it is listed in `qwen2_jax.cli`)."""
+  parser = argparse.ArgumentParser(prog="qwen2-jax")
+  register(parser.add_subparsers(dest="command", required=True))
+  args = parser.parse_args(["compile", *(sys.argv[1:] if argv is None else argv)])
+  return args.func(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,93 @@
+"""Two processes on localhost (jax.distributed, gloo CPU collectives) vs one process.
+
+Each run is `tests/multihost_worker.py` in its own subprocess with 4 devices in all: two
+processes of 2 CPU devices, or one process of 4, on the same data=2 x fsdp=2 mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from qwen2_jax import api, distributed, presets
+from qwen2_jax.checkpoint import hf
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(num_processes: int, hf_dir, out, compare=None, port=0):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  procs = []
+  for pid in range(num_processes):
+    cmd = [sys.executable, WORKER, "--process-id", str(pid), "--num-processes",
+           str(num_processes), "--port", str(port), "--devices-per-process",
+           str(4 // num_processes), "--hf", str(hf_dir), "--out", str(out)]
+    if compare:
+      cmd += ["--compare", str(compare)]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("multi-host worker timed out")
+    assert p.returncode == 0, err[-4000:]
+  return [json.loads((out / f"result_{i}.json").read_text()) for i in range(num_processes)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
+  """2 processes x 2 devices compute the 1-process loss and grad norm, load an HF checkpoint
+  into their shards, and save + restore a sharded Orbax checkpoint that the 1-process run
+  restores to its own updated params."""
+  config = presets.get_preset("qwen2-tiny")
+  params = jax.jit(lambda k: api.init_params(config, k))(jax.random.key(0))
+  hf.save_hf_checkpoint(tmp_path / "hf", config, params, show_progress=False)
+  (tmp_path / "two").mkdir()
+  (tmp_path / "one").mkdir()
+  two = _launch(2, tmp_path / "hf", tmp_path / "two", port=_free_port())
+  (one,) = _launch(1, tmp_path / "hf", tmp_path / "one", compare=tmp_path / "two" / "ckpt")
+
+  assert [r["num_processes"] for r in two] == [2, 2] and one["num_processes"] == 1
+  assert all(r["global_devices"] == 4 and r["local_devices"] == 2 for r in two)
+  for r in two:
+    assert r["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert r["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert r["tokens"] == one["tokens"]
+    assert r["hf_max_diff"] == 0.0 and r["orbax_max_diff"] == 0.0 and r["restored_sharding_ok"]
+  assert one["hf_max_diff"] == 0.0 and one["orbax_max_diff"] == 0.0
+  assert one["compare_max_diff"] < 1e-6  # the 2-process params, restored by 1 process
+
+
+def test_initialize_without_a_job_is_single_process(monkeypatch):
+  """With no flags, no job environment and no TPU pod, initialize() leaves one process."""
+  for name in ("QWEN2_JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+               "MEGASCALE_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  info = distributed.initialize()
+  assert (info.process_id, info.num_processes) == (0, 1)
+  assert info.global_devices == info.local_devices == jax.device_count()
+
+
+def test_initialize_rejects_a_partial_job_description(monkeypatch):
+  """Some but not all of coordinator / process count / process id is an error naming them."""
+  monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+  monkeypatch.delenv("QWEN2_JAX_PROCESS_ID", raising=False)
+  monkeypatch.setenv("QWEN2_JAX_NUM_PROCESSES", "2")
+  with pytest.raises(ValueError, match="process_id"):
+    distributed.initialize(coordinator_address="127.0.0.1:1234")

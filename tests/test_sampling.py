@@ -1,0 +1,93 @@
+"""Sampling: seeded reproducibility, top-k / top-p support on crafted distributions, and the
+greedy limits (temperature 0, top-k 1)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwen2_jax as q
+from qwen2_jax.infer import Engine, SamplingParams
+from qwen2_jax.infer import sampling as S
+
+# A crafted distribution over 8 tokens (sorted order 0..7).
+PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
+LOGITS = np.log(PROBS).astype(np.float32)
+
+
+def _rows(n, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None):
+  seeds = np.arange(n) if seeds is None else np.asarray(seeds)
+  return S.RowParams(jnp.full((n,), temperature, jnp.float32), jnp.full((n,), top_k, jnp.int32),
+                     jnp.full((n,), top_p, jnp.float32), jnp.asarray(seeds, jnp.uint32),
+                     jnp.full((n,), 8, jnp.int32), jnp.full((n, 4), -1, jnp.int32))
+
+
+def _draw(n, perm=None, **kw):
+  logits = LOGITS if perm is None else LOGITS[perm]
+  tokens, _ = jax.jit(S.sample)(jnp.broadcast_to(jnp.asarray(logits), (n, 8)), _rows(n, **kw),
+                                jnp.int32(0))
+  return np.asarray(tokens)
+
+
+@pytest.mark.parametrize("top_p,nucleus", [(0.3, {0}), (0.6, {0, 1}), (0.7, {0, 1, 2}),
+                                           (0.85, {0, 1, 2, 3})])
+def test_top_p_never_samples_outside_the_nucleus(top_p, nucleus):
+  """4000 top-p draws from a crafted distribution all fall in the nucleus, and cover it."""
+  rank_of = np.array([5, 2, 7, 0, 3, 6, 1, 4])  # token i has the rank_of[i]-th largest prob
+  tokens = _draw(4000, perm=rank_of, top_p=top_p, temperature=1.0)
+  ranks = set(rank_of[tokens].tolist())
+  assert ranks == nucleus
+
+
+def test_top_k_never_samples_outside_the_k_most_likely():
+  """top-k draws stay within the k most likely tokens and cover them."""
+  assert set(_draw(3000, top_k=3).tolist()) == {0, 1, 2}
+
+
+def test_temperature_sampling_follows_the_distribution():
+  """At temperature 1 draw frequencies match softmax(logits); at 0.5 they match p^2 renormalised."""
+  n = 20000
+  for t, expected in ((1.0, PROBS), (0.5, PROBS ** 2 / (PROBS ** 2).sum())):
+    freq = np.bincount(_draw(n, temperature=t), minlength=8) / n
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / n) + 1e-3  # ~4 standard errors
+    assert np.all(np.abs(freq - expected) <= tolerance), (t, freq, expected)
+
+
+def test_masks_keep_exactly_the_intended_tokens():
+  """mask_top_k / mask_top_p keep the k largest / the nucleus; 0 and 1 disable them per row."""
+  logits = jnp.asarray(np.stack([LOGITS, LOGITS[::-1]]))
+  kept = np.isfinite(np.asarray(S.mask_top_k(logits, jnp.asarray([2, 0]))))
+  assert kept[0].tolist() == [True, True] + [False] * 6 and kept[1].all()
+  kept = np.isfinite(np.asarray(S.mask_top_p(logits, jnp.asarray([0.6, 1.0]))))
+  assert kept[0].tolist() == [True, True] + [False] * 6 and kept[1].all()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+  config = q.get_preset("qwen2-tiny", initializer_range=0.05)  # flat-ish logits: varied samples
+  return Engine(config, q.init_params(config, jax.random.key(0)), eos_token_ids=())
+
+
+PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9]]
+
+
+def test_same_seed_same_samples_and_seeds_differ(tiny_engine):
+  """Sampling is reproducible per seed and differs across seeds."""
+  sp = lambda seed: SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=seed)
+  a = tiny_engine.generate(PROMPTS, [sp(1), sp(2), sp(3)])
+  b = tiny_engine.generate(PROMPTS, [sp(1), sp(2), sp(3)])
+  c = tiny_engine.generate(PROMPTS, [sp(4), sp(5), sp(6)])
+  assert [r.output_ids for r in a] == [r.output_ids for r in b]
+  assert [r.output_ids for r in a] != [r.output_ids for r in c]
+
+
+def test_top_k_one_and_temperature_zero_equal_greedy(tiny_engine):
+  """top_k=1 at any temperature, and temperature 0 with top-p, give the greedy tokens."""
+  greedy = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+  top1 = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.5,
+                                                      top_k=1, seed=9))
+  t0 = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, top_p=0.5, seed=9))
+  assert [r.output_ids for r in top1] == [r.output_ids for r in greedy]
+  assert [r.output_ids for r in t0] == [r.output_ids for r in greedy]

@@ -1,0 +1,308 @@
+"""Pretraining: the run configuration and the training loop (`qwen2-jax pretrain --config ...`).
+
+The loop is short on purpose: build mesh, data, optimizer and state (fresh, from a checkpoint
+to resume, or from weights to continue from), then step; log; evaluate; checkpoint; stop on
+SIGTERM after committing the current step; export HF safetensors at the end. Everything that
+decides the token stream or the update is in `PretrainConfig`, and its fingerprint is stored
+in every checkpoint so a resume with different settings is refused instead of silently
+diverging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from qwen2_jax import sharding
+from qwen2_jax.config import Qwen2Config
+from qwen2_jax.presets import get_preset
+from qwen2_jax.train import checkpointing, data as data_lib, metrics as metrics_lib, step as step_lib
+from qwen2_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
+
+NONFINITE_MODES = ("skip", "abort")
+
+
+class PretrainConfigError(ValueError):
+  """A run configuration value is invalid; the message names the field."""
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient was not finite and `nonfinite: abort` was set."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+  model: Qwen2Config
+  data: data_lib.DataConfig
+  optim: OptimConfig
+  tokenizer: str                       # tokenizer.json / HF dir / SentencePiece .model
+  output_dir: str                      # checkpoints/, metrics.jsonl, tensorboard/, hf/
+  steps: int                           # total optimizer steps of the run
+  mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
+  rules: Any = "fsdp"                  # preset name or a custom table
+  seed: int = 0
+  accum_steps: int = 1                 # micro-batches per update (batch_size must divide)
+  z_loss: float = 0.0                  # coefficient of mean(logsumexp^2)
+  nonfinite: str = "skip"              # non-finite loss/grad: "skip" the update or "abort"
+  init_from: str | None = None         # HF dir or Orbax params dir: start from these weights
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  eval_every: int = 0                  # 0: no periodic evaluation
+  eval_batches: int = 4
+  log_every: int = 10
+  export_hf: bool = True               # write output_dir/hf at the end
+  peak_flops: float | None = None      # per device, for MFU; None: from the device kind, or a
+                                       # measured matmul peak on CPU
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.steps <= 0:
+      raise PretrainConfigError(f"PretrainConfig.steps: must be positive, got {self.steps}")
+    if self.nonfinite not in NONFINITE_MODES:
+      raise PretrainConfigError(f"PretrainConfig.nonfinite: {self.nonfinite!r} is not one of "
+                                f"{NONFINITE_MODES}")
+    if self.accum_steps <= 0 or self.data.batch_size % self.accum_steps:
+      raise PretrainConfigError(f"PretrainConfig.accum_steps: {self.accum_steps} must divide "
+                                f"data.batch_size={self.data.batch_size}")
+    for name in ("checkpoint_every", "log_every", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise PretrainConfigError(f"PretrainConfig.{name}: must be positive")
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What a resuming run must share with the run that wrote the checkpoint."""
+    model = {k: v for k, v in self.model.to_dict().items() if k != "remat_policy"}
+    data = dataclasses.asdict(self.data)
+    data.pop("worker_count", None) if self.data.worker_count == 0 else None
+    return checkpointing.fingerprint_of(model=model, data=data,
+                                        optim=dataclasses.asdict(self.optim),
+                                        accum_steps=self.accum_steps, z_loss=self.z_loss)
+
+
+def _model_from_dict(d: Any) -> Qwen2Config:
+  if isinstance(d, Qwen2Config):
+    return d
+  d = dict(d)
+  if "preset" in d:
+    return get_preset(d.pop("preset"), **d)
+  return Qwen2Config.from_dict(d)
+
+
+def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
+  """Builds a `PretrainConfig` from a parsed YAML/JSON dict; unknown keys are errors."""
+  names = {f.name for f in dataclasses.fields(PretrainConfig)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise PretrainConfigError(f"unknown PretrainConfig field(s) {unknown}; known: {sorted(names)}")
+  d = dict(d)
+  for key in ("tokenizer", "output_dir", "init_from"):  # `$VARS` and `~` in paths
+    if isinstance(d.get(key), str):
+      d[key] = os.path.expandvars(os.path.expanduser(d[key]))
+  d["model"] = _model_from_dict(d.get("model", {}))
+  d["data"] = data_lib.DataConfig.from_dict(d.get("data", {}))
+  d["optim"] = OptimConfig.from_dict(d.get("optim", {}))
+  if "mesh" in d and not isinstance(d["mesh"], sharding.MeshConfig):
+    d["mesh"] = sharding.MeshConfig.from_dict(d["mesh"])
+  try:
+    return PretrainConfig(**d)
+  except TypeError as e:
+    raise PretrainConfigError(str(e)) from None
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+  """`a.b.c=value` strings (value parsed as YAML) set nested keys of a config dict."""
+  import yaml
+
+  d = json.loads(json.dumps(d))
+  for item in overrides:
+    if "=" not in item:
+      raise PretrainConfigError(f"override {item!r} is not KEY=VALUE")
+    key, value = item.split("=", 1)
+    node = d
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = yaml.safe_load(value)
+  return d
+
+
+def load_config(path: str, overrides: list[str] = ()) -> PretrainConfig:
+  import yaml
+
+  with open(path) as f:
+    d = yaml.safe_load(f) or {}
+  return config_from_dict(apply_overrides(d, list(overrides)))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _initial_params(cfg: PretrainConfig, mesh, rules):
+  """Weights to start from (`init_from`), placed in their shardings; None for a fresh init."""
+  if cfg.init_from is None:
+    return None
+  from qwen2_jax.checkpoint import hf, orbax_io
+
+  shardings = sharding.param_shardings(cfg.model, mesh, rules)
+  if os.path.isdir(os.path.join(cfg.init_from, orbax_io.PARAMS_DIR)):
+    _, params = orbax_io.restore_orbax(cfg.init_from, shardings=shardings,
+                                       dtype=cfg.model.param_dtype)
+  else:
+    _, params = hf.load_hf_checkpoint(cfg.init_from, dtype=cfg.model.param_dtype,
+                                      show_progress=cfg.progress)
+    params = jax.device_put(params, shardings)
+  return params
+
+
+def _host_params(params):
+  """Params as host numpy on process 0 (gathered across processes when needed)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(params, tiled=True)
+  return params
+
+
+def evaluate(cfg: PretrainConfig, eval_step, state, tokenizer, mesh, rules) -> dict[str, float]:
+  """Mean loss and perplexity over up to `eval_batches` batches of the held-out documents."""
+  ds = data_lib.build_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count(), eval_split=True)
+  total, tokens = 0.0, 0.0
+  for i, batch in enumerate(ds):
+    if i >= cfg.eval_batches:
+      break
+    if batch["input_ids"].shape[0] * jax.process_count() != cfg.data.batch_size:
+      break  # a short final batch would need its own compilation
+    out = eval_step(state.params, sharding.host_local_batch(batch, mesh, rules))
+    total += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  loss = total / max(tokens, 1.0)
+  return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
+          "eval/tokens": tokens}
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+  """Runs (or resumes) the training run; returns a summary dict (also in metrics.jsonl)."""
+  from qwen2_jax.tokenizer import load_tokenizer
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.get_rules(cfg.rules)
+  shards = sharding.num_batch_shards(mesh, rules)
+  micro = cfg.data.batch_size // cfg.accum_steps
+  if micro % shards:
+    raise PretrainConfigError(
+        f"data.batch_size={cfg.data.batch_size} / accum_steps={cfg.accum_steps} = {micro} rows "
+        f"per micro-batch cannot be split over the mesh's {shards} batch shards ({dict(mesh.shape)})")
+  tokenizer = load_tokenizer(cfg.tokenizer)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise PretrainConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                              f"tokenizer's {tokenizer.vocab_size} ids ({cfg.tokenizer})")
+  optimizer = make_optimizer(cfg.optim)
+  schedule = learning_rate_schedule(cfg.optim)
+  os.makedirs(cfg.output_dir, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
+                                    keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+  fingerprint = cfg.fingerprint()
+  iterator = iter(data_lib.build_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
+                                         process_count=jax.process_count()))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
+    state, data_state, rng, meta = ckpt.restore(latest, abstract, fingerprint=fingerprint)
+    iterator.set_state(data_lib.iterator_state_from_json(data_state["iterator"]))
+    start = latest
+  else:
+    rng = jax.random.key(cfg.seed)
+    rng, init_rng = jax.random.split(rng)
+    state = step_lib.init_train_state_sharded(cfg.model, optimizer, init_rng, mesh, rules,
+                                              params=_initial_params(cfg, mesh, rules))
+    start = 0
+  train_step = step_lib.make_train_step(cfg.model, optimizer, mesh, rules,
+                                        accum_steps=cfg.accum_steps, z_loss=cfg.z_loss)
+  eval_step = step_lib.make_eval_step(cfg.model, mesh, rules) if cfg.eval_every else None
+
+  is_main = jax.process_index() == 0
+  log = metrics_lib.JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl")) if is_main else None
+  tb = metrics_lib.TensorBoardWriter(os.path.join(cfg.output_dir, "tensorboard")) if is_main else None
+  peak = cfg.peak_flops or metrics_lib.peak_flops_for_devices(jax.devices())
+  flops_per_token = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len)
+  guard = checkpointing.PreemptionGuard()
+  bar = metrics_lib.Progress(cfg.steps, start, enabled=cfg.progress and is_main)
+  window_start, window_tokens, first_loss, last = time.perf_counter(), 0.0, None, {}
+  stopped = None
+
+  def save(step_number, force=False):
+    ckpt.save(step_number, state, {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
+              rng=rng, fingerprint=fingerprint, force=force)
+
+  try:
+    for step in range(start, cfg.steps):
+      batch = sharding.host_local_batch(next(iterator), mesh, rules)
+      rng, _ = jax.random.split(rng)  # a per-step key, kept in checkpoints for future dropout
+      state, out = train_step(state, batch)
+      step_number = step + 1
+      must_log = step_number % cfg.log_every == 0 or step_number == cfg.steps
+      if cfg.nonfinite == "abort" or must_log:
+        host = step_lib.metrics_to_host(out)
+        if cfg.nonfinite == "abort" and not host["finite"]:
+          raise NonFiniteError(f"step {step_number}: loss={host['loss']} grad_norm="
+                               f"{host['grad_norm']} (nonfinite: abort; the update was not applied)")
+      window_tokens += cfg.data.batch_size * cfg.data.seq_len
+      if must_log:
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = window_tokens / elapsed
+        record = {"step": step_number, "loss": host["loss"], "grad_norm": host["grad_norm"],
+                  "lr": float(schedule(max(step_number - int(state.skipped) - 1, 0))),
+                  "skipped": int(state.skipped),
+                  "tokens_per_s": tokens_per_s,
+                  "mfu": (flops_per_token * tokens_per_s / (peak * jax.device_count())
+                          if peak else None)}
+        first_loss = host["loss"] if first_loss is None else first_loss
+        last = record
+        window_start, window_tokens = time.perf_counter(), 0.0
+        if is_main:
+          log.write(record)
+          tb.scalars(step_number, {f"train/{k}": v for k, v in record.items()
+                                   if k != "step" and v is not None})
+        bar.update(step_number, record)
+      if eval_step is not None and step_number % cfg.eval_every == 0:
+        result = evaluate(cfg, eval_step, state, tokenizer, mesh, rules)
+        if is_main:
+          log.write({"step": step_number, **result})
+          tb.scalars(step_number, result)
+        bar.note(f"step {step_number}: eval loss {result['eval/loss']:.4f} "
+                 f"ppl {result['eval/perplexity']:.2f}")
+      if guard.requested:
+        save(step_number, force=True)
+        ckpt.wait()
+        stopped = guard.requested
+        bar.note(f"{stopped}: saved step {step_number}, exiting")
+        break
+      if step_number % cfg.checkpoint_every == 0 or step_number == cfg.steps:
+        save(step_number)
+    ckpt.wait()
+    final_step = int(state.step)
+    summary = {"final_step": final_step, "first_logged_loss": first_loss,
+               "last": last, "skipped": int(state.skipped), "stopped_by": stopped,
+               "checkpoints": ckpt.all_steps()}
+    if cfg.export_hf and stopped is None and final_step == cfg.steps:
+      from qwen2_jax.checkpoint.hf import save_hf_checkpoint
+      params = _host_params(state.params)
+      if is_main:
+        save_hf_checkpoint(os.path.join(cfg.output_dir, "hf"), cfg.model, params,
+                           overwrite=True, show_progress=cfg.progress)
+        summary["hf_export"] = os.path.join(cfg.output_dir, "hf")
+    if is_main:
+      log.write({"summary": summary})
+    return summary
+  finally:
+    bar.close()
+    guard.restore()
+    ckpt.close()
+    if log is not None:
+      log.close()
+      tb.close()

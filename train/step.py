@@ -1,0 +1,260 @@
+"""The training step: next-token loss, gradient, optimizer update; and its sharded jit.
+
+Pure functions over a `TrainState` pytree. `train_step` is the whole step (no jit, no
+sharding); `make_train_step` jits it for a mesh and rules with donated state, which is also what
+`qwen2-jax compile` lowers ahead of time. The optimizer is any `optax.GradientTransformation`;
+building one (schedules, weight decay masks) belongs to the training loop.
+
+Batch (all [B, T]): `input_ids` int, `targets` int (the next token of each position),
+`loss_mask` (1 where the target counts), `positions` (RoPE positions, restarting per packed
+document) and `segment_ids` (document ids; None for one document per row).
+
+Qwen2-MoE: the objective adds `config.router_aux_loss_coef` times the load-balancing loss and
+`router_z_loss` times the router z-loss (`qwen2_jax.api.forward_with_aux`; padding, segment id
+0, excluded). With micro-batches each micro-batch's MoE terms are weighted by its tokens, like
+its cross entropy. Extra metrics for MoE models: moe_aux_loss, moe_router_z_loss, moe_drop_rate
+and moe_load_max / moe_load_min (the most / least loaded expert over all sparse layers, as a
+multiple of the balanced load 1/E).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from qwen2_jax import api, sharding
+from qwen2_jax.config import Qwen2Config
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+MOE_METRICS = ("moe_aux_loss", "moe_router_z_loss", "moe_drop_rate", "moe_load_max",
+               "moe_load_min")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array          # [] int32, train steps taken (batches consumed), applied or skipped
+  params: Any              # the model params (f32 master weights)
+  opt_state: Any           # the optimizer's state (e.g. Adam mu/nu, same sharding as params)
+  skipped: jax.Array       # [] int32, steps whose update was skipped (non-finite loss/grad)
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  # Two distinct buffers: a donated state may not hold the same buffer twice.
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                    jnp.zeros((), jnp.int32))
+
+
+def _forward_losses(config: Qwen2Config, params: Any, batch: Batch
+                    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array] | None]:
+  """(nll, lse) as `token_losses`, plus the MoE aux dict (None for a dense model)."""
+  kwargs = dict(positions=batch["positions"], segment_ids=batch.get("segment_ids"))
+  if config.is_moe:
+    logits, aux = api.forward_with_aux(config, params, batch["input_ids"], **kwargs)
+  else:
+    logits, aux = api.forward(config, params, batch["input_ids"], **kwargs), None  # [B, T, V]
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
+  return lse - target, lse, aux
+
+
+def token_losses(config: Qwen2Config, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Per-token (nll, logsumexp), both [B, T] f32: nll = logsumexp(z) - z[target].
+
+  Log-softmax in f32 whatever the compute dtype.
+  """
+  nll, lse, _ = _forward_losses(config, params, batch)
+  return nll, lse
+
+
+def _moe_terms(config: Qwen2Config, aux: dict[str, jax.Array] | None, router_z_loss: float
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(MoE part of the objective, MoE metrics) of one forward; (0, {}) for a dense model."""
+  if aux is None:
+    return jnp.zeros((), jnp.float32), {}
+  objective = config.router_aux_loss_coef * aux["aux_loss"] + router_z_loss * aux["router_z_loss"]
+  load = aux["expert_load"] * config.num_experts  # [S, E], 1 = balanced
+  values = (aux["aux_loss"], aux["router_z_loss"], aux["drop_rate"], jnp.max(load),
+            jnp.min(load))
+  return objective, dict(zip(MOE_METRICS, values))
+
+
+def loss_fn(config: Qwen2Config, params: Any, batch: Batch, *, z_loss: float = 0.0,
+            router_z_loss: float = 0.0) -> tuple[jax.Array, dict[str, Any]]:
+  """Mean next-token cross entropy over `loss_mask` (+ z_loss * mean logsumexp^2; for MoE
+  + router_aux_loss_coef * load-balancing loss + router_z_loss * router z-loss).
+
+  Returns (objective, {"loss": mean nll, "z_loss": mean lse^2, "tokens"} + MoE metrics).
+  """
+  nll, lse, aux = _forward_losses(config, params, batch)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = mask.sum()
+  denom = jnp.maximum(tokens, 1.0)
+  loss = (nll * mask).sum() / denom
+  z = (lse * lse * mask).sum() / denom
+  moe_objective, moe_metrics = _moe_terms(config, aux, router_z_loss)
+  return (loss + z_loss * z + moe_objective,
+          {"loss": loss, "z_loss": z, "tokens": tokens, **moe_metrics})
+
+
+def _sum_objective(config, params, batch, z_loss, router_z_loss=0.0):
+  """Unnormalised objective of one micro-batch: sums, so micro-batches add up exactly (MoE
+  terms, per-batch means, enter weighted by the micro-batch's tokens)."""
+  nll, lse, aux = _forward_losses(config, params, batch)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = mask.sum()
+  nll_sum = (nll * mask).sum()
+  z_sum = (lse * lse * mask).sum()
+  moe_objective, moe_metrics = _moe_terms(config, aux, router_z_loss)
+  moe_sums = {k: v * tokens for k, v in moe_metrics.items()}
+  return (nll_sum + z_loss * z_sum + moe_objective * tokens,
+          (nll_sum, z_sum, tokens, moe_sums))
+
+
+def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
+  """[B, T] -> [A, B/A, T], micro-batch a = rows a, A + a, 2A + a, ... (so each micro-batch
+  stays spread over every device of a batch-sharded mesh)."""
+  def split(x):
+    if x is None:
+      return None
+    B = x.shape[0]
+    return x.reshape(B // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+  return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(config: Qwen2Config, optimizer: optax.GradientTransformation, state: TrainState,
+               batch: Batch, *, accum_steps: int = 1, z_loss: float = 0.0,
+               router_z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update over `accum_steps` micro-batches (gradient of the mean over ALL their tokens).
+
+  A non-finite loss or gradient norm leaves params and optimizer state bit-for-bit unchanged and
+  increments `skipped` (the training loop decides whether to abort). Metrics: loss (mean nll),
+  z_loss, grad_norm (global L2, before clipping), tokens, finite (+ the MoE metrics of the
+  module docstring for MoE models).
+  """
+  grad_fn = jax.value_and_grad(_sum_objective, argnums=1, has_aux=True)
+  if accum_steps == 1:
+    (_, (nll_sum, z_sum, tokens, moe_sums)), grads = grad_fn(config, state.params, batch, z_loss,
+                                                             router_z_loss)
+  else:
+    def body(carry, micro):
+      g_acc, n_acc, z_acc, t_acc, m_acc = carry
+      (_, (n, z, t, m)), g = grad_fn(config, state.params, micro, z_loss, router_z_loss)
+      return (jax.tree.map(jnp.add, g_acc, g), n_acc + n, z_acc + z, t_acc + t,
+              jax.tree.map(jnp.add, m_acc, m)), None
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    moe_zeros = {k: jnp.zeros((), jnp.float32) for k in (MOE_METRICS if config.is_moe else ())}
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), moe_zeros)
+    (grads, nll_sum, z_sum, tokens, moe_sums), _ = jax.lax.scan(
+        body, init, _micro_batches(batch, accum_steps))
+  denom = jnp.maximum(tokens, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  loss = nll_sum / denom
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(state.step + 1, keep(params, state.params),
+                         keep(opt_state, state.opt_state),
+                         state.skipped + (1 - finite.astype(jnp.int32)))
+  metrics = {"loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm, "tokens": tokens,
+             "finite": finite, **{k: v / denom for k, v in moe_sums.items()}}
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------- sharded jit
+
+def state_shardings(config: Qwen2Config, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.Rules) -> TrainState:
+  """Shardings of every leaf of the `TrainState`: optimizer moments follow their params."""
+  params = sharding.param_shardings(config, mesh, rules)
+  opt_shapes = jax.eval_shape(optimizer.init, api.abstract_params(config))
+  return TrainState(sharding.replicated(mesh), params,
+                    sharding.tree_shardings_like(opt_shapes, params, mesh),
+                    sharding.replicated(mesh))
+
+
+def abstract_train_state(config: Qwen2Config, optimizer: optax.GradientTransformation,
+                         mesh: Mesh, rules: sharding.Rules) -> TrainState:
+  """The `TrainState` as sharded `jax.ShapeDtypeStruct`s: no memory, for AOT compilation."""
+  params = api.abstract_params(config)
+  counter = jax.ShapeDtypeStruct((), jnp.int32)
+  shapes = TrainState(counter, params, jax.eval_shape(optimizer.init, params), counter)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      state_shardings(config, optimizer, mesh, rules))
+
+
+def abstract_batch(batch_size: int, seq_len: int, mesh: Mesh, rules: sharding.Rules,
+                   *, packed: bool = True) -> Batch:
+  """A sharded `ShapeDtypeStruct` batch of [batch_size, seq_len] (segment_ids when packed)."""
+  sh = sharding.batch_sharding(mesh, rules, (batch_size, seq_len))
+  spec = lambda dtype: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sh)
+  batch = {"input_ids": spec(jnp.int32), "targets": spec(jnp.int32),
+           "loss_mask": spec(jnp.float32), "positions": spec(jnp.int32)}
+  batch["segment_ids"] = spec(jnp.int32) if packed else None
+  return batch
+
+
+def init_train_state_sharded(config: Qwen2Config, optimizer: optax.GradientTransformation,
+                             rng: jax.Array, mesh: Mesh, rules: sharding.Rules, *,
+                             params: Any | None = None) -> TrainState:
+  """A fresh `TrainState` created directly in its shards (params and optimizer state).
+
+  `params` (already placed, e.g. loaded weights to continue from) replace the random init.
+  """
+  shardings = state_shardings(config, optimizer, mesh, rules)
+  sharding.warn_replicated(api.abstract_params(config), shardings.params)
+  if params is not None:
+    return jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=shardings)(params)
+
+  def init(key):
+    with sharding.activation_rules(rules, mesh, config):
+      return init_train_state(api.init_params(config, key), optimizer)
+
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def make_train_step(config: Qwen2Config, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding.Rules, *, donate: bool = True, accum_steps: int = 1,
+                    z_loss: float = 0.0, router_z_loss: float = 0.0
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step` jitted for `mesh`: state in/out with its shardings (donated when `donate`),
+  batch split by the rules, metrics replicated. `.lower(state, batch)` works on
+  `abstract_train_state` / `abstract_batch` for ahead-of-time compilation."""
+  sharding.check_mesh_uses_rules(mesh, rules)
+  state_sh = state_shardings(config, optimizer, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  metrics_sh = sharding.replicated(mesh)
+
+  def step(state, batch):
+    with sharding.activation_rules(rules, mesh, config):
+      return train_step(config, optimizer, state, batch, accum_steps=accum_steps, z_loss=z_loss,
+                        router_z_loss=router_z_loss)
+
+  return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(config: Qwen2Config, mesh: Mesh, rules: sharding.Rules
+                   ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """Jitted (params, batch) -> {"loss_sum", "tokens"} for held-out evaluation."""
+  params_sh = sharding.param_shardings(config, mesh, rules)
+
+  def evaluate(params, batch):
+    with sharding.activation_rules(rules, mesh, config):
+      nll, _ = token_losses(config, params, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return {"loss_sum": (nll * mask).sum(), "tokens": mask.sum()}
+
+  return jax.jit(evaluate, in_shardings=(params_sh, sharding.batch_sharding(mesh, rules)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
