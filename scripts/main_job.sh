@@ -20,8 +20,6 @@ fi
 overrides=()
 for kv in "$@"; do overrides+=(--set "$kv"); done
 qwen2-jax pretrain --config configs/cpu_demo.yaml "${overrides[@]}"
-if qwen2-jax --help | grep -q generate; then
-  echo "[main] sample continuation from the exported HF checkpoint:"
-  qwen2-jax generate --model "$OUT/run/hf" --tokenizer "$OUT/tokenizer/sp.model" \
-    --prompt "def main(" --max-new-tokens 48 --temperature 0
-fi
+echo "[main] sample continuation (greedy) from the exported HF checkpoint $OUT/run/hf:"
+qwen2-jax generate "$OUT/run/hf" --tokenizer "$OUT/tokenizer/sp.model" \
+  --prompt "def main(" --max-new-tokens 48 --temperature 0 --no-progress

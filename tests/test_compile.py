@@ -48,7 +48,8 @@ def test_compile_command_json_report(capsys):
   assert code == 0 and report["fits"] is True
   assert report["topology"]["chips"] == 4 and report["mesh"]["fsdp"] == 4
   mem = report["memory_per_device"]
-  assert mem["argument_bytes"] > 0 and mem["temp_bytes"] > 0
+  # The tiny program may need no HBM temporaries at all (libtpu reports 0 here).
+  assert mem["argument_bytes"] > 0 and mem["temp_bytes"] >= 0
   assert mem["total_bytes"] == (mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
                                 + mem["temp_bytes"] + mem["generated_code_bytes"])
   assert mem["alias_bytes"] > 0  # the state is donated

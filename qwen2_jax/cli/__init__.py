@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain")
+SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "compile", "generate", "bench",
+               "upcycle")
 
 
 def build_parser() -> argparse.ArgumentParser:
