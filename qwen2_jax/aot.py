@@ -30,7 +30,6 @@ import re
 import time
 from typing import Any, Callable
 
-import jax
 import optax
 
 from qwen2_jax import api, sharding

@@ -14,6 +14,7 @@ not, 1 on errors.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -81,9 +82,7 @@ def _model_config(args):
 def run(args: argparse.Namespace) -> int:
   # Compile on the CPU host for a described TPU; the local backend never needs a TPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  try:
-    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+  if importlib.util.find_spec("libtpu") is None:
     print("qwen2-jax compile needs libtpu, the TPU compiler: pip install 'jax[tpu]' "
           "(same version as jax)", file=sys.stderr)
     return 1
