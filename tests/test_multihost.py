@@ -41,7 +41,7 @@ def _launch(num_processes: int, hf_dir, out, compare=None, port=0):
                                   text=True))
   for p in procs:
     try:
-      _, err = p.communicate(timeout=300)
+      _, err = p.communicate(timeout=600)  # ~100 s idle; generous for a loaded CI machine
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()

@@ -243,8 +243,10 @@ def test_gradient_accumulation_equals_the_full_batch():
   ids = rng.randint(0, config.vocab_size, (4, 8)).astype(np.int32)
   batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "positions": np.tile(np.arange(8), (4, 1)),
            "loss_mask": (rng.rand(4, 8) > 0.3).astype(np.float32), "segment_ids": None}
-  full, m1 = step_lib.train_step(config, optimizer, state, batch)
-  accum, m2 = step_lib.train_step(config, optimizer, state, batch, accum_steps=2)
+  step = jax.jit(lambda s, b, n: step_lib.train_step(config, optimizer, s, b, accum_steps=n),
+                 static_argnums=2)
+  full, m1 = step(state, batch, 1)
+  accum, m2 = step(state, batch, 2)
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), full.params, accum.params)
