@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
 export JAX_PLATFORMS=cpu
-exec python -m pytest -q "$@" tests
+exec python -m pytest -q "$@"   # testpaths in pytest.ini: tests/
