@@ -178,6 +178,81 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+# --------------------------------------------------------------------------- compiled programs
+
+PROGRAMS = ("prefill", "decode")
+
+
+def _named(mesh, rules, names, shape):
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
+  return NamedSharding(mesh, sharding.logical_to_spec(names, rules, mesh, shape))
+
+
+def state_shardings(config: Qwen2Config, mesh, rules, B: int, S: int, N: int) -> DecodeState:
+  """Shardings of the decode state: batch axes on rows, KV heads as the rules say."""
+  c = config
+  kv = _named(mesh, rules, CACHE_AXES,
+              (c.num_hidden_layers, B, S, c.num_key_value_heads, c.head_size))
+  rows = _named(mesh, rules, ROW_AXES, (B,))
+  table = _named(mesh, rules, ROW_AXES + (None,), (B, N))
+  return DecodeState(KVCache(kv, kv, rows), table, table, rows, rows, rows,
+                     _named(mesh, rules, (), ()))
+
+
+def jit_program(config: Qwen2Config, program: str, batch: int, cache_len: int, max_new: int,
+                mesh=None, rules=None):
+  """The jitted `prefill` (params, prompts [B, P], lengths [B], rows) -> state, or `decode`
+  (params, state, rows, step_limit) -> state with the state donated; with `mesh` and `rules`
+  the activations follow the rules and the state comes out in `state_shardings`."""
+  if program == "prefill":
+    fn = lambda params, prompts, lengths, rp: prefill(config, params, prompts, lengths, rp,
+                                                      cache_len=cache_len, max_new=max_new)
+    donate = ()
+  elif program == "decode":
+    fn = lambda params, state, rp, limit: decode(config, params, state, rp, limit)
+    donate = (1,)
+  else:
+    raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=donate)
+  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
+  traced = fn
+
+  def fn_sharded(*args):
+    with sharding.activation_rules(rules, mesh, config):
+      return traced(*args)
+
+  return jax.jit(fn_sharded, donate_argnums=donate,
+                 out_shardings=state_shardings(config, mesh, rules, batch, cache_len, max_new))
+
+
+def abstract_program_args(config: Qwen2Config, program: str, batch: int, prompt_len: int,
+                          max_new: int, mesh, rules, stop_width: int = 4) -> tuple[Any, ...]:
+  """Sharded `ShapeDtypeStruct` arguments of `jit_program(...)` for ahead-of-time compiles
+  (`qwen2-jax compile --target prefill|decode`): nothing is allocated."""
+  from qwen2_jax import api, sharding  # pylint: disable=import-outside-toplevel
+  struct = lambda shape, dtype, names: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=_named(mesh, rules, names, shape))
+  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        api.abstract_params(config),
+                        sharding.param_shardings(config, mesh, rules))
+  row = lambda dtype: struct((batch,), dtype, ROW_AXES)
+  rp = RowParams(row(jnp.float32), row(jnp.int32), row(jnp.float32), row(jnp.uint32),
+                 row(jnp.int32), struct((batch, stop_width), jnp.int32, ROW_AXES + (None,)))
+  if program == "prefill":
+    return (params, struct((batch, prompt_len), jnp.int32, ROW_AXES + (None,)), row(jnp.int32),
+            rp)
+  cache_len = prompt_len + max_new
+  shapes = jax.eval_shape(lambda: DecodeState(
+      init_cache(config, batch, cache_len), jnp.zeros((batch, max_new), jnp.int32),
+      jnp.zeros((batch, max_new), jnp.float32), jnp.zeros((batch,), jnp.int32),
+      jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), jnp.int32(0)))
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes,
+                       state_shardings(config, mesh, rules, batch, cache_len, max_new))
+  return params, state, rp, jax.ShapeDtypeStruct((), jnp.int32, sharding=_named(mesh, rules, (), ()))
+
+
 # --------------------------------------------------------------------------- the engine
 
 class Engine:
@@ -219,7 +294,6 @@ class Engine:
     self.compile_seconds: dict[tuple, float] = {}
     if mesh is not None:
       from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
-      self._sharding = sharding
       self.rules = sharding.get_rules(rules)
       sharding.check_mesh_uses_rules(mesh, self.rules)
       params = jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))
@@ -355,30 +429,11 @@ class Engine:
     return self._compiled[key](*args)
 
   def _jit(self, program: str, batch: int, cache_len: int, max_new: int):
-    config = self.config
-    if program == "prefill":
-      fn = lambda params, prompts, lengths, rp: prefill(config, params, prompts, lengths, rp,
-                                                        cache_len=cache_len, max_new=max_new)
-      donate = ()
-    else:
-      fn = lambda params, state, rp, limit: decode(config, params, state, rp, limit)
-      donate = (1,)
-    if self.mesh is None:
-      return jax.jit(fn, donate_argnums=donate)
-    traced = fn
-
-    def fn_sharded(*args):
-      with self._sharding.activation_rules(self.rules, self.mesh, config):
-        return traced(*args)
-
-    return jax.jit(fn_sharded, donate_argnums=donate,
-                   out_shardings=self._state_shardings(batch, cache_len, max_new))
+    return jit_program(self.config, program, batch, cache_len, max_new, self.mesh, self.rules)
 
   # ----- sharding helpers -----
   def _spec(self, names, shape):
-    from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
-    return NamedSharding(self.mesh, self._sharding.logical_to_spec(names, self.rules, self.mesh,
-                                                                   shape))
+    return _named(self.mesh, self.rules, names, shape)
 
   def _put(self, x, names):
     if self.mesh is None:
@@ -387,10 +442,3 @@ class Engine:
 
   def _put_rows(self, rp: RowParams) -> RowParams:
     return RowParams(*(self._put(x, ROW_AXES + (None,) * (np.ndim(x) - 1)) for x in rp))
-
-  def _state_shardings(self, B: int, S: int, N: int) -> DecodeState:
-    """Shardings of the decode state: batch axes on rows, KV heads as the rules say."""
-    c = self.config
-    kv = self._spec(CACHE_AXES, (c.num_hidden_layers, B, S, c.num_key_value_heads, c.head_size))
-    rows, table = self._spec(ROW_AXES, (B,)), self._spec(ROW_AXES + (None,), (B, N))
-    return DecodeState(KVCache(kv, kv, rows), table, table, rows, rows, rows, self._spec((), ()))

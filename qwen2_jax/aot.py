@@ -16,9 +16,10 @@ linearly to L layers (cost(L) = a + b * L). Loops the TPU compiler itself create
 matmuls over FSDP shards) are still counted once, so XLA's figure can be BELOW the analytic one
 on FSDP meshes; the roofline uses the larger of the two.
 
-Targets: "train" (forward, backward, optimizer update of `qwen2_jax.train.step`). A target is a
-function (config, mesh, rules, batch, seq_len) -> `jax.stages.Lowered` plus its analytic FLOPs;
-generation adds "prefill" and "decode" to `TARGETS`.
+Targets: "train" (forward, backward, optimizer update of `qwen2_jax.train.step`), "prefill" and
+"decode" (the generation engine's programs, `generation_target`: a [B, T] prompt batch into a
+cache of T + new_tokens slots; one decode step against that cache). A `Target` is a function
+(config, mesh, rules, batch, seq_len) -> `jax.stages.Lowered` plus its analytic FLOPs per token.
 """
 
 from __future__ import annotations
@@ -156,15 +157,9 @@ def train_flops_per_token(config: Qwen2Config, seq_len: int) -> float:
   """Model FLOPs per trained token: 6 * (matmul params; for MoE the active ones: top-k of the
   routed experts) + 12 * L * N * D * T (attention scores and values over the full T x T square,
   as the XLA path computes them)."""
-  matmul_params = num_params(config) - config.vocab_size * config.hidden_size * (
-      0 if config.tie_word_embeddings else 1)  # the embedding lookup is not a matmul
-  if config.is_moe:  # Qwen2-MoE: each token runs only its top-k routed experts
-    sparse = sum(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
-    matmul_params -= sparse * (config.num_experts - config.num_experts_per_tok) * 3 \
-        * config.hidden_size * config.moe_intermediate_size
   attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_size \
       * seq_len
-  return 6 * matmul_params + attention
+  return 6 * _matmul_params(config) + attention
 
 
 def _lower_train(config: Qwen2Config, mesh, rules, batch_size: int, seq_len: int):
@@ -175,13 +170,74 @@ def _lower_train(config: Qwen2Config, mesh, rules, batch_size: int, seq_len: int
   return train_lib.make_train_step(config, optimizer, mesh, rules).lower(state, batch)
 
 
+def _matmul_params(config: Qwen2Config) -> float:
+  """Params that take part in a token's matmuls (MoE: only the top-k routed experts)."""
+  matmul_params = num_params(config) - config.vocab_size * config.hidden_size * (
+      0 if config.tie_word_embeddings else 1)  # the embedding lookup is not a matmul
+  if config.is_moe:
+    sparse = sum(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
+    matmul_params -= sparse * (config.num_experts - config.num_experts_per_tok) * 3 \
+        * config.hidden_size * config.moe_intermediate_size
+  return matmul_params
+
+
+def prefill_flops_per_token(config: Qwen2Config, seq_len: int) -> float:
+  """Forward FLOPs per prompt token: 2 * matmul params (the LM head only at each row's last
+  token) + 4 * L * N * D * T attention over the T x T square."""
+  head = config.vocab_size * config.hidden_size
+  attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_size \
+      * seq_len
+  return 2 * (_matmul_params(config) - head) + 2 * head / seq_len + attention
+
+
+def decode_flops_per_token(config: Qwen2Config, cache_len: int) -> float:
+  """FLOPs per generated token: 2 * matmul params + 4 * L * N * D * S over the S cache slots."""
+  return 2 * _matmul_params(config) + 4 * config.num_hidden_layers \
+      * config.num_attention_heads * config.head_size * cache_len
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-  lower: Callable[..., Any]                            # (config, mesh, rules, B, T) -> Lowered
-  flops_per_token: Callable[[Qwen2Config, int], float]  # analytic model FLOPs per token
+  """What `compile` builds: (config, mesh, rules, B, T) -> `jax.stages.Lowered`, its analytic
+  FLOPs per token and tokens per step (for the roofline), and whether it is a training step."""
+  name: str
+  lower: Callable[..., Any]
+  flops_per_token: Callable[[Qwen2Config, int], float]
+  tokens_per_step: Callable[[int, int], int] = lambda batch, seq_len: batch * seq_len
+  training: bool = True
 
 
-TARGETS = {"train": Target(_lower_train, train_flops_per_token)}
+def generation_target(program: str, new_tokens: int = 128) -> Target:
+  """`prefill` of a [B, T] prompt batch into a cache of T + new_tokens slots, or the `decode`
+  loop (one token per row per step; XLA's cost analysis counts the loop body, i.e. one step)
+  against that cache: the programs `qwen2_jax.infer.engine.Engine` runs, with the params as
+  given (layers scanned) and no remat."""
+  def lower(config, mesh, rules, batch_size, seq_len):
+    from qwen2_jax.infer import engine  # pylint: disable=import-outside-toplevel
+    config = config.replace(remat_policy="none")
+    fn = engine.jit_program(config, program, batch_size, seq_len + new_tokens, new_tokens,
+                            mesh, rules)
+    return fn.lower(*engine.abstract_program_args(config, program, batch_size, seq_len,
+                                                  new_tokens, mesh, rules))
+  if program == "prefill":
+    return Target("prefill", lower, prefill_flops_per_token, training=False)
+  if program == "decode":
+    return Target("decode", lower,
+                  lambda config, seq_len: decode_flops_per_token(config, seq_len + new_tokens),
+                  tokens_per_step=lambda batch, seq_len: batch, training=False)
+  raise ValueError(f"unknown generation program {program!r}")
+
+
+TARGETS = {"train": Target("train", _lower_train, train_flops_per_token),
+           "prefill": generation_target("prefill"), "decode": generation_target("decode")}
+
+
+def get_target(target: str | Target) -> Target:
+  if isinstance(target, Target):
+    return target
+  if target not in TARGETS:
+    raise ValueError(f"unknown compile target {target!r}; known: {sorted(TARGETS)}")
+  return TARGETS[target]
 
 
 # ------------------------------------------------------------------------------------- compile
@@ -204,14 +260,14 @@ class Compiled:
 
 
 def compile_step(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
-                 rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str = "train",
+                 rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str | Target = "train",
                  hbm_margin: float = 0.05, devices=None) -> Compiled:
   """Compiles `target` for the topology; fits iff total bytes <= (1 - hbm_margin) * HBM."""
   devices = topology_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(mesh_config, devices)
   start = time.perf_counter()
   try:
-    compiled = TARGETS[target].lower(config, mesh, rules, batch_size, seq_len).compile()
+    compiled = get_target(target).lower(config, mesh, rules, batch_size, seq_len).compile()
   except Exception as e:  # pylint: disable=broad-except
     if not _is_oom(e):
       raise
@@ -238,7 +294,7 @@ def _cost(compiled) -> tuple[float, float]:
 
 
 def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_size: int,
-             seq_len: int, *, target: str = "train", devices=None) -> dict[str, float]:
+             seq_len: int, *, target: str | Target = "train", devices=None) -> dict[str, float]:
   """XLA FLOPs and bytes accessed per device for all L layers, from unrolled 1- and 2-layer
   compiles: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))."""
   devices = topology_devices(topology) if devices is None else devices
@@ -248,15 +304,15 @@ def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_
     small = config.replace(num_hidden_layers=layers, scan_layers=False,
                            max_window_layers=min(config.max_window_layers, layers),
                            mlp_only_layers=tuple(i for i in config.mlp_only_layers if i < layers))
-    costs.append(_cost(TARGETS[target].lower(small, mesh, rules, batch_size, seq_len).compile()))
+    costs.append(_cost(get_target(target).lower(small, mesh, rules, batch_size, seq_len).compile()))
   (f1, b1), (f2, b2) = costs
   L = config.num_hidden_layers
   return {"flops": f1 + (L - 1) * (f2 - f1), "bytes_accessed": b1 + (L - 1) * (b2 - b1)}
 
 
 def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int],
-             rules: sharding.Rules, batch_size: int, seq_len: int, xla: dict[str, float],
-             flops_per_token: float) -> dict[str, float]:
+             rules: sharding.Rules, tokens: int, xla: dict[str, float],
+             flops_per_token: float, *, training: bool = True) -> dict[str, float]:
   """Step-time ESTIMATE: max of compute, HBM traffic and collective time per device.
 
   compute = max(XLA FLOPs, analytic model FLOPs) / peak: XLA also counts a compiler-generated
@@ -264,7 +320,7 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
   loops), so its count can fall below the model's. memory = XLA bytes accessed / HBM bandwidth.
   collectives (rough): FSDP all-gathers params twice (forward, backward) in the compute dtype and
   reduce-scatters f32 grads; tensor parallelism all-reduces the [B, T, H] activations 4 times
-  per layer.
+  per layer. Generation (`training=False`): one all-gather, no grads, 2 all-reduces per layer.
   """
   chip = topology.chip
   table = dict(rules)
@@ -273,11 +329,11 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
   fsdp, tp = degree("embed"), degree("mlp")
   itemsize = 2 if config.dtype == "bfloat16" else 4
   params = num_params(config) / tp
-  fsdp_bytes = params * (2 * itemsize + 4) * (fsdp - 1) / fsdp
-  tokens_per_group = batch_size * seq_len / max(1, topology.num_chips // tp)
-  tp_bytes = (4 * config.num_hidden_layers * tokens_per_group * config.hidden_size * itemsize
-              * 2 * (tp - 1) / tp)
-  model_flops = flops_per_token * batch_size * seq_len
+  fsdp_bytes = params * ((2 * itemsize + 4) if training else itemsize) * (fsdp - 1) / fsdp
+  tokens_per_group = tokens / max(1, topology.num_chips // tp)
+  tp_bytes = ((4 if training else 2) * config.num_hidden_layers * tokens_per_group
+              * config.hidden_size * itemsize * 2 * (tp - 1) / tp)
+  model_flops = flops_per_token * tokens
   t_compute = max(xla["flops"], model_flops / topology.num_chips) / chip.peak_bf16_flops
   t_memory = xla["bytes_accessed"] / chip.hbm_bandwidth
   t_comm = (fsdp_bytes + tp_bytes) / chip.ici_bandwidth
@@ -285,13 +341,13 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
   return {"compute_s": t_compute, "hbm_s": t_memory, "collectives_s": t_comm, "step_s": step,
           "bound": ("compute", "hbm", "collectives")[[t_compute, t_memory, t_comm].index(step)],
           "mfu": model_flops / (step * chip.peak_bf16_flops * topology.num_chips),
-          "tokens_per_s": batch_size * seq_len / step}
+          "tokens_per_s": tokens / step}
 
 
 # ------------------------------------------------------------------------------------ planning
 
 def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
-         rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str = "train",
+         rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str | Target = "train",
          rules_name: str = "custom", hbm_margin: float = 0.05, with_cost: bool = True,
          compiled: Compiled | None = None) -> dict[str, Any]:
   """The full report of one configuration (see the module docstring); JSON-serialisable."""
@@ -300,10 +356,11 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
   if compiled is None:
     compiled = compile_step(config, topology, mesh_config, rules, batch_size, seq_len,
                             target=target, hbm_margin=hbm_margin, devices=devices)
-  tokens = batch_size * seq_len
-  per_token = TARGETS[target].flops_per_token(config, seq_len)
+  spec = get_target(target)
+  tokens = spec.tokens_per_step(batch_size, seq_len)
+  per_token = spec.flops_per_token(config, seq_len)
   report: dict[str, Any] = {
-      "target": target,
+      "target": spec.name,
       "model": {"params": num_params(config), "layers": config.num_hidden_layers,
                 "param_dtype": config.param_dtype, "dtype": config.dtype,
                 "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
@@ -331,13 +388,13 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
     report["bytes_accessed_per_device"] = {"xla": xla["bytes_accessed"],
                                            "xla_scanned_program": scan_bytes}
     report["estimate"] = {"note": "ESTIMATE from peak chip numbers (roofline), not measured",
-                          **roofline(config, topology, mesh_shape, rules, batch_size, seq_len,
-                                     xla, per_token)}
+                          **roofline(config, topology, mesh_shape, rules, tokens, xla, per_token,
+                                     training=spec.training)}
   return report
 
 
 def search_batch(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
-                 rules: sharding.Rules, seq_len: int, *, target: str = "train",
+                 rules: sharding.Rules, seq_len: int, *, target: str | Target = "train",
                  hbm_margin: float = 0.05, max_batch: int | None = None,
                  on_probe: Callable[[Compiled], None] | None = None
                  ) -> tuple[Compiled | None, list[Compiled]]:

@@ -21,6 +21,7 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import optax  # noqa: E402  pylint: disable=wrong-import-position
+from jax.experimental import multihost_utils  # noqa: E402  pylint: disable=wrong-import-position
 
 from qwen2_jax import distributed, presets, sharding  # noqa: E402  pylint: disable=wrong-import-position
 from qwen2_jax.checkpoint import hf, orbax_io  # noqa: E402  pylint: disable=wrong-import-position
@@ -92,6 +93,10 @@ def main() -> None:
     result["compare_max_diff"] = max_abs_diff(other, state.params)
   with open(os.path.join(args.out, f"result_{info.process_id}.json"), "w") as f:
     json.dump(result, f)
+  if info.num_processes > 1:
+    # Reach the shutdown barrier together: a process that is still busy when its peer enters
+    # the barrier makes the coordination service abort the job after its timeout.
+    multihost_utils.sync_global_devices("multihost_worker:done")
   distributed.shutdown()
 
 

@@ -104,3 +104,31 @@ def test_batch_search_stops_at_the_memory_boundary():
   assert all(p.batch_size % 4 == 0 for p in probes)
   assert any(p.batch_size == best.batch_size + 4 and not p.fits for p in probes)
   assert all(p.fits == (p.memory["total_bytes"] <= small_chip.hbm_bytes) for p in probes)
+
+
+@needs_libtpu
+def test_compile_generation_programs(capsys):
+  """--target prefill / decode compile the generation engine's programs for TPU; the decode
+  state (KV cache) is donated, and 256 more new-token slots add exactly their cache and output
+  bytes to the arguments."""
+  c = presets.get_preset("qwen2-tiny")
+  reports = {}
+  for target, new in (("prefill", 128), ("decode", 128), ("decode", 384)):
+    code = compile_cmd.main(["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--batch", "8",
+                             "--seq-len", "128", "--target", target, "--new-tokens", str(new),
+                             "--mesh", "fsdp=2,tensor=2", "--rules", "fsdp_tp", "--json"])
+    reports[target, new] = json.loads(capsys.readouterr().out)
+    assert code == 0 and reports[target, new]["fits"] is True, (target, new)
+  prefill, decode, longer = reports["prefill", 128], reports["decode", 128], reports["decode", 384]
+  assert prefill["target"] == "prefill" and prefill["tokens_per_step"] == 8 * 128
+  assert decode["tokens_per_step"] == 8 and decode["cache_slots"] == 256
+  assert prefill["model"]["remat_policy"] == "none"
+  # k and v [L, B, S, K, D] bf16, batch over fsdp (2) and kv heads over tensor (2).
+  slot_bytes = 2 * c.num_hidden_layers * 8 * c.num_key_value_heads * c.head_size * 2 // 4
+  grow = (longer["memory_per_device"]["argument_bytes"]
+          - decode["memory_per_device"]["argument_bytes"])
+  table_bytes = 8 * (4 + 4) // 2  # per new slot: tokens i32 + logprobs f32 [B, N], rows over fsdp
+  assert grow == 256 * (slot_bytes + table_bytes)
+  assert decode["memory_per_device"]["alias_bytes"] >= 256 * slot_bytes  # cache updated in place
+  for r in (prefill, decode):
+    assert 0.5 < r["flops_per_device"]["xla"] / r["flops_per_device"]["analytic_model"] < 3

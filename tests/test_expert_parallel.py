@@ -32,7 +32,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow) if "pallas" in c else c for c in CASES])
 def test_expert_parallel_equals_single_device(case):
   """Sharded loss, aux loss and every gradient equal the single-device ones; all-to-all is used."""
   impl, mesh_spec, rules_name, capacity = CASES[case]
@@ -64,6 +65,7 @@ def test_expert_parallel_equals_single_device(case):
   assert "expert" in str(expert_sh.spec)  # expert weights (and grads) split over `expert`
 
 
+@pytest.mark.slow
 def test_sharded_train_step_runs_with_expert_parallelism():
   """make_train_step on an fsdp x expert mesh: same loss and MoE metrics as the plain step."""
   cfg = presets.get_preset("qwen2-moe-tiny", moe_impl="ragged_dot")

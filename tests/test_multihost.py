@@ -30,23 +30,32 @@ def _free_port() -> int:
 def _launch(num_processes: int, hf_dir, out, compare=None, port=0):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  procs = []
+  procs, logs = [], []
   for pid in range(num_processes):
     cmd = [sys.executable, WORKER, "--process-id", str(pid), "--num-processes",
            str(num_processes), "--port", str(port), "--devices-per-process",
            str(4 // num_processes), "--hf", str(hf_dir), "--out", str(out)]
     if compare:
       cmd += ["--compare", str(compare)]
-    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=600)  # ~100 s idle; generous for a loaded CI machine
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("multi-host worker timed out")
-    assert p.returncode == 0, err[-4000:]
+    # Output goes to files, not pipes: an undrained pipe of one worker would block it while
+    # the test waits on the other, and the pair would deadlock in a collective.
+    log = open(out / f"worker_{pid}.log", "w")  # pylint: disable=consider-using-with
+    logs.append(log)
+    procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    for pid, p in enumerate(procs):
+      try:
+        p.wait(timeout=600)  # ~100 s idle; generous for a loaded CI machine
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        pytest.fail(f"multi-host worker {pid} timed out")
+  finally:
+    for log in logs:
+      log.close()
+  for pid, p in enumerate(procs):
+    text = (out / f"worker_{pid}.log").read_text()
+    assert p.returncode == 0, f"worker {pid} exited with {p.returncode}:\n{text[-4000:]}"
   return [json.loads((out / f"result_{i}.json").read_text()) for i in range(num_processes)]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from qwen2_jax.api import abstract_params
@@ -42,6 +43,9 @@ def save_orbax(path: str | os.PathLike, config: Qwen2Config, params: dict[str, A
     with open(tmp, "w") as f:
       json.dump(hf, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+  if jax.process_count() > 1:
+    # Other processes may read config.json right after this returns (restore, resume).
+    multihost_utils.sync_global_devices(f"qwen2_jax.save_orbax:{directory}")
 
 
 def load_orbax_config(path: str | os.PathLike, **overrides) -> Qwen2Config:

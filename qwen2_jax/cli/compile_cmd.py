@@ -32,7 +32,12 @@ def register(subparsers) -> None:
   p.add_argument("--topology", required=True,
                  help="TPU topology: v5e-8, v5p-128, v6e-256, v4-32 or explicit v5p:4x4x4")
   p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
-  p.add_argument("--target", default="train", help="what to compile (default: train)")
+  p.add_argument("--target", default="train",
+                 help="what to compile: train (forward, backward, optimizer update; default), "
+                      "prefill (a [batch, seq-len] prompt batch into the KV cache) or decode "
+                      "(one generation step against a cache of seq-len + new-tokens slots)")
+  p.add_argument("--new-tokens", type=int, default=128,
+                 help="prefill/decode: cache slots beyond the prompt (default 128)")
   size = p.add_mutually_exclusive_group(required=True)
   size.add_argument("--batch", type=int, help="global batch size (sequences per step)")
   size.add_argument("--search-batch", action="store_true",
@@ -95,13 +100,18 @@ def run(args: argparse.Namespace) -> int:
     mesh_config = sharding.MeshConfig.from_dict(
         {**mesh_config.ici_dict(), "num_slices": args.num_slices, "dcn_axis": args.dcn_axis})
     rules = sharding.get_rules(args.rules)
-    if args.target not in aot.TARGETS:
-      raise ValueError(f"unknown target {args.target!r}; known: {sorted(aot.TARGETS)}")
+    if args.target in ("prefill", "decode"):
+      if args.new_tokens < 1:
+        raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+      target = aot.generation_target(args.target, args.new_tokens)
+      config = config.replace(remat_policy="none")  # generation never rematerialises
+    else:
+      target = aot.get_target(args.target)
   except (ValueError, OSError) as e:
     print(f"qwen2-jax compile: {e}", file=sys.stderr)
     return 1
   rules_name = os.path.basename(str(args.rules))
-  common = dict(target=args.target, hbm_margin=args.hbm_margin)
+  common = dict(target=target, hbm_margin=args.hbm_margin)
   probes = []
   if args.search_batch:
     log = sys.stderr if args.json else sys.stdout  # with --json, stdout is only the report
@@ -130,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     report = aot.plan(config, topology, mesh_config, rules, args.batch, args.seq_len,
                       rules_name=rules_name, with_cost=not args.no_cost, **common)
   report["model"]["name"] = args.preset or args.config
+  if args.target in ("prefill", "decode"):
+    report["new_tokens"] = args.new_tokens
+    report["cache_slots"] = args.seq_len + args.new_tokens
   if args.json:
     print(json.dumps(report, indent=2, sort_keys=True))
   else:
@@ -146,7 +159,10 @@ def format_report(r: dict) -> str:
       f"  mesh {mesh} | rules {r['rules']} | remat {model['remat_policy']} | attention "
       f"{model['attention_impl']} | params "
       f"{model['param_dtype']}, compute {model['dtype']}",
-      f"  batch {r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens per step",
+      f"  batch {r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens per step"
+      if r["target"] != "decode" else
+      f"  batch {r['batch_size']}, one token per row per step, cache of {r['cache_slots']:,} "
+      f"slots ({r['seq_len']:,} prompt + {r['new_tokens']:,} new)",
   ]
   hbm = topo["hbm_bytes_per_chip"] / _GIB
   if mem is None:
@@ -165,7 +181,8 @@ def format_report(r: dict) -> str:
     lines.append(f"  WARNING: large params replicated on every device: {big}")
   flops = r["flops_per_device"]
   if "xla" in flops:
-    lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic 6*N*tokens + "
+    factor = 6 if r["target"] == "train" else 2
+    lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic {factor}*N*tokens + "
                  f"attention {flops['analytic_model']:.3e} (XLA/analytic "
                  f"{flops['xla'] / flops['analytic_model']:.2f})")
   if "estimate" in r:
