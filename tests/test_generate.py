@@ -68,6 +68,22 @@ def test_greedy_equals_transformers_generate_mixed_lengths(tmp_path, tied):
     assert r.finish_reason == "length"
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "pallas"])
+def test_moe_greedy_equals_transformers_generate(tmp_path, impl):
+  """Qwen2-MoE (shared expert, top-2 of 6, a dense layer via mlp_only_layers): greedy tokens
+  equal transformers' Qwen2MoeForCausalLM generate for a batch of mixed prompt lengths."""
+  from test_moe import make_hf_qwen2_moe  # pylint: disable=import-outside-toplevel
+  model = make_hf_qwen2_moe(tmp_path, seed=2, mlp_only_layers=[1])
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False, moe_impl=impl)
+  assert config.is_moe and config.moe_impl == impl
+  prompts = _prompts(config.vocab_size)
+  expected = _hf_greedy(model, prompts, 10)
+  results = Engine(config, params, eos_token_ids=()).generate(
+      prompts, SamplingParams(max_new_tokens=10))
+  for row, (r, e) in enumerate(zip(results, expected)):
+    assert r.output_ids == e, f"row {row} (prompt length {LENGTHS[row]})"
+
+
 @pytest.mark.parametrize("variant", ["scan", "unrolled_sliding_window", "yarn"])
 def test_cached_step_logits_equal_full_forward(variant):
   """Each cached step's logits equal `forward` over the whole sequence so far (per row)."""
