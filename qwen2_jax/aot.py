@@ -16,8 +16,10 @@ linearly to L layers (cost(L) = a + b * L). Loops the TPU compiler itself create
 matmuls over FSDP shards) are still counted once, so XLA's figure can be BELOW the analytic one
 on FSDP meshes; the roofline uses the larger of the two.
 
-Targets: "train" (forward, backward, optimizer update of `qwen2_jax.train.step`), "prefill" and
-"decode" (the generation engine's programs, `generation_target`: a [B, T] prompt batch into a
+Targets: "train" (forward, backward, optimizer update of `qwen2_jax.train.step`), "sft" (the
+same step with the SFT recipe's optimizer), "dpo" / "dpo_precomputed" (`dpo_target`: the batch
+counts preference pairs, 2 sequences each; reference params on the mesh, or reference log-probs
+in the batch), "prefill" and "decode" (the generation engine's programs, `generation_target`: a [B, T] prompt batch into a
 cache of T + new_tokens slots; one decode step against that cache). A `Target` is a function
 (config, mesh, rules, batch, seq_len) -> `jax.stages.Lowered` plus its analytic FLOPs per token.
 """
@@ -228,7 +230,39 @@ def generation_target(program: str, new_tokens: int = 128) -> Target:
   raise ValueError(f"unknown generation program {program!r}")
 
 
+def _lower_sft(config: Qwen2Config, mesh, rules, batch_size: int, seq_len: int):
+  """SFT is the pretraining step on assistant-token masks, with the SFT recipe's AdamW."""
+  from qwen2_jax.train import step as train_lib  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.train.optim import (OptimConfig,  # pylint: disable=import-outside-toplevel
+                                     make_optimizer)
+  optimizer = make_optimizer(OptimConfig(learning_rate=7e-6, min_learning_rate=7e-7))
+  state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
+  batch = train_lib.abstract_batch(batch_size, seq_len, mesh, rules)
+  return train_lib.make_train_step(config, optimizer, mesh, rules).lower(state, batch)
+
+
+def dpo_target(reference: str) -> Target:
+  """The DPO step (`qwen2_jax.train.dpo`) on `batch` preference pairs = 2 x batch sequences:
+  policy forward + backward, and the frozen reference's forward with its params as a second,
+  undonated input ("on_the_fly") or reference log-probs in the batch ("precomputed")."""
+  def lower(config, mesh, rules, batch_size, seq_len):
+    from qwen2_jax.train import dpo, step as train_lib  # pylint: disable=import-outside-toplevel
+    optimizer = optax.adamw(1e-6)
+    precomputed = reference == "precomputed"
+    state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
+    batch = dpo.abstract_batch(batch_size, seq_len, mesh, rules, precomputed=precomputed)
+    step = dpo.make_dpo_step(config, optimizer, mesh, rules, beta=0.1, reference=reference)
+    return step.lower(state, batch) if precomputed else step.lower(state, state.params, batch)
+  factor = 1.0 if reference == "precomputed" else 4.0 / 3.0  # + a forward (2N) per token
+  name = "dpo" if reference == "on_the_fly" else "dpo_precomputed"
+  return Target(name, lower, lambda config, seq_len: factor * train_flops_per_token(config,
+                                                                                    seq_len),
+                tokens_per_step=lambda batch, seq_len: 2 * batch * seq_len)
+
+
 TARGETS = {"train": Target("train", _lower_train, train_flops_per_token),
+           "sft": Target("sft", _lower_sft, train_flops_per_token),
+           "dpo": dpo_target("on_the_fly"), "dpo_precomputed": dpo_target("precomputed"),
            "prefill": generation_target("prefill"), "decode": generation_target("decode")}
 
 
@@ -364,7 +398,9 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
       "model": {"params": num_params(config), "layers": config.num_hidden_layers,
                 "param_dtype": config.param_dtype, "dtype": config.dtype,
                 "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
-                "attention_impl": config.attention_impl},
+                "attention_impl": config.attention_impl,
+                "dual_chunk_attention": None if config.dual_chunk_attention_config is None
+                else dict(config.dual_chunk_attention_config)},
       "topology": {"name": topology.name, "generation": topology.chip.generation,
                    "chips": topology.num_chips, "num_slices": topology.num_slices,
                    "hbm_bytes_per_chip": topology.chip.hbm_bytes,

@@ -137,6 +137,8 @@ class Qwen2Config:
                            ("moe_impl", MOE_IMPLS)):
       if getattr(self, field) not in allowed:
         fail(field, f"{getattr(self, field)!r} is not one of {allowed}")
+    if self.dual_chunk_attention_config is not None:
+      self._check_dual_chunk(fail)
     if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
       fail("moe_capacity_factor", f"must be None (dropless) or > 0, got {self.moe_capacity_factor}")
     if self.logits_dtype is not None and self.logits_dtype not in _DTYPES:
@@ -152,6 +154,24 @@ class Qwen2Config:
 
   def __hash__(self):
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+  def _check_dual_chunk(self, fail) -> None:
+    dca = self.dual_chunk_attention_config
+    if not isinstance(dca, Mapping):
+      fail("dual_chunk_attention_config", f"must be a mapping, got {type(dca).__name__}")
+    chunk, local = dca.get("chunk_size"), dca.get("local_size")
+    original = dca.get("original_max_position_embeddings", 0) or 0
+    if not (isinstance(chunk, int) and isinstance(local, int) and 0 <= local < chunk):
+      fail("dual_chunk_attention_config", "needs integers chunk_size > local_size >= 0, got "
+           f"chunk_size={chunk!r}, local_size={local!r}")
+    if not (isinstance(original, int) and original >= 0):
+      fail("dual_chunk_attention_config", "original_max_position_embeddings must be an "
+           f"integer >= 0, got {original!r}")
+    if self.rope_type != "default":
+      fail("dual_chunk_attention_config", f"DCA uses plain RoPE; rope_scaling "
+           f"({self.rope_type}) cannot be combined with it (see enable_dual_chunk_attention)")
+    if self.use_sliding_window:
+      fail("dual_chunk_attention_config", "cannot be combined with use_sliding_window")
 
   # ----- derived quantities -----
   @property
@@ -170,6 +190,16 @@ class Qwen2Config:
 
   def uses_sliding_window(self, i: int) -> bool:
     return bool(self.use_sliding_window) and i >= self.max_window_layers
+
+  @property
+  def dual_chunk(self) -> tuple[int, int, int] | None:
+    """(chunk_size C, local_size w, original_max_position_embeddings or 0) when Dual Chunk
+    Attention is on (a `dual_chunk_attention_config` is set), else None."""
+    dca = self.dual_chunk_attention_config
+    if dca is None:
+      return None
+    return (dca["chunk_size"], dca["local_size"],
+            dca.get("original_max_position_embeddings", 0) or 0)
 
   @property
   def rope_type(self) -> str:
@@ -312,6 +342,30 @@ class Qwen2Config:
     with open(os.path.join(directory, "config.json"), "w") as f:
       json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
       f.write("\n")
+
+
+def enable_dual_chunk_attention(config: Qwen2Config, *, chunk_size: int | None = None,
+                                local_size: int | None = None,
+                                original_max_position_embeddings: int | None = None
+                                ) -> Qwen2Config:
+  """`config` with Dual Chunk Attention on (shared/reference/qwen2.md section 6).
+
+  Defaults are ChunkLlama's, from the pretraining length L0 (`original_max_position_embeddings`
+  if given, else the YaRN setting's, else min(max_position_embeddings, 32768), Qwen2's
+  pretraining context): chunk_size = 3/4 L0, local_size = L0 / 16; the logit scale of long
+  inputs uses L0 too. DCA rotates with plain RoPE, so `rope_scaling` is dropped (YaRN and DCA
+  are alternatives here). A config that already has a DCA setting keeps the values not given.
+  """
+  old = dict(config.dual_chunk_attention_config or {})
+  base = original_max_position_embeddings or old.get("original_max_position_embeddings") or (
+      (config.rope_scaling or {}).get("original_max_position_embeddings")
+      or min(config.max_position_embeddings, 32768))
+  dca = {**old,
+         "chunk_size": int(chunk_size or old.get("chunk_size") or base * 3 // 4),
+         "local_size": int(local_size if local_size is not None
+                           else old.get("local_size", base // 16)),
+         "original_max_position_embeddings": int(base)}
+  return config.replace(dual_chunk_attention_config=dca, rope_scaling=None)
 
 
 class _FrozenDict(dict):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from qwen2_jax import attention as attn_lib
+from qwen2_jax import dca as dca_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
 from qwen2_jax.layers import weight_init
@@ -81,9 +82,17 @@ class Qwen2Attention(nn.Module):
     q = jnp.einsum("BTH,HND->BTND", x, wq) + bq  # [B, T, N, D]
     k = jnp.einsum("BTH,HKD->BTKD", x, wk) + bk  # [B, T, K, D]
     v = jnp.einsum("BTH,HKD->BTKD", x, wv) + bv  # [B, T, K, D]
+    v = checkpoint_name(nn.with_logical_constraint(v, BTKD), "value_proj")
+    if cfg.dual_chunk is not None:  # cos / sin [4, B, T, D]: keys, then three query rotations
+      k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos[0], sin[0]), BTKD),
+                          "key_proj")
+      qs = tuple(checkpoint_name(nn.with_logical_constraint(apply_rope(q, cos[i], sin[i]), BTND),
+                                 "query_proj") for i in (1, 2, 3))
+      out = self._dual_chunk(qs, k, v, q_index, segment_ids, cache)
+      out = jnp.einsum("BTND,NDH->BTH", nn.with_logical_constraint(out, BTND), wo)
+      return out if cache is None else (out, (k, v))
     q = checkpoint_name(nn.with_logical_constraint(apply_rope(q, cos, sin), BTND), "query_proj")
     k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos, sin), BTKD), "key_proj")
-    v = checkpoint_name(nn.with_logical_constraint(v, BTKD), "value_proj")
 
     if cache is None:
       out = attn_lib.causal_self_attention(q, k, v, q_index, segment_ids, impl=cfg.attention_impl,
@@ -95,6 +104,17 @@ class Qwen2Attention(nn.Module):
     out = nn.with_logical_constraint(out, BTND)
     out = jnp.einsum("BTND,NDH->BTH", out, wo)
     return out if cache is None else (out, (k, v))
+
+  def _dual_chunk(self, qs, k, v, q_index, segment_ids, cache):
+    """Dual Chunk Attention (`qwen2_jax.dca`) of the three rotated queries."""
+    cfg = self.config
+    if segment_ids is not None:
+      raise ValueError("dual_chunk_attention_config does not support packed rows (segment_ids)")
+    common = dict(impl=cfg.attention_impl, chunk_len=dca_lib.chunk_length(cfg),
+                  scale=cfg.head_size ** -0.5)
+    if cache is None:
+      return dca_lib.dual_chunk_self_attention(qs, k, v, **common)
+    return dca_lib.cached_dual_chunk_attention(qs, k, v, *cache[:2], q_index, cache[2], **common)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -167,6 +187,8 @@ class Qwen2ForCausalLM(nn.Module):
     cache.lengths[b] + 0..T-1, attending to the valid cache slots and causally to each other;
     returns (logits, (k, v)) with the new keys / values [L, B, T, K, D]. `logits_index` [B, T']
     picks the positions whose logits are computed (e.g. each row's last prompt token).
+    With Dual Chunk Attention (`config.dual_chunk_attention_config`) the RoPE positions are the
+    token indices (`qwen2_jax.dca`) and `positions` is not used.
     """
     cfg = self.config
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
@@ -176,8 +198,6 @@ class Qwen2ForCausalLM(nn.Module):
                                                                  ("vocab", "embed")),
                      name="embed_tokens")
     x = nn.with_logical_constraint(embed(input_ids), BTH)  # [B, T, H]
-    inv_freq, attention_factor = rope_inv_freq(cfg)
-    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, dt)  # [B, T, D]
     q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cache_kv = cache_valid = None
     if cache is not None:
@@ -187,6 +207,11 @@ class Qwen2ForCausalLM(nn.Module):
       S = cache.k.shape[2]
       cache_valid = jnp.arange(S, dtype=jnp.int32)[None, :] < cache.lengths[:, None]  # [B, S]
       cache_kv = (cache.k, cache.v)
+    if cfg.dual_chunk is not None:  # DCA rotates by token index: [4, B, T, D] tables
+      cos, sin = dca_lib.rope_tables(cfg, q_index, dt)
+    else:
+      inv_freq, attention_factor = rope_inv_freq(cfg)
+      cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, dt)  # [B, T, D]
 
     layer_cls = Qwen2DecoderLayer
     windows = layer_windows(cfg)

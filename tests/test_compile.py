@@ -132,3 +132,22 @@ def test_compile_generation_programs(capsys):
   assert decode["memory_per_device"]["alias_bytes"] >= 256 * slot_bytes  # cache updated in place
   for r in (prefill, decode):
     assert 0.5 < r["flops_per_device"]["xla"] / r["flops_per_device"]["analytic_model"] < 3
+
+
+@needs_libtpu
+def test_compile_sft_and_dpo_steps(capsys):
+  """`--job sft|dpo|dpo_precomputed` compile the post-training steps of the tiny model for
+  v5e:2x2; a DPO batch counts pairs (2 sequences each), and holding the reference params on
+  the mesh (dpo) costs more argument memory than precomputed reference log-probs."""
+  reports = {}
+  for job in ("sft", "dpo", "dpo_precomputed"):
+    code = compile_cmd.main(["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--batch", "4",
+                             "--seq-len", "64", "--job", job, "--no-cost", "--json"])
+    reports[job] = json.loads(capsys.readouterr().out)
+    assert code == 0 and reports[job]["fits"] and reports[job]["target"] == job
+    assert reports[job]["memory_per_device"]["alias_bytes"] > 0  # the policy state is donated
+  assert reports["sft"]["tokens_per_step"] == 4 * 64
+  assert reports["dpo"]["tokens_per_step"] == reports["dpo_precomputed"]["tokens_per_step"] \
+      == 2 * 4 * 64
+  args = {job: r["memory_per_device"]["argument_bytes"] for job, r in reports.items()}
+  assert args["dpo"] > args["dpo_precomputed"]

@@ -11,29 +11,24 @@ diverging.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
-import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from qwen2_jax import sharding
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.presets import get_preset
-from qwen2_jax.train import checkpointing, data as data_lib, metrics as metrics_lib, step as step_lib
+from qwen2_jax.train import checkpointing, data as data_lib, loop, metrics as metrics_lib
+from qwen2_jax.train import step as step_lib
+from qwen2_jax.train.loop import NONFINITE_MODES, NonFiniteError  # noqa: F401  (re-exported)
 from qwen2_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
-
-NONFINITE_MODES = ("skip", "abort")
 
 
 class PretrainConfigError(ValueError):
   """A run configuration value is invalid; the message names the field."""
-
-
-class NonFiniteError(FloatingPointError):
-  """The loss or gradient was not finite and `nonfinite: abort` was set."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,47 +137,17 @@ def load_config(path: str, overrides: list[str] = ()) -> PretrainConfig:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _initial_params(cfg: PretrainConfig, mesh, rules):
-  """Weights to start from (`init_from`), placed in their shardings; None for a fresh init."""
-  if cfg.init_from is None:
-    return None
-  from qwen2_jax.checkpoint import hf, orbax_io
-
-  shardings = sharding.param_shardings(cfg.model, mesh, rules)
-  if os.path.isdir(os.path.join(cfg.init_from, orbax_io.PARAMS_DIR)):
-    _, params = orbax_io.restore_orbax(cfg.init_from, shardings=shardings,
-                                       dtype=cfg.model.param_dtype)
-  else:
-    _, params = hf.load_hf_checkpoint(cfg.init_from, dtype=cfg.model.param_dtype,
-                                      show_progress=cfg.progress)
-    params = jax.device_put(params, shardings)
-  return params
-
-
-def _host_params(params):
-  """Params as host numpy on process 0 (gathered across processes when needed)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(params, tiled=True)
-  return params
-
-
 def evaluate(cfg: PretrainConfig, eval_step, state, tokenizer, mesh, rules) -> dict[str, float]:
   """Mean loss and perplexity over up to `eval_batches` batches of the held-out documents."""
   ds = data_lib.build_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
                               process_count=jax.process_count(), eval_split=True)
-  total, tokens = 0.0, 0.0
-  for i, batch in enumerate(ds):
-    if i >= cfg.eval_batches:
-      break
-    if batch["input_ids"].shape[0] * jax.process_count() != cfg.data.batch_size:
-      break  # a short final batch would need its own compilation
-    out = eval_step(state.params, sharding.host_local_batch(batch, mesh, rules))
-    total += float(out["loss_sum"])
-    tokens += float(out["tokens"])
-  loss = total / max(tokens, 1.0)
-  return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
-          "eval/tokens": tokens}
+  # A short final batch would need its own compilation: stop before it.
+  full = itertools.takewhile(
+      lambda b: b["input_ids"].shape[0] * jax.process_count() == cfg.data.batch_size, ds)
+  sums = loop.sum_eval_outputs(
+      lambda b: eval_step(state.params, sharding.host_local_batch(b, mesh, rules)), full,
+      cfg.eval_batches)
+  return loop.lm_eval_result(sums)
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -212,97 +177,41 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
   latest = ckpt.latest_step()
   if latest is not None:
     abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
-    state, data_state, rng, meta = ckpt.restore(latest, abstract, fingerprint=fingerprint)
+    state, data_state, rng, _ = ckpt.restore(latest, abstract, fingerprint=fingerprint)
     iterator.set_state(data_lib.iterator_state_from_json(data_state["iterator"]))
     start = latest
   else:
     rng = jax.random.key(cfg.seed)
     rng, init_rng = jax.random.split(rng)
+    params = loop.load_initial_params(cfg.model, cfg.init_from, mesh, rules,
+                                      progress=cfg.progress)
     state = step_lib.init_train_state_sharded(cfg.model, optimizer, init_rng, mesh, rules,
-                                              params=_initial_params(cfg, mesh, rules))
+                                              params=params)
+    del params
     start = 0
   train_step = step_lib.make_train_step(cfg.model, optimizer, mesh, rules,
                                         accum_steps=cfg.accum_steps, z_loss=cfg.z_loss)
-  eval_step = step_lib.make_eval_step(cfg.model, mesh, rules) if cfg.eval_every else None
+  evaluate_fn = None
+  if cfg.eval_every:
+    eval_step = step_lib.make_eval_step(cfg.model, mesh, rules)
+    evaluate_fn = lambda s: evaluate(cfg, eval_step, s, tokenizer, mesh, rules)
 
-  is_main = jax.process_index() == 0
-  log = metrics_lib.JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl")) if is_main else None
-  tb = metrics_lib.TensorBoardWriter(os.path.join(cfg.output_dir, "tensorboard")) if is_main else None
-  peak = cfg.peak_flops or metrics_lib.peak_flops_for_devices(jax.devices())
-  flops_per_token = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len)
-  guard = checkpointing.PreemptionGuard()
-  bar = metrics_lib.Progress(cfg.steps, start, enabled=cfg.progress and is_main)
-  window_start, window_tokens, first_loss, last = time.perf_counter(), 0.0, None, {}
-  stopped = None
-
-  def save(step_number, force=False):
-    ckpt.save(step_number, state, {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
-              rng=rng, fingerprint=fingerprint, force=force)
-
+  run = loop.RunLog(cfg, ckpt, steps=cfg.steps, start=start)
   try:
-    for step in range(start, cfg.steps):
-      batch = sharding.host_local_batch(next(iterator), mesh, rules)
-      rng, _ = jax.random.split(rng)  # a per-step key, kept in checkpoints for future dropout
-      state, out = train_step(state, batch)
-      step_number = step + 1
-      must_log = step_number % cfg.log_every == 0 or step_number == cfg.steps
-      if cfg.nonfinite == "abort" or must_log:
-        host = step_lib.metrics_to_host(out)
-        if cfg.nonfinite == "abort" and not host["finite"]:
-          raise NonFiniteError(f"step {step_number}: loss={host['loss']} grad_norm="
-                               f"{host['grad_norm']} (nonfinite: abort; the update was not applied)")
-      window_tokens += cfg.data.batch_size * cfg.data.seq_len
-      if must_log:
-        elapsed = time.perf_counter() - window_start
-        tokens_per_s = window_tokens / elapsed
-        record = {"step": step_number, "loss": host["loss"], "grad_norm": host["grad_norm"],
-                  "lr": float(schedule(max(step_number - int(state.skipped) - 1, 0))),
-                  "skipped": int(state.skipped),
-                  "tokens_per_s": tokens_per_s,
-                  "mfu": (flops_per_token * tokens_per_s / (peak * jax.device_count())
-                          if peak else None)}
-        first_loss = host["loss"] if first_loss is None else first_loss
-        last = record
-        window_start, window_tokens = time.perf_counter(), 0.0
-        if is_main:
-          log.write(record)
-          tb.scalars(step_number, {f"train/{k}": v for k, v in record.items()
-                                   if k != "step" and v is not None})
-        bar.update(step_number, record)
-      if eval_step is not None and step_number % cfg.eval_every == 0:
-        result = evaluate(cfg, eval_step, state, tokenizer, mesh, rules)
-        if is_main:
-          log.write({"step": step_number, **result})
-          tb.scalars(step_number, result)
-        bar.note(f"step {step_number}: eval loss {result['eval/loss']:.4f} "
-                 f"ppl {result['eval/perplexity']:.2f}")
-      if guard.requested:
-        save(step_number, force=True)
-        ckpt.wait()
-        stopped = guard.requested
-        bar.note(f"{stopped}: saved step {step_number}, exiting")
-        break
-      if step_number % cfg.checkpoint_every == 0 or step_number == cfg.steps:
-        save(step_number)
-    ckpt.wait()
-    final_step = int(state.step)
-    summary = {"final_step": final_step, "first_logged_loss": first_loss,
-               "last": last, "skipped": int(state.skipped), "stopped_by": stopped,
+    result = loop.train_loop(
+        cfg, run, state=state, rng=rng, start=start, steps=cfg.steps,
+        next_batch=lambda: sharding.host_local_batch(next(iterator), mesh, rules),
+        train_step=train_step,
+        data_state=lambda: {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
+        schedule=schedule, fingerprint=fingerprint,
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        flops_per_token=metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len),
+        evaluate=evaluate_fn)
+    state = result.state
+    summary = {"final_step": int(state.step),
+               "first_logged_loss": result.first["loss"] if result.first else None,
+               "last": result.last, "skipped": int(state.skipped), "stopped_by": result.stopped,
                "checkpoints": ckpt.all_steps()}
-    if cfg.export_hf and stopped is None and final_step == cfg.steps:
-      from qwen2_jax.checkpoint.hf import save_hf_checkpoint
-      params = _host_params(state.params)
-      if is_main:
-        save_hf_checkpoint(os.path.join(cfg.output_dir, "hf"), cfg.model, params,
-                           overwrite=True, show_progress=cfg.progress)
-        summary["hf_export"] = os.path.join(cfg.output_dir, "hf")
-    if is_main:
-      log.write({"summary": summary})
-    return summary
+    return loop.finish(cfg, run, result, cfg.steps, summary)
   finally:
-    bar.close()
-    guard.restore()
-    ckpt.close()
-    if log is not None:
-      log.close()
-      tb.close()
+    run.close()

@@ -12,8 +12,8 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "compile", "generate", "bench",
-               "upcycle")
+SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "sft", "dpo", "compile", "generate",
+               "bench", "upcycle", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

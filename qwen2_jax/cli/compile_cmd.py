@@ -6,6 +6,9 @@ nothing is allocated. Examples:
   qwen2-jax compile --preset qwen2-7b --topology v5p-8 --batch 16 --seq-len 4096 --remat full
   qwen2-jax compile --preset qwen2-72b --topology v6e-256 --mesh fsdp=-1,sequence=4 \\
       --search-batch --json
+  qwen2-jax compile --preset qwen2-7b --topology v5p-8 --job dpo --batch 8 --seq-len 4096
+  qwen2-jax compile --preset qwen2-7b --topology v5p:1x1x1 --target prefill --batch 1 \\
+      --seq-len 131072 --param-dtype bfloat16 --attention-impl pallas --dca --no-cost
 
 Exit status: 0 when the step fits (with --search-batch: when some batch fits), 2 when it does
 not, 1 on errors.
@@ -32,8 +35,11 @@ def register(subparsers) -> None:
   p.add_argument("--topology", required=True,
                  help="TPU topology: v5e-8, v5p-128, v6e-256, v4-32 or explicit v5p:4x4x4")
   p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
-  p.add_argument("--target", default="train",
+  p.add_argument("--target", "--job", dest="target", default="train",
                  help="what to compile: train (forward, backward, optimizer update; default), "
+                      "sft (the same step, SFT optimizer), dpo (policy + frozen reference "
+                      "params on the mesh; --batch counts preference pairs, 2 sequences each), "
+                      "dpo_precomputed (DPO with reference log-probs in the batch), "
                       "prefill (a [batch, seq-len] prompt batch into the KV cache) or decode "
                       "(one generation step against a cache of seq-len + new-tokens slots)")
   p.add_argument("--new-tokens", type=int, default=128,
@@ -54,6 +60,11 @@ def register(subparsers) -> None:
                  help="remat policy: none, full, dots, dots_with_no_batch_dims, save_qkv_proj")
   p.add_argument("--attention-impl", default=None,
                  help="xla or pallas (flash attention kernel); default: the model config's")
+  p.add_argument("--dca", action="store_true",
+                 help="Dual Chunk Attention with ChunkLlama defaults (chunk 3/4, local 1/16 of "
+                      "the pretraining length, 32768 for Qwen2); keeps a config's own DCA values")
+  p.add_argument("--dca-chunk-size", type=int, default=None, help="DCA chunk_size (implies --dca)")
+  p.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (implies --dca)")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
   p.add_argument("--param-dtype", default="float32", help="param / optimizer dtype (float32)")
   p.add_argument("--moe-impl", default=None, choices=("dense", "ragged_dot", "pallas"),
@@ -71,7 +82,8 @@ def register(subparsers) -> None:
 
 def _model_config(args):
   from qwen2_jax import presets  # pylint: disable=import-outside-toplevel
-  from qwen2_jax.config import Qwen2Config  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.config import (Qwen2Config,  # pylint: disable=import-outside-toplevel
+                                enable_dual_chunk_attention)
   overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
   if args.attention_impl:
     overrides["attention_impl"] = args.attention_impl
@@ -80,8 +92,13 @@ def _model_config(args):
   if args.capacity_factor is not None:
     overrides["moe_capacity_factor"] = args.capacity_factor
   if args.preset:
-    return presets.get_preset(args.preset, **overrides)
-  return Qwen2Config.from_hf(args.config, **overrides)
+    config = presets.get_preset(args.preset, **overrides)
+  else:
+    config = Qwen2Config.from_hf(args.config, **overrides)
+  if args.dca or args.dca_chunk_size or args.dca_local_size is not None:
+    config = enable_dual_chunk_attention(config, chunk_size=args.dca_chunk_size,
+                                         local_size=args.dca_local_size)
+  return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
   return 0 if report["fits"] else 2
 
 
+def _dca_text(model: dict) -> str:
+  dca = model.get("dual_chunk_attention")
+  return "" if not dca else f" + DCA (chunk {dca['chunk_size']}, local {dca['local_size']})"
+
+
 def format_report(r: dict) -> str:
   """The human-readable form of an `aot.plan` report."""
   topo, mem, model = r["topology"], r["memory_per_device"], r["model"]
@@ -157,8 +179,10 @@ def format_report(r: dict) -> str:
   lines = [
       f"{model.get('name', '')}: {r['target']} step on {topo['name']}, {topo['chips']} chips",
       f"  mesh {mesh} | rules {r['rules']} | remat {model['remat_policy']} | attention "
-      f"{model['attention_impl']} | params "
+      f"{model['attention_impl']}{_dca_text(model)} | params "
       f"{model['param_dtype']}, compute {model['dtype']}",
+      f"  batch {r['batch_size']} pairs (x2 sequences) x {r['seq_len']} = "
+      f"{r['tokens_per_step']:,} tokens per step" if r["target"].startswith("dpo") else
       f"  batch {r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens per step"
       if r["target"] != "decode" else
       f"  batch {r['batch_size']}, one token per row per step, cache of {r['cache_slots']:,} "
@@ -181,7 +205,7 @@ def format_report(r: dict) -> str:
     lines.append(f"  WARNING: large params replicated on every device: {big}")
   flops = r["flops_per_device"]
   if "xla" in flops:
-    factor = 6 if r["target"] == "train" else 2
+    factor = {"train": 6, "sft": 6, "dpo": 8, "dpo_precomputed": 6}.get(r["target"], 2)
     lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic {factor}*N*tokens + "
                  f"attention {flops['analytic_model']:.3e} (XLA/analytic "
                  f"{flops['xla'] / flops['analytic_model']:.2f})")
