@@ -327,6 +327,18 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
     FileNotFoundError: `path` does not exist, or a directory holds no tokenizer file.
     ValueError: the file is of an unknown kind or cannot be parsed.
   """
+  files = tokenizer_files(path)
+  if "tokenizer.json" in files:
+    return HFTokenizer(files["tokenizer.json"], files.get("tokenizer_config.json"))
+  return SentencePieceTokenizer(files["tokenizer.model"])
+
+
+def tokenizer_files(path: PathLike) -> dict[str, pathlib.Path]:
+  """The files `load_tokenizer(path)` reads, by the name they have in a model directory:
+  {"tokenizer.json": ..., ["tokenizer_config.json": ...]} or {"tokenizer.model": ...}.
+
+  Raises as `load_tokenizer` does for a missing path or an unknown kind of file.
+  """
   p = pathlib.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"no tokenizer at {p}: the path does not exist")
@@ -341,11 +353,24 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
   if p.suffix == ".json":
     config = p.parent / "tokenizer_config.json"
     use_config = p.name == "tokenizer.json" and config.is_file()
-    return HFTokenizer(p, config if use_config else None)
+    return {"tokenizer.json": p, **({"tokenizer_config.json": config} if use_config else {})}
   if p.suffix == ".model":
-    return SentencePieceTokenizer(p)
+    return {"tokenizer.model": p}
   raise ValueError(f"unrecognised tokenizer file {p}: expected a tokenizer.json or a "
                    "SentencePiece .model file")
+
+
+def copy_tokenizer_files(path: PathLike, model_dir: PathLike) -> list[str]:
+  """Copies the tokenizer at `path` into `model_dir` under the names `load_tokenizer(model_dir)`
+  (and so `qwen2-jax generate MODEL`) looks for; returns the names written."""
+  import shutil
+
+  files = tokenizer_files(path)
+  for name, src in files.items():
+    dst = pathlib.Path(model_dir) / name
+    if src.resolve() != dst.resolve():
+      shutil.copyfile(src, dst)
+  return sorted(files)
 
 
 def _validate_messages(messages: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:

@@ -17,7 +17,8 @@ from qwen2_jax.tokenizer import IM_END, load_tokenizer
 from qwen2_jax.train import chat_data, dpo
 from qwen2_jax.train import step as step_lib
 from qwen2_jax.train.optim import make_optimizer
-from test_sft import WORDS, assert_bitwise_equal, final_state, logged, run_cli, write_jsonl
+from run_helpers import (WORDS, assert_bitwise_equal, final_state, logged, run_cli,
+                         with_overrides, write_jsonl)
 
 
 def preferences(n: int, seed: int = 0) -> list[dict]:
@@ -51,13 +52,7 @@ def dpo_config(sp_model_path, data_path, out, **overrides) -> dict:
        "optim": {"learning_rate": 1e-3, "min_learning_rate": 1e-4, "warmup_steps": 0},
        "mesh": {"fsdp": -1}, "log_every": 1, "checkpoint_every": 3, "progress": False,
        "export_hf": False, "beta": 0.1}
-  for key, value in overrides.items():
-    node = d
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return d
+  return with_overrides(d, overrides)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -219,8 +214,7 @@ def test_few_dpo_steps_raise_margin_and_reward_accuracy(sp_model_path, tmp_path)
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.get_rules(cfg.rules)
   ds = chat_data.PreferenceDataset(cfg.data, load(cfg.tokenizer))
   ref = np.load(tmp_path / "run" / dpo.REFERENCE_FILE)
-  _, state = final_state(dpo_config(sp_model_path, data, tmp_path / "run",
-                                    reference="precomputed"), dpo.config_from_dict, dpo_abstract)
+  _, state = final_state(cfg.output_dir, cfg, dpo_abstract)
   policy = dpo.precompute_reference(cfg.model, state.params, ds, mesh, rules, progress=False)
   margin = (policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])
   assert margin.mean() > 1.0 and (margin > 0).mean() > 0.9
@@ -233,16 +227,50 @@ def dpo_abstract(cfg, mesh, rules):
 
 
 def test_precomputed_reference_equals_on_the_fly(sp_model_path, tmp_path):
-  """The two reference modes give the same per-step losses and metrics."""
-  data = write_jsonl(tmp_path / "p.jsonl", preferences(12))
+  """The two reference modes give the same per-step losses and metrics, and the same held-out
+  evaluation (every 4th pair held out, evaluated every 2 steps)."""
+  data = write_jsonl(tmp_path / "p.jsonl", preferences(16))
+  keys = ("loss", "rewards_margin", "eval/loss", "eval/rewards_margin", "eval/reward_accuracy")
   results = {}
   for mode in dpo.REFERENCE_MODES:
     dpo.dpo(dpo.config_from_dict(dpo_config(sp_model_path, data, tmp_path / mode,
-                                            reference=mode)))
-    results[mode] = [logged(tmp_path / mode, k) for k in ("loss", "rewards_margin")]
+                                            reference=mode, eval_every=2,
+                                            **{"data.eval_every_nth_example": 4})))
+    results[mode] = [logged(tmp_path / mode, k) for k in keys]
+  assert sorted(results["precomputed"][2]) == [2]  # 12 training pairs: 3 steps, eval at 2
   for a, b in zip(results["on_the_fly"], results["precomputed"]):
     assert a.keys() == b.keys()
     np.testing.assert_allclose([a[k] for k in a], [b[k] for k in b], rtol=1e-5, atol=1e-6)
+
+
+def test_held_out_pairs_are_evaluated_and_never_trained(sp_model_path, tmp_path):
+  """eval_every_nth_example=3 holds out pairs 3, 6, ...: eval records (loss, reward accuracy,
+  margin, pairs) are finite and cover exactly those pairs, whose reference log-probs are
+  precomputed apart; replacing them by other pairs leaves every training loss unchanged."""
+  records = preferences(24)
+  other = [dict(r) for r in records]
+  for k in range(2, 24, 3):
+    other[k] = {"prompt": "say fish", "chosen": "fish fish", "rejected": "no fish"}
+  losses = {}
+  for name, data in (("a", records), ("b", other)):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", data)
+    summary = dpo.dpo(dpo.config_from_dict(dpo_config(
+        sp_model_path, path, tmp_path / name, reference="precomputed", eval_every=2,
+        **{"data.eval_every_nth_example": 3})))
+    assert summary["data"]["examples"] == 16 and summary["data"]["held_out"] == 8
+    assert summary["final_step"] == 4
+    losses[name] = logged(tmp_path / name)
+    evals = {k: logged(tmp_path / name, f"eval/{k}")
+             for k in ("loss", "reward_accuracy", "rewards_margin", "pairs")}
+    assert all(sorted(v) == [2, 4] for v in evals.values())
+    assert all(np.isfinite(x) for v in evals.values() for x in v.values())
+    assert evals["pairs"] == {2: 8, 4: 8}
+    assert 0 <= evals["reward_accuracy"][4] <= 1
+    losses[name + "_eval"] = evals["loss"]
+  assert np.load(tmp_path / "a" / dpo.REFERENCE_FILE).shape == (16, 2)
+  assert np.load(tmp_path / "a" / dpo.EVAL_REFERENCE_FILE).shape == (8, 2)
+  assert losses["a"] == losses["b"]
+  assert losses["a_eval"] != losses["b_eval"]
 
 
 def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
@@ -264,7 +292,8 @@ def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
   def abstract(cfg, mesh, rules):
     return (step_lib.abstract_train_state(cfg.model, make_optimizer(cfg.optim), mesh, rules),
             cfg.fingerprint(cfg.optim))
-  step_a, state_a = final_state(straight, dpo.config_from_dict, abstract)
-  step_b, state_b = final_state(dict(resumed, steps=6), dpo.config_from_dict, abstract)
+  step_a, state_a = final_state(straight["output_dir"], dpo.config_from_dict(straight), abstract)
+  step_b, state_b = final_state(resumed["output_dir"], dpo.config_from_dict(dict(resumed, steps=6)),
+                                abstract)
   assert step_a == step_b == 6
   assert_bitwise_equal(state_a, state_b)

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 import qwen2_jax as q
-from qwen2_jax import sharding
 from qwen2_jax.train import checkpointing
 from qwen2_jax.train import step as step_lib
 from qwen2_jax.train.optim import OptimConfig, make_optimizer
 from qwen2_jax.train.pretrain import NonFiniteError, config_from_dict, pretrain
+from run_helpers import assert_bitwise_equal, final_state, logged, with_overrides
 
 WORKER = os.path.join(os.path.dirname(__file__), "pretrain_worker.py")
 
@@ -54,23 +54,7 @@ def _config(corpus, out, **overrides):
       "mesh": {"fsdp": -1}, "checkpoint_every": 4, "log_every": 1, "progress": False,
       "export_hf": False,
   }
-  for key, value in overrides.items():
-    node = d
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return d
-
-
-def _losses(out) -> dict[int, float]:
-  losses = {}
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "loss" in record and "step" in record:
-        losses[record["step"]] = record["loss"]
-  return losses
+  return with_overrides(d, overrides)
 
 
 def _run_worker(config: dict, path, *extra, timeout=300):
@@ -82,22 +66,11 @@ def _run_worker(config: dict, path, *extra, timeout=300):
 
 
 def _final_state(out, config_dict):
-  """The TrainState of the latest checkpoint of a run directory."""
-  cfg = config_from_dict(config_dict)
-  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.get_rules(cfg.rules)
-  abstract = step_lib.abstract_train_state(cfg.model, make_optimizer(cfg.optim), mesh, rules)
-  ckpt = checkpointing.Checkpointer(os.path.join(out, "checkpoints"))
-  try:
-    step = ckpt.latest_step()
-    state, _, _, _ = ckpt.restore(step, abstract, fingerprint=cfg.fingerprint())
-    return step, jax.device_get(state)
-  finally:
-    ckpt.close()
-
-
-def _assert_trees_bitwise_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+  """(step, TrainState) of the latest checkpoint of a run directory."""
+  def abstract_for(cfg, mesh, rules):
+    return (step_lib.abstract_train_state(cfg.model, make_optimizer(cfg.optim), mesh, rules),
+            cfg.fingerprint())
+  return final_state(out, config_from_dict(config_dict), abstract_for)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +80,7 @@ def straight(corpus, tmp_path_factory):
   config = _config(corpus, out / "run")
   result = _run_worker(config, out / "cfg.json")
   assert result.returncode == 0, result.stderr[-3000:]
-  return config, str(out / "run"), _losses(out / "run")
+  return config, str(out / "run"), logged(out / "run")
 
 
 def test_loss_falls_well_below_its_start(corpus, tmp_path):
@@ -115,7 +88,7 @@ def test_loss_falls_well_below_its_start(corpus, tmp_path):
   config = config_from_dict(_config(corpus, tmp_path, steps=40, checkpoint_every=40,
                                     **{"optim.decay_steps": 40}))
   summary = pretrain(config)
-  losses = _losses(tmp_path)
+  losses = logged(tmp_path)
   assert summary["final_step"] == 40 and summary["skipped"] == 0
   assert losses[1] > 5.0  # ~ln(320) at init
   assert losses[40] < 0.5 * losses[1]
@@ -130,12 +103,12 @@ def test_resume_in_new_process_is_bit_exact(corpus, straight, tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   second = _run_worker(_config(corpus, out), tmp_path / "b.json")
   assert second.returncode == 0, second.stderr[-3000:]
-  losses = _losses(out)
+  losses = logged(out)
   assert [losses[s] for s in range(1, 9)] == [straight_losses[s] for s in range(1, 9)]
   step_a, state_a = _final_state(straight_out, config)
   step_b, state_b = _final_state(str(out), config)
   assert step_a == step_b == 8
-  _assert_trees_bitwise_equal(state_a, state_b)
+  assert_bitwise_equal(state_a, state_b)
 
 
 def test_kill_9_during_async_save_resumes_from_last_committed_step(corpus, straight, tmp_path):
@@ -154,7 +127,7 @@ def test_kill_9_during_async_save_resumes_from_last_committed_step(corpus, strai
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   summary = json.loads(resumed.stdout.split("SUMMARY ", 1)[1])
   assert summary["final_step"] == 8 and summary["checkpoints"][-1] == 8
-  assert _losses(out)[8] == straight_losses[8]
+  assert logged(out)[8] == straight_losses[8]
 
 
 def test_sigterm_commits_current_step_and_exits_cleanly(corpus, straight, tmp_path):
@@ -180,15 +153,15 @@ def test_sigterm_commits_current_step_and_exits_cleanly(corpus, straight, tmp_pa
   assert summary["checkpoints"] == [stopped_at]  # committed, though checkpoint_every is 100
   resumed = _run_worker(config, tmp_path / "b.json")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  losses = _losses(out)
+  losses = logged(out)
   assert [losses[s] for s in range(1, 9)] == [straight_losses[s] for s in range(1, 9)]
 
 
-def test_identical_runs_give_bitwise_equal_losses(corpus, straight, tmp_path):
+def test_identical_runs_give_bitwise_equallogged(corpus, straight, tmp_path):
   """Determinism: the same config in this process reproduces the worker's losses exactly."""
   _, _, straight_losses = straight
   pretrain(config_from_dict(_config(corpus, tmp_path)))
-  assert _losses(tmp_path) == straight_losses
+  assert logged(tmp_path) == straight_losses
 
 
 def test_resume_with_changed_settings_is_refused(corpus, straight, tmp_path):
@@ -219,7 +192,7 @@ def test_nonfinite_update_is_skipped_bitwise():
   after, metrics = step(good, poisoned)
   assert not bool(metrics["finite"])
   assert int(after.step) == 2 and int(after.skipped) == 1
-  _assert_trees_bitwise_equal((good.params, good.opt_state), (after.params, after.opt_state))
+  assert_bitwise_equal((good.params, good.opt_state), (after.params, after.opt_state))
 
 
 def test_nonfinite_abort_mode_stops_with_clear_error(corpus, tmp_path):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,16 +13,10 @@ import pytest
 
 import qwen2_jax as q
 from qwen2_jax.tokenizer import IM_END, load_tokenizer
-from qwen2_jax.train import chat_data, checkpointing, sft
+from qwen2_jax.train import chat_data, sft
 from qwen2_jax.train import step as step_lib
-
-WORDS = ["red", "blue", "green", "cat", "dog", "fish", "bird", "tree"]
-
-
-def write_jsonl(path, records) -> str:
-  path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-  return str(path)
-
+from run_helpers import (WORDS, assert_bitwise_equal, final_state, logged, run_cli,
+                         with_overrides, write_jsonl)
 
 def conversations(n: int, seed: int = 0) -> list[dict]:
   """Learnable chats: the assistant repeats the user's words; some are multi-turn."""
@@ -54,47 +46,7 @@ def run_config(sp_model_path, data_path, out, **overrides) -> dict:
        "optim": {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 0},
        "mesh": {"fsdp": -1}, "log_every": 1, "checkpoint_every": 3, "progress": False,
        "export_hf": False}
-  for key, value in overrides.items():
-    node = d
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return d
-
-
-def logged(out, key="loss") -> dict[int, float]:
-  values = {}
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "step" in record and key in record:
-        values[record["step"]] = record[key]
-  return values
-
-
-def run_cli(job: str, config: dict, path) -> subprocess.CompletedProcess:
-  """`python -m qwen2_jax JOB --config path` with as many fake CPU devices as this process."""
-  path.write_text(json.dumps(config))  # JSON is YAML
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(jax.device_count())}
-  return subprocess.run([sys.executable, "-m", "qwen2_jax", job, "--config", str(path)],
-                        capture_output=True, text=True, timeout=600, env=env)
-
-
-def final_state(config_dict, load, abstract_for):
-  """(step, host TrainState) of the latest checkpoint of a run."""
-  from qwen2_jax import sharding
-
-  cfg = load(config_dict)
-  ckpt = checkpointing.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"))
-  try:
-    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.get_rules(cfg.rules)
-    abstract, fingerprint = abstract_for(cfg, mesh, rules)
-    step = ckpt.latest_step()
-    state, _, _, _ = ckpt.restore(step, abstract, fingerprint=fingerprint)
-    return step, jax.device_get(state)
-  finally:
-    ckpt.close()
+  return with_overrides(d, overrides)
 
 
 def sft_abstract(cfg, mesh, rules):
@@ -103,11 +55,6 @@ def sft_abstract(cfg, mesh, rules):
   optim = cfg.optim  # the resume test turns auto_decay off, so the config's optim is the run's
   return (step_lib.abstract_train_state(cfg.model, make_optimizer(optim), mesh, rules),
           cfg.fingerprint(optim))
-
-
-def assert_bitwise_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 # ----------------------------------------------------------------------------- masking
@@ -252,10 +199,78 @@ def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   a, b = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
   assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
-  step_a, state_a = final_state(straight, sft.config_from_dict, sft_abstract)
-  step_b, state_b = final_state(dict(resumed, steps=6), sft.config_from_dict, sft_abstract)
+  step_a, state_a = final_state(straight["output_dir"], sft.config_from_dict(straight),
+                                sft_abstract)
+  step_b, state_b = final_state(resumed["output_dir"], sft.config_from_dict(dict(resumed, steps=6)),
+                                sft_abstract)
   assert step_a == step_b == 6
   assert_bitwise_equal(state_a, state_b)
+
+
+def test_held_out_conversations_are_evaluated_and_never_trained(sp_model_path, tmp_path):
+  """eval_every_nth_example=4 holds out conversations 4, 8, ...: eval records (assistant-token
+  loss, perplexity, tokens) appear every eval_every steps with finite values over exactly those
+  conversations, and replacing them by other chats changes the eval loss but not one bit of
+  the training losses."""
+  records = conversations(40)
+  other = [dict(r) for r in records]
+  for k in range(3, 40, 4):
+    other[k] = {"messages": [{"role": "user", "content": "say fish"},
+                             {"role": "assistant", "content": "fish fish fish fish"}]}
+  losses = {}
+  for name, data in (("a", records), ("b", other)):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", data)
+    cfg = run_config(sp_model_path, path, tmp_path / name, steps=4, eval_every=2,
+                     **{"data.eval_every_nth_example": 4})
+    summary = sft.sft(sft.config_from_dict(cfg))
+    assert summary["data"]["examples"] == 30 and summary["data"]["held_out"] == 10
+    losses[name] = logged(tmp_path / name)
+    eval_loss = logged(tmp_path / name, "eval/loss")
+    ppl = logged(tmp_path / name, "eval/perplexity")
+    assert sorted(eval_loss) == sorted(ppl) == [2, 4]
+    assert all(np.isfinite(v) and v > 0 for v in [*eval_loss.values(), *ppl.values()])
+    losses[name + "_eval"] = eval_loss
+  assert losses["a"] == losses["b"]
+  assert losses["a_eval"] != losses["b_eval"]
+
+  tok = load_tokenizer(sp_model_path)
+  data = chat_data.ChatDataConfig(paths=(str(tmp_path / "a.jsonl"),), seq_len=192,
+                                  batch_size=8, default_system=None, eval_every_nth_example=4)
+  ds = chat_data.SFTDataset(data, tok)
+  encode = lambda r: chat_data.encode_conversation(tok, r, "-", default_system=None)[0][1:]
+  held = [records[k] for k in range(3, 40, 4)]
+  assert [e[1].tolist() for e in ds.held_out.examples] == [encode(r).tolist() for r in held]
+  assert [e[1].tolist() for e in ds.examples] == [
+      encode(r).tolist() for k, r in enumerate(records) if k % 4 != 3]
+  expected_tokens = sum(e[2].sum() for e in ds.held_out.examples)
+  assert logged(tmp_path / "a", "eval/tokens")[2] == expected_tokens
+
+
+def test_hf_export_carries_the_tokenizer(sp_model_path, hf_tokenizer_dir, tmp_path):
+  """The HF export at the end of a run holds the run's SentencePiece model as tokenizer.model,
+  so `Generator.from_pretrained(output_dir/hf)` (what `qwen2-jax generate` calls) finds it with
+  no --tokenizer; an HF tokenizer.json (+ tokenizer_config.json) is copied the same way."""
+  from qwen2_jax.infer.api import Generator
+  from qwen2_jax.infer.sampling import SamplingParams
+  from qwen2_jax.tokenizer import copy_tokenizer_files
+
+  path = write_jsonl(tmp_path / "c.jsonl", conversations(16))
+  summary = sft.sft(sft.config_from_dict(run_config(sp_model_path, path, tmp_path / "run",
+                                                    steps=1, export_hf=True)))
+  hf_dir = tmp_path / "run" / "hf"
+  assert summary["hf_export"] == str(hf_dir)
+  assert (hf_dir / "tokenizer.model").read_bytes() == open(sp_model_path, "rb").read()
+  gen = Generator.from_pretrained(hf_dir, max_batch_size=1, max_context=32)
+  assert gen.tokenizer is not None
+  completion, = gen.complete(["red blue"], SamplingParams(max_new_tokens=2, ignore_eos=True))
+  assert completion.text is not None and len(completion.output_ids) == 2
+
+  out = tmp_path / "hf_model"
+  out.mkdir()
+  assert copy_tokenizer_files(hf_tokenizer_dir, out) == ["tokenizer.json",
+                                                         "tokenizer_config.json"]
+  text = "Hello 世界 12345"
+  assert load_tokenizer(out).encode(text) == load_tokenizer(hf_tokenizer_dir).encode(text)
 
 
 def test_post_training_recipes_parse():

@@ -20,6 +20,10 @@ rejected in row 2i + 1). An example longer than `seq_len` is never truncated: `t
 (default) skips it and counts it (`num_dropped`, reported in the run summary), `too_long:
 error` raises naming the line.
 
+Held out. With `eval_every_nth_example: n`, the n-th, 2n-th, ... example read (file order,
+counted before too-long examples are dropped) goes to `dataset.held_out` instead of training:
+one unshuffled epoch, batched and padded like training, for evaluation only.
+
 Batches. Each epoch has its own shuffle (seed, epoch); the final batch of an epoch is completed
 with all-padding rows (zero loss weight), so every example is seen once per epoch. The batch
 plan is computed identically on every process (all read every file) and process p takes rows
@@ -29,15 +33,15 @@ reproduces the remaining stream exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import glob
 import json
-import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from qwen2_jax.tokenizer import DEFAULT_SYSTEM, encode_chat_with_mask
+from qwen2_jax.train.data import glob_files
 
 TOO_LONG_MODES = ("drop", "error")
 PROMPT_ROLES = ("system", "user", "tool")
@@ -58,6 +62,7 @@ class ChatDataConfig:
   default_system: str | None = DEFAULT_SYSTEM  # ChatML default system prompt; None: none
   too_long: str = "drop"                  # example longer than seq_len: "drop" (counted) | "error"
   pack: bool = True                       # SFT: pack several conversations per row
+  eval_every_nth_example: int = 0         # >0: hold out every n-th example (file order) for eval
 
   def __post_init__(self):
     object.__setattr__(self, "paths", tuple([self.paths] if isinstance(self.paths, str)
@@ -68,6 +73,9 @@ class ChatDataConfig:
       if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
         raise ChatDataError(f"ChatDataConfig.{name}: must be a positive integer, "
                             f"got {getattr(self, name)!r}")
+    if not isinstance(self.eval_every_nth_example, int) or self.eval_every_nth_example < 0:
+      raise ChatDataError(f"ChatDataConfig.eval_every_nth_example: must be an integer >= 0, "
+                          f"got {self.eval_every_nth_example!r}")
     if self.too_long not in TOO_LONG_MODES:
       raise ChatDataError(f"ChatDataConfig.too_long: {self.too_long!r} is not one of "
                           f"{TOO_LONG_MODES}")
@@ -81,13 +89,7 @@ class ChatDataConfig:
     return cls(**d)
 
   def files(self) -> list[str]:
-    out = []
-    for pattern in self.paths:
-      matches = sorted(glob.glob(os.path.expandvars(os.path.expanduser(pattern)), recursive=True))
-      if not matches:
-        raise ChatDataError(f"ChatDataConfig.paths: {pattern!r} matches no file")
-      out.extend(m for m in matches if os.path.isfile(m))
-    return out
+    return glob_files(self.paths, ChatDataError, "ChatDataConfig.paths")
 
 
 def read_jsonl(files: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -205,13 +207,44 @@ def _empty_rows(n: int, seq_len: int) -> dict[str, np.ndarray]:
 
 
 class _EpochDataset:
-  """Shared batching: `_epoch_rows(epoch)` lists each row's examples; `_fill` writes a row."""
+  """Shared batching: `_epoch_rows(epoch)` lists each row's examples; `_fill` writes a row.
+
+  `held_out` is a dataset of the same kind over the examples held out for evaluation
+  (`eval_every_nth_example`; None when none are): one epoch in file order, never shuffled.
+  """
 
   config: ChatDataConfig
   examples: list[Any]
+  shuffle = True
+  held_out: "_EpochDataset | None" = None
 
   def __init__(self):
     self._plans: dict[int, list[list[int]]] = {}
+
+  def _is_held_out(self, k: int) -> bool:
+    """Whether the k-th example read (0-based, file order, before dropping) is held out."""
+    n = self.config.eval_every_nth_example
+    return n > 0 and k % n == n - 1
+
+  def _set_examples(self, examples: list[Any], held_out: list[Any], what: str) -> None:
+    if not examples:
+      raise ChatDataError(f"no usable {what} in {list(self.config.paths)} ({self.num_dropped} "
+                          f"longer than seq_len={self.config.seq_len}, {len(held_out)} held out)")
+    if self.config.eval_every_nth_example and not held_out:
+      raise ChatDataError(f"ChatDataConfig.eval_every_nth_example="
+                          f"{self.config.eval_every_nth_example} holds out none of the "
+                          f"{len(examples)} {what}")
+    self.examples = examples
+    self._index_examples()
+    if held_out:
+      ev = copy.copy(self)
+      ev.config = dataclasses.replace(self.config, num_epochs=1)
+      ev.shuffle, ev.held_out, ev._plans, ev.examples = False, None, {}, held_out
+      ev._index_examples()
+      self.held_out = ev
+
+  def _index_examples(self) -> None:
+    """Derived per-example data (SFT: lengths), after `examples` is set."""
 
   def _epoch_rows(self, epoch: int) -> list[list[int]]:
     raise NotImplementedError
@@ -225,6 +258,8 @@ class _EpochDataset:
     return self._plans[epoch]
 
   def order(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(len(self.examples))
     return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.examples))
 
   def batches_in_epoch(self, epoch: int) -> int:
@@ -299,18 +334,18 @@ class SFTDataset(_EpochDataset):
   def __init__(self, config: ChatDataConfig, tokenizer):
     super().__init__()
     self.config = config
-    self.examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    examples, held_out = [], []  # (inputs, targets, weights) per conversation
     self.num_dropped = 0
-    for where, record in read_jsonl(config.files()):
+    for k, (where, record) in enumerate(read_jsonl(config.files())):
       ids, mask = encode_conversation(tokenizer, record, where,
                                       default_system=config.default_system)
       if not _check_length(len(ids) - 1, config, where):
         self.num_dropped += 1
         continue
-      self.examples.append((ids[:-1], ids[1:], mask[1:]))
-    if not self.examples:
-      raise ChatDataError(f"no usable conversations in {list(config.paths)} "
-                          f"({self.num_dropped} longer than seq_len={config.seq_len})")
+      (held_out if self._is_held_out(k) else examples).append((ids[:-1], ids[1:], mask[1:]))
+    self._set_examples(examples, held_out, "conversations")
+
+  def _index_examples(self):
     self.lengths = [len(e[0]) for e in self.examples]
     self.num_trained_tokens = int(sum(e[2].sum() for e in self.examples))
 
@@ -340,17 +375,16 @@ class PreferenceDataset(_EpochDataset):
   def __init__(self, config: ChatDataConfig, tokenizer):
     super().__init__()
     self.config = config
-    self.examples: list[tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]] = []
+    examples, held_out = [], []  # ((inputs, targets, weights) chosen, ... rejected) per pair
     self.num_dropped = 0
-    for where, record in read_jsonl(config.files()):
+    for k, (where, record) in enumerate(read_jsonl(config.files())):
       pair = encode_preference(tokenizer, record, where, default_system=config.default_system)
       if not all(_check_length(len(ids) - 1, config, where) for ids, _ in pair):
         self.num_dropped += 1
         continue
-      self.examples.append(tuple((ids[:-1], ids[1:], mask[1:]) for ids, mask in pair))
-    if not self.examples:
-      raise ChatDataError(f"no usable preference pairs in {list(config.paths)} "
-                          f"({self.num_dropped} longer than seq_len={config.seq_len})")
+      pair = tuple((ids[:-1], ids[1:], mask[1:]) for ids, mask in pair)
+      (held_out if self._is_held_out(k) else examples).append(pair)
+    self._set_examples(examples, held_out, "preference pairs")
 
   def _rows_per_batch(self):
     return 2 * self.config.batch_size

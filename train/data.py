@@ -35,6 +35,18 @@ class DataConfigError(ValueError):
   """A data configuration value is invalid; the message names the field or file."""
 
 
+def glob_files(patterns: Sequence[str], error: type[Exception], field: str) -> list[str]:
+  """The files matching each pattern (`~`, `$VARS`, `**` expanded), sorted per pattern; a
+  pattern matching nothing raises `error` naming `field`."""
+  out = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(os.path.expandvars(os.path.expanduser(pattern)), recursive=True))
+    if not matches:
+      raise error(f"{field}: {pattern!r} matches no file")
+    out.extend(m for m in matches if os.path.isfile(m))
+  return out
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceConfig:
   """One corpus. `paths` are files or glob patterns (`~` and `$VARS` expanded; sorted)."""
@@ -55,13 +67,7 @@ class SourceConfig:
                                             else self.paths))
 
   def files(self) -> list[str]:
-    out = []
-    for pattern in self.paths:
-      matches = sorted(glob.glob(os.path.expandvars(os.path.expanduser(pattern)), recursive=True))
-      if not matches:
-        raise DataConfigError(f"SourceConfig.paths: {pattern!r} matches no file")
-      out.extend(m for m in matches if os.path.isfile(m))
-    return out
+    return glob_files(self.paths, DataConfigError, "SourceConfig.paths")
 
 
 # ----------------------------------------------------------------------------- document sources

@@ -14,12 +14,15 @@ reference params held on the mesh next to the policy (`reference: on_the_fly`: o
 forward per step, twice the param memory) or from the batch (`ref_logps` [2B, 1], computed once
 before training by `precompute_reference` and kept in `output_dir/reference_logps.npy`:
 `reference: precomputed`). Padding pairs (no response tokens) are excluded from every mean.
+Evaluation (`eval_every`): the same loss and metrics (reward accuracy, margin, ...) over the
+held-out pairs, no update (`make_dpo_eval_step`; precomputed: `reference_logps_eval.npy`).
 The run (`qwen2-jax dpo --config ...`): `DPOConfig`, `DPOJob`, `dpo`, on `train.posttrain`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -31,7 +34,7 @@ from jax.sharding import Mesh
 
 from qwen2_jax import sharding
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.train import chat_data, posttrain, step as step_lib
+from qwen2_jax.train import chat_data, loop, posttrain, step as step_lib
 from qwen2_jax.train.step import Batch, TrainState
 
 REFERENCE_MODES = ("on_the_fly", "precomputed")
@@ -119,14 +122,8 @@ def dpo_train_step(config: Qwen2Config, optimizer: optax.GradientTransformation,
   pairs = jnp.maximum(sums["pairs"], 1.0)
   grads = jax.tree.map(lambda g: g / pairs, grads)
   metrics = {k: sums[k] / pairs for k in DPO_METRICS}
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(state.step + 1, keep(params, state.params),
-                         keep(opt_state, state.opt_state),
-                         state.skipped + (1 - finite.astype(jnp.int32)))
+  new_state, grad_norm, finite = step_lib.apply_update_if_finite(optimizer, state, grads,
+                                                                 metrics["loss"])
   return new_state, {**metrics, "grad_norm": grad_norm, "pairs": sums["pairs"],
                      "tokens": batch["loss_mask"].astype(jnp.float32).sum(), "finite": finite}
 
@@ -181,6 +178,26 @@ def make_dpo_step(config: Qwen2Config, optimizer: optax.GradientTransformation, 
                  out_shardings=out_sh, donate_argnums=(0,) if donate else ())
 
 
+def make_dpo_eval_step(config: Qwen2Config, mesh: Mesh, rules: sharding.Rules, *, beta: float,
+                       label_smoothing: float = 0.0, reference: str = "on_the_fly"
+                       ) -> Callable[..., dict[str, jax.Array]]:
+  """Jitted held-out evaluation, no update: `(params, ref_params, batch)` (on_the_fly) or
+  `(params, batch)` (precomputed) -> the batch's `dpo_sums`, replicated."""
+  params_sh = sharding.param_shardings(config, mesh, rules)
+  batch_sh = batch_shardings(mesh, rules, precomputed=reference == "precomputed")
+  out_sh = sharding.replicated(mesh)
+
+  def sums(params, ref_params, batch):
+    with sharding.activation_rules(rules, mesh, config):
+      return dpo_objective(config, params, batch, ref_params, beta=beta,
+                           label_smoothing=label_smoothing)[1]
+
+  if reference == "precomputed":
+    return jax.jit(lambda params, batch: sums(params, None, batch),
+                   in_shardings=(params_sh, batch_sh), out_shardings=out_sh)
+  return jax.jit(sums, in_shardings=(params_sh, params_sh, batch_sh), out_shardings=out_sh)
+
+
 def make_logps_fn(config: Qwen2Config, mesh: Mesh, rules: sharding.Rules
                   ) -> Callable[[Any, Batch], jax.Array]:
   """Jitted (params, batch) -> [R] response log-probs, replicated (for the precompute pass)."""
@@ -198,6 +215,7 @@ def make_logps_fn(config: Qwen2Config, mesh: Mesh, rules: sharding.Rules
 # ----------------------------------------------------------------------------------- the run
 
 REFERENCE_FILE = "reference_logps.npy"
+EVAL_REFERENCE_FILE = "reference_logps_eval.npy"  # the held-out pairs', when there are some
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -241,6 +259,7 @@ class DPOJob(posttrain.Job):
     self.flops_factor = 1.0 if self.precomputed else 4.0 / 3.0
     self.ref_params = None
     self.ref_table = None  # [pairs, 2] f32 (chosen, rejected)
+    self.eval_ref_table = None  # the same for the held-out pairs
 
   def build_dataset(self, tokenizer):
     self.dataset = chat_data.PreferenceDataset(self.cfg.data, tokenizer)
@@ -248,8 +267,8 @@ class DPOJob(posttrain.Job):
 
   def _reference_params(self, mesh, rules, initial_params, params0):
     if self.cfg.reference_from is not None:
-      return posttrain._initial_params(  # pylint: disable=protected-access
-          dataclasses.replace(self.cfg, init_from=self.cfg.reference_from), mesh, rules)
+      return loop.load_initial_params(self.cfg.model, self.cfg.reference_from, mesh, rules,
+                                      progress=self.cfg.progress)
     return params0 if params0 is not None else initial_params()
 
   def prepare(self, mesh, rules, initial_params, params0, resumed):
@@ -260,36 +279,57 @@ class DPOJob(posttrain.Job):
         ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(ref)
       self.ref_params = ref
       return
-    path = os.path.join(self.cfg.output_dir, REFERENCE_FILE)
-    if resumed and os.path.isfile(path):
-      self.ref_table = np.load(path)
-      if self.ref_table.shape != (len(self.dataset.examples), 2):
-        raise posttrain.PostTrainConfigError(
-            f"{path} holds {self.ref_table.shape[0]} pairs, the data {len(self.dataset.examples)}")
-      return
-    ref = self._reference_params(mesh, rules, initial_params, params0)
-    self.ref_table = precompute_reference(self.cfg.model, ref, self.dataset, mesh, rules,
-                                          progress=self.cfg.progress)
-    if jax.process_index() == 0:
-      with open(path + ".tmp", "wb") as f:
-        np.save(f, self.ref_table)
-      os.replace(path + ".tmp", path)
+    sets = {REFERENCE_FILE: self.dataset}
+    if self.dataset.held_out is not None:
+      sets[EVAL_REFERENCE_FILE] = self.dataset.held_out
+    paths = {name: os.path.join(self.cfg.output_dir, name) for name in sets}
+    if resumed and all(os.path.isfile(p) for p in paths.values()):
+      tables = {name: np.load(p) for name, p in paths.items()}
+      for name, ds in sets.items():
+        if tables[name].shape != (len(ds.examples), 2):
+          raise posttrain.PostTrainConfigError(
+              f"{paths[name]} holds {tables[name].shape[0]} pairs, the data {len(ds.examples)}")
+    else:
+      ref = self._reference_params(mesh, rules, initial_params, params0)
+      tables = {name: precompute_reference(self.cfg.model, ref, ds, mesh, rules,
+                                           progress=self.cfg.progress)
+                for name, ds in sets.items()}
+      if jax.process_index() == 0:
+        for name, path in paths.items():
+          with open(path + ".tmp", "wb") as f:
+            np.save(f, tables[name])
+          os.replace(path + ".tmp", path)
+    self.ref_table, self.eval_ref_table = tables[REFERENCE_FILE], tables.get(EVAL_REFERENCE_FILE)
 
   def make_step(self, optimizer, mesh, rules):
     return make_dpo_step(self.cfg.model, optimizer, mesh, rules, beta=self.cfg.beta,
                          label_smoothing=self.cfg.label_smoothing,
                          accum_steps=self.cfg.accum_steps, reference=self.cfg.reference)
 
+  def make_eval_step(self, mesh, rules):
+    step = make_dpo_eval_step(self.cfg.model, mesh, rules, beta=self.cfg.beta,
+                              label_smoothing=self.cfg.label_smoothing,
+                              reference=self.cfg.reference)
+    if self.precomputed:
+      return step
+    return lambda params, batch: step(params, self.ref_params, batch)
+
+  def eval_result(self, sums):
+    pairs = sums.get("pairs", 0.0)
+    return {**{f"eval/{k}": sums.get(k, 0.0) / max(pairs, 1.0) for k in DPO_METRICS},
+            "eval/pairs": pairs}
+
   def step(self, step_fn, state, batch):
     if self.precomputed:
       return step_fn(state, batch)
     return step_fn(state, self.ref_params, batch)
 
-  def host_batch(self, batch, example_index):
+  def host_batch(self, batch, example_index, held_out=False):
     if self.precomputed:
+      table = self.eval_ref_table if held_out else self.ref_table
       index = example_index[:, 0]                      # [R], -1 for padding rows
       side = np.arange(len(index)) % 2                 # chosen rows even, rejected odd
-      ref = self.ref_table[np.maximum(index, 0), side]
+      ref = table[np.maximum(index, 0), side]
       batch["ref_logps"] = np.where(index >= 0, ref, 0.0).astype(np.float32)[:, None]  # [R, 1]
     return batch
 
@@ -319,12 +359,8 @@ def precompute_reference(config: Qwen2Config, params: Any, dataset: chat_data.Pr
   return table
 
 
-def config_from_dict(d: dict[str, Any]) -> DPOConfig:
-  return posttrain.config_from_dict(DPOConfig, d)
-
-
-def load_config(path: str, overrides: list[str] = ()) -> DPOConfig:
-  return posttrain.load_config(DPOConfig, path, overrides)
+config_from_dict = functools.partial(posttrain.config_from_dict, DPOConfig)
+load_config = functools.partial(posttrain.load_config, DPOConfig)
 
 
 def dpo(cfg: DPOConfig) -> dict[str, Any]:

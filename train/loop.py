@@ -83,8 +83,9 @@ class RunLog:
     self.ckpt = ckpt
     self.is_main = jax.process_index() == 0
     out = cfg.output_dir
-    self.jsonl = metrics_lib.JsonlLog(os.path.join(out, "metrics.jsonl")) if self.is_main else None
-    self.tb = metrics_lib.TensorBoardWriter(os.path.join(out, "tensorboard")) if self.is_main else None
+    main = self.is_main
+    self.jsonl = metrics_lib.JsonlLog(os.path.join(out, "metrics.jsonl")) if main else None
+    self.tb = metrics_lib.TensorBoardWriter(os.path.join(out, "tensorboard")) if main else None
     self.guard = checkpointing.PreemptionGuard()
     self.bar = metrics_lib.Progress(steps, start, enabled=cfg.progress and self.is_main)
 

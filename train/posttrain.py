@@ -1,10 +1,11 @@
 """Post-training runs (SFT, DPO): the shared run configuration and training loop.
 
-The loop is pretraining's (`train.pretrain`), with the same checkpoints (train state + data
+The loop is pretraining's (`train.loop`), with the same checkpoints (train state + data
 position + RNG + settings fingerprint; resume from the latest committed step; SIGTERM saves and
-exits), metrics (progress bar, `metrics.jsonl`, TensorBoard), sharding and HF export; what
-differs per job sits behind a small `Job` object (`train.sft.SFTJob`, `train.dpo.DPOJob`):
-its dataset, its jitted step, what it must fingerprint, and the metrics it logs.
+exits), metrics (progress bar, `metrics.jsonl`, TensorBoard), periodic held-out evaluation,
+sharding and HF export; what differs per job sits behind a small `Job` object
+(`train.sft.SFTJob`, `train.dpo.DPOJob`): its dataset, its jitted train and eval steps, what it
+must fingerprint, and the metrics it logs.
 
 Differences from pretraining: data are JSONL chat files read whole up front
 (`train.chat_data`), the run length defaults to `data.num_epochs` passes over them, and with
@@ -12,25 +13,26 @@ Differences from pretraining: data are JSONL chat files read whole up front
 `optim.min_learning_rate` over exactly the run (decay_steps = steps - warmup_steps). Weights
 come from `init_from` (an HF directory or an Orbax params directory, `qwen2-jax convert`); the
 model config is then read from there unless `model` names a preset or every field, and the
-tokenizer defaults to the one in `init_from`.
+tokenizer defaults to the one in `init_from`; its files are copied into the HF export.
+Evaluation (`eval_every`) reads the examples held out by `data.eval_every_nth_example`, which
+are never trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any
 
 import jax
 
 from qwen2_jax import sharding
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.train import chat_data, checkpointing, metrics as metrics_lib, step as step_lib
+from qwen2_jax.train import chat_data, checkpointing, loop, metrics as metrics_lib
+from qwen2_jax.train import step as step_lib
+from qwen2_jax.train.loop import NONFINITE_MODES
 from qwen2_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from qwen2_jax.train.pretrain import (NONFINITE_MODES, NonFiniteError, PretrainConfigError,
-                                      _host_params, _initial_params, _model_from_dict,
-                                      apply_overrides)
+from qwen2_jax.train.pretrain import PretrainConfigError, _model_from_dict, read_recipe
 
 # Model fields that are implementation settings (allowed as overrides of a config read from
 # `init_from`); any other field means `model` describes the architecture itself.
@@ -61,7 +63,10 @@ class PostTrainConfig:
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
   log_every: int = 10
-  export_hf: bool = True               # write output_dir/hf at the end
+  eval_every: int = 0                  # 0: no periodic evaluation; > 0 needs
+                                       # data.eval_every_nth_example (the held-out examples)
+  eval_batches: int | None = None      # per evaluation; None: every held-out batch
+  export_hf: bool = True               # write output_dir/hf (+ the tokenizer files) at the end
   peak_flops: float | None = None      # per device, for MFU (see train.metrics)
   progress: bool = True
 
@@ -76,6 +81,11 @@ class PostTrainConfig:
     for name in ("checkpoint_every", "log_every", "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise PostTrainConfigError(f"{name}: must be positive")
+    if self.eval_every < 0 or (self.eval_every and not self.data.eval_every_nth_example):
+      raise PostTrainConfigError(f"eval_every: {self.eval_every} needs >= 0, and > 0 needs "
+                                 f"data.eval_every_nth_example > 0 (the held-out examples)")
+    if self.eval_batches is not None and self.eval_batches <= 0:
+      raise PostTrainConfigError("eval_batches: must be positive or null")
     if self.tokenizer is None and self.init_from is None:
       raise PostTrainConfigError("tokenizer: required when there is no init_from to take it from")
 
@@ -132,14 +142,11 @@ def config_from_dict(cls: type, d: dict[str, Any]) -> PostTrainConfig:
 
 
 def load_config(cls: type, path: str, overrides: list[str] = ()) -> PostTrainConfig:
-  import yaml
-
-  with open(path) as f:
-    d = yaml.safe_load(f) or {}
-  return config_from_dict(cls, apply_overrides(d, list(overrides)))
+  return config_from_dict(cls, read_recipe(path, overrides))
 
 
-# ----------------------------------------------------------------------------- the loop
+
+# ----------------------------------------------------------------------------- the run
 
 class Job:
   """What SFT and DPO plug into `run`. Subclasses set `name`, `rows_per_example` and
@@ -153,6 +160,7 @@ class Job:
     self.cfg = cfg
 
   def build_dataset(self, tokenizer) -> Any:
+    """The training examples; their `held_out` dataset (or None) is what `evaluate` reads."""
     raise NotImplementedError
 
   def prepare(self, mesh, rules, initial_params, params0, resumed: bool) -> None:
@@ -166,15 +174,30 @@ class Job:
   def step(self, step_fn, state, batch):
     return step_fn(state, batch)
 
-  def host_batch(self, batch: dict[str, Any], example_index) -> dict[str, Any]:
+  def host_batch(self, batch: dict[str, Any], example_index, held_out: bool = False
+                 ) -> dict[str, Any]:
+    """The host batch the step (or, `held_out`, the eval step) takes."""
     return batch
 
+  def make_eval_step(self, mesh, rules):
+    """Jitted (params, batch) -> replicated sums over the batch (for `eval_result`)."""
+    raise NotImplementedError
 
-def _fresh_params(cfg: PostTrainConfig, mesh, rules, init_rng):
-  params = _initial_params(cfg, mesh, rules)
-  if params is None:
-    params = sharding.init_params_sharded(cfg.model, init_rng, mesh, rules)
-  return params
+  def eval_result(self, sums: dict[str, float]) -> dict[str, float]:
+    """Sums over the held-out batches -> the logged `eval/...` values."""
+    raise NotImplementedError
+
+
+def evaluate(job: Job, eval_step, state, mesh, rules) -> dict[str, float]:
+  """The job's eval metrics over (up to `eval_batches` batches of) its held-out examples, in
+  file order, one pass; the last batch is padded like training batches (padding weighs 0)."""
+  def one(host):
+    index = host.pop("example_index")
+    batch = sharding.host_local_batch(job.host_batch(host, index, held_out=True), mesh, rules)
+    return eval_step(state.params, batch)
+
+  batches = job.dataset.held_out.iterator(jax.process_index(), jax.process_count())
+  return job.eval_result(loop.sum_eval_outputs(one, batches, job.cfg.eval_batches))
 
 
 def run(job: Job) -> dict[str, Any]:
@@ -191,11 +214,12 @@ def run(job: Job) -> dict[str, Any]:
         f"data.batch_size={cfg.data.batch_size} ({rows} rows per micro-batch) cannot be split "
         f"over the mesh's {shards} batch shards ({dict(mesh.shape)}) and "
         f"{jax.process_count()} processes")
-  tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+  tokenizer_path = cfg.tokenizer or cfg.init_from
+  tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise PostTrainConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                                f"tokenizer's {tokenizer.vocab_size} ids")
-  dataset = job.build_dataset(tokenizer)
+  dataset = job.dataset = job.build_dataset(tokenizer)
   total = dataset.total_batches
   steps = cfg.steps or total
   if steps > total:
@@ -212,7 +236,14 @@ def run(job: Job) -> dict[str, Any]:
   iterator = dataset.iterator(jax.process_index(), jax.process_count())
   rng = jax.random.key(cfg.seed)
   rng, init_rng = jax.random.split(rng)
-  initial_params = lambda: _fresh_params(cfg, mesh, rules, init_rng)
+
+  def initial_params():
+    params = loop.load_initial_params(cfg.model, cfg.init_from, mesh, rules,
+                                      progress=cfg.progress)
+    if params is None:
+      params = sharding.init_params_sharded(cfg.model, init_rng, mesh, rules)
+    return params
+
   latest = ckpt.latest_step()
   if latest is not None:
     abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
@@ -228,86 +259,40 @@ def run(job: Job) -> dict[str, Any]:
     del params0
     start = 0
   step_fn = job.make_step(optimizer, mesh, rules)
+  evaluate_fn = None
+  if cfg.eval_every:
+    eval_step = job.make_eval_step(mesh, rules)
+    evaluate_fn = lambda s: evaluate(job, eval_step, s, mesh, rules)
 
-  is_main = jax.process_index() == 0
-  log = metrics_lib.JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl")) if is_main else None
-  tb = metrics_lib.TensorBoardWriter(os.path.join(cfg.output_dir, "tensorboard")) if is_main else None
-  peak = cfg.peak_flops or metrics_lib.peak_flops_for_devices(jax.devices())
-  flops_per_token = job.flops_factor * metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len)
-  row_tokens = cfg.data.batch_size * job.rows_per_example * cfg.data.seq_len
-  guard = checkpointing.PreemptionGuard()
-  bar = metrics_lib.Progress(steps, start, enabled=cfg.progress and is_main)
-  window_start, window_tokens, first, last, stopped = time.perf_counter(), 0.0, None, {}, None
+  def next_batch():
+    host = next(iterator)
+    example_index = host.pop("example_index")
+    return sharding.host_local_batch(job.host_batch(host, example_index), mesh, rules)
+
   data_summary = {"examples": len(dataset.examples), "dropped_too_long": dataset.num_dropped,
                   "batches_available": total}
-  if is_main and start == 0:
-    log.write({"data": data_summary})
-  if dataset.num_dropped:
-    bar.note(f"{job.name}: dropped {dataset.num_dropped} examples longer than "
-             f"seq_len={cfg.data.seq_len} (too_long: drop)")
-
-  def save(step_number, force=False):
-    ckpt.save(step_number, state, iterator.get_state(), rng=rng, fingerprint=fingerprint,
-              force=force)
-
+  if dataset.held_out is not None:
+    data_summary["held_out"] = len(dataset.held_out.examples)
+  run_log = loop.RunLog(cfg, ckpt, steps=steps, start=start)
   try:
-    for step in range(start, steps):
-      host = next(iterator)
-      example_index = host.pop("example_index")
-      batch = sharding.host_local_batch(job.host_batch(host, example_index), mesh, rules)
-      rng, _ = jax.random.split(rng)
-      state, out = job.step(step_fn, state, batch)
-      step_number = step + 1
-      must_log = step_number % cfg.log_every == 0 or step_number == steps
-      if cfg.nonfinite == "abort" or must_log:
-        values = step_lib.metrics_to_host(out)
-        if cfg.nonfinite == "abort" and not values["finite"]:
-          raise NonFiniteError(f"step {step_number}: loss={values['loss']} grad_norm="
-                               f"{values['grad_norm']} (nonfinite: abort; update not applied)")
-      window_tokens += row_tokens
-      if must_log:
-        tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-        record = {"step": step_number, "loss": values["loss"], "grad_norm": values["grad_norm"],
-                  **{k: values[k] for k in job.metric_names},
-                  "lr": float(schedule(max(step_number - int(state.skipped) - 1, 0))),
-                  "skipped": int(state.skipped), "tokens_per_s": tokens_per_s,
-                  "mfu": (flops_per_token * tokens_per_s / (peak * jax.device_count())
-                          if peak else None)}
-        first = record if first is None else first
-        last = record
-        window_start, window_tokens = time.perf_counter(), 0.0
-        if is_main:
-          log.write(record)
-          tb.scalars(step_number, {f"train/{k}": v for k, v in record.items()
-                                   if k != "step" and v is not None})
-        bar.update(step_number, record)
-      if guard.requested:
-        save(step_number, force=True)
-        ckpt.wait()
-        stopped = guard.requested
-        bar.note(f"{stopped}: saved step {step_number}, exiting")
-        break
-      if step_number % cfg.checkpoint_every == 0 or step_number == steps:
-        save(step_number)
-    ckpt.wait()
-    final_step = int(state.step)
-    summary = {"job": job.name, "final_step": final_step, "steps": steps, "data": data_summary,
-               "first_logged": first, "last": last, "skipped": int(state.skipped),
-               "stopped_by": stopped, "checkpoints": ckpt.all_steps()}
-    if cfg.export_hf and stopped is None and final_step == steps:
-      from qwen2_jax.checkpoint.hf import save_hf_checkpoint
-      params = _host_params(state.params)
-      if is_main:
-        save_hf_checkpoint(os.path.join(cfg.output_dir, "hf"), cfg.model, params,
-                           overwrite=True, show_progress=cfg.progress)
-        summary["hf_export"] = os.path.join(cfg.output_dir, "hf")
-    if is_main:
-      log.write({"summary": summary})
-    return summary
+    if start == 0:
+      run_log.write({"data": data_summary})
+    if dataset.num_dropped:
+      run_log.note(f"{job.name}: dropped {dataset.num_dropped} examples longer than "
+                   f"seq_len={cfg.data.seq_len} (too_long: drop)")
+    result = loop.train_loop(
+        cfg, run_log, state=state, rng=rng, start=start, steps=steps, next_batch=next_batch,
+        train_step=lambda s, b: job.step(step_fn, s, b), data_state=iterator.get_state,
+        schedule=schedule, fingerprint=fingerprint,
+        tokens_per_step=cfg.data.batch_size * job.rows_per_example * cfg.data.seq_len,
+        flops_per_token=job.flops_factor * metrics_lib.flops_per_token(cfg.model,
+                                                                       cfg.data.seq_len),
+        metric_names=job.metric_names, evaluate=evaluate_fn)
+    state = result.state
+    summary = {"job": job.name, "final_step": int(state.step), "steps": steps,
+               "data": data_summary, "first_logged": result.first, "last": result.last,
+               "skipped": int(state.skipped), "stopped_by": result.stopped,
+               "checkpoints": ckpt.all_steps()}
+    return loop.finish(cfg, run_log, result, steps, summary, tokenizer=tokenizer_path)
   finally:
-    bar.close()
-    guard.restore()
-    ckpt.close()
-    if log is not None:
-      log.close()
-      tb.close()
+    run_log.close()

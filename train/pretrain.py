@@ -127,12 +127,17 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
   return d
 
 
-def load_config(path: str, overrides: list[str] = ()) -> PretrainConfig:
+def read_recipe(path: str, overrides: list[str] = ()) -> dict[str, Any]:
+  """A YAML (or JSON) recipe file as a dict, with `a.b.c=value` overrides applied."""
   import yaml
 
   with open(path) as f:
     d = yaml.safe_load(f) or {}
-  return config_from_dict(apply_overrides(d, list(overrides)))
+  return apply_overrides(d, list(overrides))
+
+
+def load_config(path: str, overrides: list[str] = ()) -> PretrainConfig:
+  return config_from_dict(read_recipe(path, overrides))
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -5,6 +5,7 @@ The step is pretraining's (`train.step.make_train_step`): mean next-token cross 
 several conversations with `segment_ids`, so attention never crosses conversations and the
 batch loss is the token-weighted mean of the per-conversation losses. Data, batching and
 resumable iteration: `train.chat_data`; loop, checkpoints, metrics: `train.posttrain`.
+Evaluation (`eval_every`): the same masked loss (and perplexity) on the held-out conversations.
 
 Qwen2's recipe (`configs/sft_qwen2-report.yaml`): 2 epochs, learning rate 7e-6 decaying to
 7e-7 over the run, weight decay 0.1, gradient clipping 1.0, sequence length 32768.
@@ -13,9 +14,10 @@ Qwen2's recipe (`configs/sft_qwen2-report.yaml`): 2 epochs, learning rate 7e-6 d
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
-from qwen2_jax.train import chat_data, posttrain, step as step_lib
+from qwen2_jax.train import chat_data, loop, posttrain, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,13 +39,15 @@ class SFTJob(posttrain.Job):
     return step_lib.make_train_step(self.cfg.model, optimizer, mesh, rules,
                                     accum_steps=self.cfg.accum_steps, z_loss=self.cfg.z_loss)
 
+  def make_eval_step(self, mesh, rules):
+    return step_lib.make_eval_step(self.cfg.model, mesh, rules)  # {loss_sum, tokens}
 
-def config_from_dict(d: dict[str, Any]) -> SFTConfig:
-  return posttrain.config_from_dict(SFTConfig, d)
+  def eval_result(self, sums):
+    return loop.lm_eval_result(sums)  # assistant-token loss, perplexity, tokens
 
 
-def load_config(path: str, overrides: list[str] = ()) -> SFTConfig:
-  return posttrain.load_config(SFTConfig, path, overrides)
+config_from_dict = functools.partial(posttrain.config_from_dict, SFTConfig)
+load_config = functools.partial(posttrain.load_config, SFTConfig)
 
 
 def sft(cfg: SFTConfig) -> dict[str, Any]:

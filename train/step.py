@@ -126,6 +126,23 @@ def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
   return {k: split(v) for k, v in batch.items()}
 
 
+def apply_update_if_finite(optimizer: optax.GradientTransformation, state: TrainState,
+                           grads: Any, loss: jax.Array
+                           ) -> tuple[TrainState, jax.Array, jax.Array]:
+  """(next state, grad_norm, finite): the optimizer update of `grads` when `loss` and the
+  global gradient norm are finite; otherwise params and optimizer state stay bit-for-bit
+  unchanged and `skipped` counts the step. `step` always advances."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(state.step + 1, keep(params, state.params),
+                         keep(opt_state, state.opt_state),
+                         state.skipped + (1 - finite.astype(jnp.int32)))
+  return new_state, grad_norm, finite
+
+
 def train_step(config: Qwen2Config, optimizer: optax.GradientTransformation, state: TrainState,
                batch: Batch, *, accum_steps: int = 1, z_loss: float = 0.0,
                router_z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -154,14 +171,7 @@ def train_step(config: Qwen2Config, optimizer: optax.GradientTransformation, sta
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = nll_sum / denom
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(state.step + 1, keep(params, state.params),
-                         keep(opt_state, state.opt_state),
-                         state.skipped + (1 - finite.astype(jnp.int32)))
+  new_state, grad_norm, finite = apply_update_if_finite(optimizer, state, grads, loss)
   metrics = {"loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm, "tokens": tokens,
              "finite": finite, **{k: v / denom for k, v in moe_sums.items()}}
   return new_state, metrics
