@@ -54,18 +54,23 @@ def _hf_greedy(model, prompts, new_tokens):
   return out[:, T:].numpy().tolist()
 
 
+def _assert_greedy_equals_hf(model, config, params, new_tokens):
+  """Our greedy tokens for the LENGTHS batch == transformers' generate, row by row."""
+  prompts = _prompts(config.vocab_size)
+  expected = _hf_greedy(model, prompts, new_tokens)
+  results = Engine(config, params, eos_token_ids=()).generate(
+      prompts, SamplingParams(max_new_tokens=new_tokens))
+  for row, (r, e) in enumerate(zip(results, expected)):
+    assert r.output_ids == e, f"row {row} (prompt length {LENGTHS[row]})"
+    assert r.finish_reason == "length"
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_greedy_equals_transformers_generate_mixed_lengths(tmp_path, tied):
   """Greedy tokens equal transformers' left-padded greedy generate, per row, tied and untied."""
   model = make_hf_qwen2(tmp_path, seed=1, tie_word_embeddings=tied)
   config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
-  prompts = _prompts(config.vocab_size)
-  expected = _hf_greedy(model, prompts, 12)
-  results = Engine(config, params, eos_token_ids=()).generate(
-      prompts, SamplingParams(max_new_tokens=12))
-  for row, (r, e) in enumerate(zip(results, expected)):
-    assert r.output_ids == e, f"row {row} (prompt length {LENGTHS[row]})"
-    assert r.finish_reason == "length"
+  _assert_greedy_equals_hf(model, config, params, 12)
 
 
 @pytest.mark.parametrize("impl", ["ragged_dot", "pallas"])
@@ -76,12 +81,7 @@ def test_moe_greedy_equals_transformers_generate(tmp_path, impl):
   model = make_hf_qwen2_moe(tmp_path, seed=2, mlp_only_layers=[1])
   config, params = q.load_hf_checkpoint(tmp_path, show_progress=False, moe_impl=impl)
   assert config.is_moe and config.moe_impl == impl
-  prompts = _prompts(config.vocab_size)
-  expected = _hf_greedy(model, prompts, 10)
-  results = Engine(config, params, eos_token_ids=()).generate(
-      prompts, SamplingParams(max_new_tokens=10))
-  for row, (r, e) in enumerate(zip(results, expected)):
-    assert r.output_ids == e, f"row {row} (prompt length {LENGTHS[row]})"
+  _assert_greedy_equals_hf(model, config, params, 10)
 
 
 @pytest.mark.parametrize("variant", ["scan", "unrolled_sliding_window", "yarn"])
