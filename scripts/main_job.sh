@@ -15,11 +15,11 @@ export QWEN2_JAX_CORPUS=$(python -c 'import sysconfig; print(sysconfig.get_paths
 echo "[main] corpus: $QWEN2_JAX_CORPUS/*.py ($(ls "$QWEN2_JAX_CORPUS"/*.py | wc -l) files)"
 if [ ! -f "$OUT/tokenizer/sp.model" ]; then
   qwen2-jax tokenizer train --input "$QWEN2_JAX_CORPUS/*.py" --output-prefix "$OUT/tokenizer/sp" \
-    --vocab-size 4096
+    --vocab-size 4096 --quiet
 fi
 overrides=()
 for kv in "$@"; do overrides+=(--set "$kv"); done
 qwen2-jax pretrain --config configs/cpu_demo.yaml "${overrides[@]}"
-echo "[main] sample continuation (greedy) from the exported HF checkpoint $OUT/run/hf:"
-qwen2-jax generate "$OUT/run/hf" --tokenizer "$OUT/tokenizer/sp.model" \
+echo "[main] sample continuation (greedy) from the exported HF checkpoint $OUT/run/hf (with its tokenizer):"
+qwen2-jax generate "$OUT/run/hf" \
   --prompt "def main(" --max-new-tokens 48 --temperature 0 --no-progress

@@ -84,14 +84,25 @@ def straight(corpus, tmp_path_factory):
 
 
 def test_loss_falls_well_below_its_start(corpus, tmp_path):
-  """A tiny model's loss drops far below its initial value (~ln(vocab)) within 40 steps."""
-  config = config_from_dict(_config(corpus, tmp_path, steps=40, checkpoint_every=40,
-                                    **{"optim.decay_steps": 40}))
-  summary = pretrain(config)
+  """A tiny model's loss drops far below its initial value (~ln(vocab)) within 40 steps; the
+  HF export at the end holds the final params and the tokenizer."""
+  from qwen2_jax.checkpoint.hf import load_hf_checkpoint
+  from qwen2_jax.tokenizer import load_tokenizer
+
+  config_dict = _config(corpus, tmp_path, steps=40, checkpoint_every=40, export_hf=True,
+                        **{"optim.decay_steps": 40})
+  summary = pretrain(config_from_dict(config_dict))
   losses = logged(tmp_path)
   assert summary["final_step"] == 40 and summary["skipped"] == 0
   assert losses[1] > 5.0  # ~ln(320) at init
   assert losses[40] < 0.5 * losses[1]
+  hf = tmp_path / "hf"
+  assert summary["hf_export"] == str(hf) and (hf / "tokenizer.model").is_file()
+  text = "the quick brown fox"
+  assert load_tokenizer(hf).encode(text) == load_tokenizer(corpus[1]).encode(text)
+  _, params = load_hf_checkpoint(hf)
+  _, state = _final_state(str(tmp_path), config_dict)
+  assert_bitwise_equal(params, jax.device_get(state.params))
 
 
 def test_resume_in_new_process_is_bit_exact(corpus, straight, tmp_path):

@@ -217,6 +217,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                "first_logged_loss": result.first["loss"] if result.first else None,
                "last": result.last, "skipped": int(state.skipped), "stopped_by": result.stopped,
                "checkpoints": ckpt.all_steps()}
-    return loop.finish(cfg, run, result, cfg.steps, summary)
+    return loop.finish(cfg, run, result, cfg.steps, summary, tokenizer=cfg.tokenizer)
   finally:
     run.close()
