@@ -13,7 +13,7 @@ import torch
 
 import qwen2_jax as q
 from qwen2_jax.infer import Engine, SamplingParams, validation
-from qwen2_jax.infer.engine import init_cache, write_kv
+from qwen2_jax.infer.engine import KVCache, init_cache, write_kv
 from qwen2_jax.model import KVCache, Qwen2ForCausalLM
 from hf_reference import make_hf_qwen2
 
@@ -82,6 +82,28 @@ def test_moe_greedy_equals_transformers_generate(tmp_path, impl):
   config, params = q.load_hf_checkpoint(tmp_path, show_progress=False, moe_impl=impl)
   assert config.is_moe and config.moe_impl == impl
   _assert_greedy_equals_hf(model, config, params, 10)
+
+
+def test_write_kv_equals_per_slot_loop():
+  """write_kv puts row b's T new keys / values at slots lengths[b] + 0..T-1 of every layer,
+  leaves every other slot alone, drops slots past the end, and advances lengths by num_new."""
+  L, B, S, K, D, T = 3, 4, 6, 2, 5, 2
+  rng = np.random.default_rng(0)
+  k0, v0 = rng.normal(size=(2, L, B, S, K, D)).astype(np.float32)
+  k_new, v_new = rng.normal(size=(2, L, B, T, K, D)).astype(np.float32)
+  lengths = np.array([0, 3, 5, 6])  # row 2: one slot left; row 3: full (both dropped)
+  num_new = np.array([2, 2, 1, 0])
+  cache = KVCache(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(lengths, jnp.int32))
+  out = jax.jit(write_kv)(cache, (jnp.asarray(k_new), jnp.asarray(v_new)), jnp.asarray(num_new))
+  k_ref, v_ref = k0.copy(), v0.copy()
+  for b in range(B):
+    for t in range(T):
+      if lengths[b] + t < S:
+        k_ref[:, b, lengths[b] + t] = k_new[:, b, t]
+        v_ref[:, b, lengths[b] + t] = v_new[:, b, t]
+  np.testing.assert_array_equal(np.asarray(out.k), k_ref)
+  np.testing.assert_array_equal(np.asarray(out.v), v_ref)
+  np.testing.assert_array_equal(np.asarray(out.lengths), lengths + num_new)
 
 
 @pytest.mark.parametrize("variant", ["scan", "unrolled_sliding_window", "yarn"])
