@@ -13,7 +13,7 @@ import torch
 
 import qwen2_jax as q
 from qwen2_jax.infer import Engine, SamplingParams, validation
-from qwen2_jax.infer.engine import KVCache, init_cache, write_kv
+from qwen2_jax.infer.engine import init_cache, write_kv
 from qwen2_jax.model import KVCache, Qwen2ForCausalLM
 from hf_reference import make_hf_qwen2
 
