@@ -1,10 +1,14 @@
 """Model configuration: `Qwen2Config`, HF `config.json` conversion, and presets by name.
 
 One frozen dataclass describes a Qwen2, Qwen2.5 or Qwen2-MoE model (the HF fields) plus the
-settings that only this implementation has (dtypes, layer scan, remat, kernel choices). Values
-are validated once, in `__post_init__`; an inconsistent value raises `ConfigError` naming the
-field. `from_hf` accepts both HF spellings of the rope settings and keeps unknown HF fields;
-`from_dict` (the project's own config files) rejects unknown keys.
+settings that only this implementation has (dtypes, layer scan, remat, kernel choices), marked
+`runtime` in their field metadata: `RUNTIME_FIELDS` is derived from those marks and is the one
+list of them (never written to HF `config.json`, free to differ between a checkpoint and the
+run that loads it). Types are checked by `typed_config.structure` when a config is read from a
+dict, a recipe or `config.json`; value ranges and consistency are checked once, in
+`__post_init__`, and raise `ConfigError` naming the field. `from_hf` accepts both HF spellings
+of the rope settings and keeps unknown HF fields; `from_dict` (the project's own config files and
+recipes) rejects unknown keys.
 """
 
 from __future__ import annotations
@@ -14,9 +18,7 @@ import json
 import os
 from typing import Any, Mapping
 
-# Settings that exist only in this implementation; never written to HF config.json.
-RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl",
-                  "moe_impl", "logits_dtype", "moe_capacity_factor")
+from qwen2_jax.typed_config import Bool, ConfigError, Float, Int, Recipe, structure
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -25,9 +27,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_TYPES = ("default", "yarn", "linear")
 
 
-
-class ConfigError(ValueError):
-  """A configuration value is missing, unknown or inconsistent; the message names the field."""
+def _runtime(default: Any) -> Any:
+  """A field that only this implementation has (see the module docstring)."""
+  return dataclasses.field(default=default, metadata={"runtime": True})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,48 +39,48 @@ class Qwen2Config:
   Frozen and hashable, so it can be a static argument of `jax.jit`.
   """
   # --- architecture (names and meaning as in HF config.json) ---
-  vocab_size: int                    # embedding rows; >= tokenizer size (Qwen2 pads to 151936/152064)
-  hidden_size: int                   # model width H
-  intermediate_size: int             # dense SwiGLU width F (unused by MoE layers)
-  num_hidden_layers: int             # decoder layers L
-  num_attention_heads: int           # query heads N
-  num_key_value_heads: int           # key/value heads K; N % K == 0 (GQA)
-  head_dim: int | None = None        # None -> hidden_size // num_attention_heads (Qwen2 has none)
-  max_position_embeddings: int = 32768
-  rms_norm_eps: float = 1e-6         # read from config.json: 1e-5 on some checkpoints
-  rope_theta: float = 1_000_000.0
+  vocab_size: Int                    # embedding rows; >= tokenizer size (Qwen2 pads to 151936/152064)
+  hidden_size: Int                   # model width H
+  intermediate_size: Int             # dense SwiGLU width F (unused by MoE layers)
+  num_hidden_layers: Int             # decoder layers L
+  num_attention_heads: Int           # query heads N
+  num_key_value_heads: Int           # key/value heads K; N % K == 0 (GQA)
+  head_dim: Int | None = None        # None -> hidden_size // num_attention_heads (Qwen2 has none)
+  max_position_embeddings: Int = 32768
+  rms_norm_eps: Float = 1e-6         # read from config.json: 1e-5 on some checkpoints
+  rope_theta: Float = 1_000_000.0
   rope_scaling: Mapping[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0, ...}
-  tie_word_embeddings: bool = False  # True for 0.5B/1.5B/3B: lm_head is embed_tokens
+  tie_word_embeddings: Bool = False  # True for 0.5B/1.5B/3B: lm_head is embed_tokens
   hidden_act: str = "silu"
-  use_sliding_window: bool = False   # False on every published checkpoint
-  sliding_window: int | None = None  # window w: key j visible from query i iff i - j < w
-  max_window_layers: int = 28        # layers i >= this use the sliding window when enabled
-  attention_dropout: float = 0.0     # kept for round trips; training here uses no dropout
-  initializer_range: float = 0.02    # std of the normal init of weights
-  bos_token_id: int | None = None
-  eos_token_id: int | tuple[int, ...] | None = None
-  pad_token_id: int | None = None
+  use_sliding_window: Bool = False   # False on every published checkpoint
+  sliding_window: Int | None = None  # window w: key j visible from query i iff i - j < w
+  max_window_layers: Int = 28        # layers i >= this use the sliding window when enabled
+  attention_dropout: Float = 0.0     # kept for round trips; training here uses no dropout
+  initializer_range: Float = 0.02    # std of the normal init of weights
+  bos_token_id: Int | None = None
+  eos_token_id: Int | tuple[Int, ...] | None = None
+  pad_token_id: Int | None = None
   # --- MoE (Qwen2-MoE); num_experts == 0 means a dense model ---
-  num_experts: int = 0
-  num_experts_per_tok: int = 0
-  moe_intermediate_size: int = 0     # width of one routed expert
-  shared_expert_intermediate_size: int = 0  # width of the shared expert (0: none)
-  norm_topk_prob: bool = False       # renormalise the top-k router weights
-  decoder_sparse_step: int = 1       # layer i is sparse iff (i + 1) % step == 0 ...
-  mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
-  router_aux_loss_coef: float = 0.001
+  num_experts: Int = 0
+  num_experts_per_tok: Int = 0
+  moe_intermediate_size: Int = 0     # width of one routed expert
+  shared_expert_intermediate_size: Int = 0  # width of the shared expert (0: none)
+  norm_topk_prob: Bool = False       # renormalise the top-k router weights
+  decoder_sparse_step: Int = 1       # layer i is sparse iff (i + 1) % step == 0 ...
+  mlp_only_layers: tuple[Int, ...] = ()  # ... and i is not listed here
+  router_aux_loss_coef: Float = 0.001
   # --- long context ---
   dual_chunk_attention_config: Mapping[str, Any] | None = None
   # --- implementation settings (not part of HF config.json) ---
-  param_dtype: str = "float32"       # storage dtype of params
-  dtype: str = "float32"             # compute dtype of activations (bfloat16 for training)
-  logits_dtype: str | None = None    # None: logits in `dtype`, like the reference
-  scan_layers: bool = True           # run layers under nn.scan: params stacked on a layer axis
-  remat_policy: str = "none"         # activation checkpointing per layer, see REMAT_POLICIES
-  attention_impl: str = "xla"        # "xla" | "pallas"
-  moe_impl: str = "dense"            # "dense" | "ragged_dot" | "pallas"
-  moe_capacity_factor: float | None = None  # None: dropless; else each expert takes at most
-                                            # ceil(factor * assignments / num_experts)
+  param_dtype: str = _runtime("float32")       # storage dtype of params
+  dtype: str = _runtime("float32")             # compute dtype of activations (bfloat16 for training)
+  logits_dtype: str | None = _runtime(None)    # None: logits in `dtype`, like the reference
+  scan_layers: Bool = _runtime(True)           # nn.scan over layers: params stacked on a layer axis
+  remat_policy: str = _runtime("none")         # activation checkpointing per layer: REMAT_POLICIES
+  attention_impl: str = _runtime("xla")        # "xla" | "pallas"
+  moe_impl: str = _runtime("dense")            # "dense" | "ragged_dot" | "pallas"
+  # None: dropless; else each expert takes at most ceil(factor * assignments / num_experts).
+  moe_capacity_factor: Float | None = _runtime(None)
   # HF fields that do not affect the model, kept verbatim for round trips (JSON text).
   extra: tuple[tuple[str, str], ...] = ()
 
@@ -228,21 +230,32 @@ class Qwen2Config:
     return out
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "Qwen2Config":
-    """Builds a config from this project's own dict/YAML/JSON form; unknown keys are errors."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ConfigError(f"unknown Qwen2Config field(s) {unknown}; known fields: {sorted(names)}")
+  def from_dict(cls, d: Mapping[str, Any], *, path: str = "", recipe: Recipe | None = None,
+                source: str | None = None) -> "Qwen2Config":
+    """Builds a config from this project's own dict/YAML/JSON form, typed and strict.
+
+    `{"preset": name, **fields}` starts from a published size (`presets.get_preset`) and sets
+    `fields` on it. `path`, `recipe` and `source` say where `d` sits, for error messages (see
+    `typed_config.structure`).
+    """
+    if isinstance(d, Qwen2Config):
+      return d
+    if not isinstance(d, Mapping):
+      return structure(cls, d, path=path, recipe=recipe, source=source)  # names the bad type
     kwargs = dict(d)
-    if "extra" in kwargs:
-      kwargs["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in dict(kwargs["extra"]).items()))
-    if "mlp_only_layers" in kwargs:
-      kwargs["mlp_only_layers"] = tuple(kwargs["mlp_only_layers"])
-    try:
-      return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-      raise ConfigError(str(e)) from None
+    if "preset" in kwargs:
+      from qwen2_jax import presets  # pylint: disable=import-outside-toplevel  (presets imports this module)
+      name = kwargs.pop("preset")
+      try:
+        base = presets.get_preset(str(name)).to_dict()
+      except ConfigError as e:
+        where = recipe.where(tuple(path.split(".")) + ("preset",)) if recipe else source
+        raise ConfigError(f"{where + ': ' if where else ''}{path + '.' if path else ''}preset: "
+                          f"{e}") from None
+      kwargs = {**base, **kwargs}
+    if isinstance(kwargs.get("extra"), Mapping):
+      kwargs["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in kwargs["extra"].items()))
+    return structure(cls, kwargs, path=path, recipe=recipe, source=source)
 
   # ----- HF config.json -----
   @classmethod
@@ -260,9 +273,16 @@ class Qwen2Config:
       if os.path.isdir(path):
         path = os.path.join(path, "config.json")
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"no HF config.json at {path}")
-      with open(path) as f:
-        d = json.load(f)
+        raise ConfigError(f"no HF config.json at {path}")
+      try:
+        with open(path, encoding="utf-8") as f:
+          d = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+      except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+      if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
       where = path
     model_type = d.get("model_type", "qwen2")
     if model_type not in ("qwen2", "qwen2_moe"):
@@ -271,10 +291,12 @@ class Qwen2Config:
     kwargs: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in d.items():
+      if key in ("rope_parameters", "rope_scaling") and not isinstance(value, (Mapping, type(None))):
+        raise ConfigError(f"{where}: {key}: expected a JSON object or null, got {value!r}")
       if key == "rope_parameters" and value is not None:
         params = dict(value)
         if "rope_theta" in params:
-          kwargs["rope_theta"] = float(params.pop("rope_theta"))
+          kwargs["rope_theta"] = params.pop("rope_theta")
         rope_type = params.get("rope_type", params.get("type", "default"))
         kwargs["rope_scaling"] = None if rope_type == "default" else params
       elif key == "rope_scaling":
@@ -295,12 +317,9 @@ class Qwen2Config:
     if model_type == "qwen2" and "num_experts" in kwargs:
       extra["num_experts"] = kwargs.pop("num_experts")
     kwargs["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in extra.items()))
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.name not in kwargs]
-    if missing:
-      raise ConfigError(f"{where}: required field(s) {missing} missing")
+    config = structure(cls, kwargs, source=where)
     try:
-      return cls(**kwargs).replace(**overrides)
+      return config.replace(**overrides)
     except ConfigError as e:
       raise ConfigError(f"{where}: {e}") from None
 
@@ -348,7 +367,8 @@ def enable_dual_chunk_attention(config: Qwen2Config, *, chunk_size: int | None =
                                 local_size: int | None = None,
                                 original_max_position_embeddings: int | None = None
                                 ) -> Qwen2Config:
-  """`config` with Dual Chunk Attention on (shared/reference/qwen2.md section 6).
+  """`config` with Dual Chunk Attention on (An et al. 2024, "Training-Free Long-Context Scaling
+  of Large Language Models", as used by Qwen2 for contexts beyond 32K).
 
   Defaults are ChunkLlama's, from the pretraining length L0 (`original_max_position_embeddings`
   if given, else the YaRN setting's, else min(max_position_embeddings, 32768), Qwen2's
@@ -366,6 +386,9 @@ def enable_dual_chunk_attention(config: Qwen2Config, *, chunk_size: int | None =
                            else old.get("local_size", base // 16)),
          "original_max_position_embeddings": int(base)}
   return config.replace(dual_chunk_attention_config=dca, rope_scaling=None)
+
+
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(Qwen2Config) if f.metadata.get("runtime"))
 
 
 class _FrozenDict(dict):

@@ -115,7 +115,7 @@ def test_project_config_rejects_unknown_keys_but_hf_keeps_them():
   """from_dict (our files) rejects unknown keys by name; from_hf keeps them in `extra`."""
   d = q.get_preset("qwen2-tiny").to_dict()
   assert Qwen2Config.from_dict(d) == q.get_preset("qwen2-tiny")
-  with pytest.raises(ConfigError, match=r"unknown Qwen2Config field\(s\) \['hiden_size'\]"):
+  with pytest.raises(ConfigError, match=r"hiden_size: unknown setting; did you mean hidden_size\?"):
     Qwen2Config.from_dict(dict(d, hiden_size=3))
   hf = dict(PUBLISHED_7B_JSON, some_future_field=[1, 2])
   config = Qwen2Config.from_hf(hf)
