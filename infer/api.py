@@ -12,21 +12,31 @@ JSONL records hold exactly one of "prompt" (text), "prompt_ids" (token ids) or "
 (copied to the output) and per-request sampling fields (max_new_tokens, temperature, top_k,
 top_p, seed, stop_token_ids, ignore_eos). Each output line is {"index", "output_ids", "text",
 "finish_reason", "num_prompt_tokens"} (+ "id" / "metadata"), or {"index", "error", "param"}
-for a bad record.
+for a bad record; "index" is the 0-based line number of the input.
+
+Nothing finished is lost: output lines are flushed as their batch finishes, and a run that
+stops early keeps them in `OUT.partial` (`run_jsonl`). A stop request (`stop_requested`, set by
+the command line's SIGINT / SIGTERM handler) is honoured between decode steps and records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from qwen2_jax import checkpoint
 from qwen2_jax.infer import validation
 from qwen2_jax.infer.engine import Engine, GenerationResult
 from qwen2_jax.infer.sampling import SamplingParams
+from qwen2_jax.tokenizer import encode_chat, load_tokenizer
 
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 _PROMPT_KEYS = ("prompt", "prompt_ids", "messages")
@@ -49,51 +59,73 @@ class Completion:
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "float32",
-               compute_dtype: str | None = None, show_progress: bool = False):
-  """(config, params) from an HF directory (config.json + safetensors) or an Orbax directory."""
-  path = os.fspath(path)
-  overrides = {} if compute_dtype is None else {"dtype": compute_dtype}
-  if os.path.isdir(os.path.join(path, "params")):
-    from qwen2_jax.checkpoint.orbax_io import restore_orbax  # pylint: disable=import-outside-toplevel
-    return restore_orbax(path, dtype=dtype, **overrides)
-  from qwen2_jax.checkpoint.hf import load_hf_checkpoint  # pylint: disable=import-outside-toplevel
-  if compute_dtype is not None:
-    overrides = {"compute_dtype": compute_dtype}
-  return load_hf_checkpoint(path, dtype=dtype, show_progress=show_progress, **overrides)
+               compute_dtype: str | None = None, show_progress: bool = False,
+               allow_nonfinite: bool = False):
+  """(config, params) from an HF directory (config.json + safetensors) or an Orbax directory
+  (`qwen2_jax.checkpoint.load`); weights holding NaN or Inf raise unless `allow_nonfinite`."""
+  overrides = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+  return checkpoint.load(path, dtype=dtype, progress=show_progress,
+                         allow_nonfinite=allow_nonfinite, **overrides)
 
 
 def _has_tokenizer(path: str) -> bool:
   return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
 
-class Generator:
-  """An `Engine` plus an optional tokenizer (needed for text prompts, chat and output text)."""
+class GenerationInterrupted(Exception):
+  """Generation stopped at a stop request (`Generator.stop_requested`, e.g. after SIGINT); the
+  message says what was kept. Not a `UserError`: the command line exits 128 + the signal."""
 
-  def __init__(self, engine: Engine, tokenizer=None):
+
+class Generator:
+  """An `Engine` plus an optional tokenizer (needed for text prompts, chat and output text).
+
+  With a tokenizer (and `mask_vocab`, the default), ids the tokenizer does not have are never
+  generated (`Engine.vocab_limit`; see `qwen2_jax.infer.sampling`).
+
+  `stop_requested` is called between decode steps (every `check_interval` of them) and between
+  records; when it returns true, generation raises `GenerationInterrupted` at that point, so a
+  signal handler that only sets a flag stops generation outside of any JAX call.
+  """
+
+  check_interval = 16  # decode steps between two calls of `stop_requested`
+
+  def __init__(self, engine: Engine, tokenizer=None, *, mask_vocab: bool = True):
     self.engine = engine
     self.tokenizer = tokenizer
+    self.stop_requested: Callable[[], bool] | None = None
     stops = set(engine.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_id is not None:
       stops.add(int(tokenizer.eos_id))
     engine.eos_token_ids = tuple(sorted(stops))
+    if tokenizer is not None and mask_vocab and tokenizer.vocab_size < engine.config.vocab_size:
+      engine.vocab_limit = tokenizer.vocab_size
     im_end = None if tokenizer is None else tokenizer.token_to_id("<|im_end|>")
     self._chat_stops = () if im_end is None else (int(im_end),)
 
   @classmethod
   def from_pretrained(cls, model_path: str | os.PathLike, tokenizer_path=None, *,
                       dtype: str = "float32", compute_dtype: str | None = None,
-                      show_progress: bool = False, **engine_kwargs) -> "Generator":
-    """Loads the model (HF or Orbax dir) and the tokenizer (default: the model dir's, if any)."""
-    config, params = load_model(model_path, dtype=dtype, compute_dtype=compute_dtype,
-                                show_progress=show_progress)
-    engine = Engine(config, params, **engine_kwargs)
-    del params
+                      show_progress: bool = False, allow_nonfinite: bool = False,
+                      mask_vocab: bool = True, **engine_kwargs) -> "Generator":
+    """Loads the model (HF or Orbax dir) and the tokenizer (default: the model dir's, if any).
+
+    The engine settings (max_batch_size, max_context: at most `validation.context_limit` of the
+    model) and the tokenizer are checked before the weights are read.
+    """
+    validation.check_engine_settings(
+        max_batch_size=engine_kwargs.get("max_batch_size", 8),
+        max_context=engine_kwargs.get("max_context"),
+        limit=validation.context_limit(checkpoint.load_config(model_path)))
     tokenizer = None
     path = tokenizer_path or (model_path if _has_tokenizer(os.fspath(model_path)) else None)
     if path is not None:
-      from qwen2_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
       tokenizer = load_tokenizer(path)
-    return cls(engine, tokenizer)
+    config, params = load_model(model_path, dtype=dtype, compute_dtype=compute_dtype,
+                                show_progress=show_progress, allow_nonfinite=allow_nonfinite)
+    engine = Engine(config, params, **engine_kwargs)
+    del params
+    return cls(engine, tokenizer, mask_vocab=mask_vocab)
 
   # ----- requests -----
   def _require_tokenizer(self, what: str):
@@ -108,12 +140,11 @@ class Generator:
     return list(prompt)
 
   def encode_messages(self, messages) -> list[int]:
-    from qwen2_jax.tokenizer import encode_chat  # pylint: disable=import-outside-toplevel
     try:
       return encode_chat(self._require_tokenizer("messages"), messages, add_generation_prompt=True)
     except validation.GenerationInputError:
       raise
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
       raise validation.RequestFormatError("messages", str(e)) from None
 
   def chat_sampling(self, sampling: SamplingParams) -> SamplingParams:
@@ -122,7 +153,8 @@ class Generator:
     return dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids + extra)
 
   def parse_record(self, record: Any, default: SamplingParams) -> tuple[list[int], SamplingParams]:
-    """One JSONL record -> (prompt ids, sampling). Raises a `GenerationInputError` subclass."""
+    """One JSONL record -> (prompt ids, sampling). Raises a `GenerationInputError` subclass
+    naming the field for any bad field, whatever its type."""
     if not isinstance(record, Mapping):
       raise validation.RequestFormatError("record", f"must be a JSON object, got "
                                           f"{type(record).__name__}")
@@ -133,11 +165,12 @@ class Generator:
     if len(given) != 1:
       raise validation.RequestFormatError(
           "prompt", f"needs exactly one of {list(_PROMPT_KEYS)}, got {given or 'none'}")
-    overrides = {k: record[k] for k in SAMPLING_KEYS if k in record}
-    if "stop_token_ids" in overrides:
-      overrides["stop_token_ids"] = tuple(overrides["stop_token_ids"])
-    sampling = dataclasses.replace(default, **overrides)
+    sampling = dataclasses.replace(default, **{k: record[k] for k in SAMPLING_KEYS if k in record})
     if "messages" in record:
+      if not isinstance(record["messages"], list):
+        raise validation.RequestFormatError("messages", f"must be a list of {{\"role\", "
+                                            f"\"content\"}} objects, got "
+                                            f"{type(record['messages']).__name__}")
       return self.encode_messages(record["messages"]), self.chat_sampling(sampling)
     if "prompt" in record:
       if not isinstance(record["prompt"], str):
@@ -145,7 +178,8 @@ class Generator:
       return self.encode_prompt(record["prompt"]), sampling
     ids = record["prompt_ids"]
     if not isinstance(ids, list):
-      raise validation.TokenIdError("prompt_ids", "must be a list of integers")
+      raise validation.TokenIdError("prompt_ids", f"must be a list of integers, got "
+                                    f"{type(ids).__name__}")
     return ids, sampling
 
   def text_of(self, result: GenerationResult) -> str | None:
@@ -155,6 +189,44 @@ class Generator:
     return self.tokenizer.decode(ids, skip_special_tokens=True)
 
   # ----- generation -----
+  def _check_stop(self) -> None:
+    if self.stop_requested is not None and self.stop_requested():
+      raise GenerationInterrupted("interrupted")
+
+  def run_batch(self, requests: list[tuple[list[int], SamplingParams]]
+                ) -> list[GenerationResult]:
+    """`Engine.run_batch`, with `stop_requested` checked every `check_interval` decode steps.
+
+    Each check follows a device-to-host read of the batch's `done` flags, so no computation is
+    in flight when `GenerationInterrupted` is raised.
+    """
+    if self.stop_requested is None:
+      return self.engine.run_batch(requests)
+    self._check_stop()
+    batch = self.engine.prepare(requests)
+    state = self.engine.prefill(batch)
+    step, limit = 1, batch["max_steps"]  # the prefill made each row's first token
+    while step < limit and not np.all(np.asarray(state.done)):
+      self._check_stop()
+      step = min(step + self.check_interval, limit)
+      state = self.engine.decode(batch, state, step)
+    return self.engine.results(batch, state)
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               sampling: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> list[GenerationResult]:
+    """`Engine.generate` (validated first; results in the order of `prompts`) through
+    `run_batch`, so a stop request is honoured between decode steps."""
+    requests = self.engine.validate(prompts, sampling)
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))  # less padding
+    results: list[GenerationResult | None] = [None] * len(requests)
+    size = self.engine.max_batch_size
+    for start in range(0, len(order), size):
+      idx = order[start:start + size]
+      for i, r in zip(idx, self.run_batch([requests[i] for i in idx])):
+        results[i] = r
+    return results
+
   def complete(self, prompts: Sequence[str | Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> list[Completion]:
@@ -165,7 +237,7 @@ class Generator:
         ids.append(self.encode_prompt(p))
       except validation.GenerationInputError as e:
         raise e.at(i) from None
-    return [Completion(r, self.text_of(r)) for r in self.engine.generate(ids, sampling)]
+    return [Completion(r, self.text_of(r)) for r in self.generate(ids, sampling)]
 
   def stream_text(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
                   *, interval: int = 4) -> Iterable[str]:
@@ -173,6 +245,7 @@ class Generator:
     tok = self._require_tokenizer("prompt")
     stops = set(self.engine.eos_token_ids) | set((sampling or SamplingParams()).stop_token_ids)
     ids, shown, text = [], "", ""
+    self._check_stop()
     for chunk in self.engine.stream(prompt_ids, sampling, interval=interval):
       ids += chunk
       visible = ids[:-1] if ids and ids[-1] in stops else ids
@@ -180,6 +253,7 @@ class Generator:
       if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
         yield text[len(shown):]
         shown = text
+      self._check_stop()  # the stream has read this chunk back: nothing is in flight
     if text != shown and text.startswith(shown):  # a trailing incomplete character
       yield text[len(shown):]
 
@@ -194,73 +268,182 @@ class Generator:
         on_text(piece)
     return "".join(pieces)
 
-  def run_jsonl(self, input_path: str | os.PathLike, output_path: str | os.PathLike,
-                sampling: SamplingParams | None = None, *, on_error: str = "skip",
-                progress: bool = True, log=None, chunk_size: int | None = None
-                ) -> dict[str, Any]:
-    """Generates for every JSONL record; writes one output line per input line, in order.
-
-    Every line is parsed and validated first. `on_error="skip"` reports each bad line (to `log`
-    and as an {"index", "error", "param"} output line) and generates the rest; "stop" reports
-    the first bad line and raises it before generating anything (no output file is written).
-    Returns a summary: requests, errors, generated tokens, seconds, tokens/s, compilations.
-    """
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
+  # ----- JSONL batches -----
+  def read_jsonl(self, input_path: str | os.PathLike, sampling: SamplingParams | None = None,
+                 *, on_error: str = "skip", log=None) -> list[tuple[int, Any, Any, Any]]:
+    """Parses and validates every record of a JSONL file: (index, record, prompt ids, sampling)
+    per non-blank line, or (index, None, error, None) for a bad one (any bad field, invalid
+    JSON or UTF-8), whose error names `file:line` and the field. `on_error="stop"` raises the
+    first bad line's error instead; "skip" reports each to `log`."""
     if on_error not in ("skip", "stop"):
       raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
-    log = log or sys.stderr
     default = sampling or SamplingParams()
-    parsed: list[Any] = []
-    with open(input_path, encoding="utf-8") as f:
-      for index, line in enumerate(f):
-        if not line.strip():
+    parsed: list[tuple[int, Any, Any, Any]] = []
+    with open(input_path, "rb") as f:  # bytes: a bad line must not stop the others decoding
+      for index, raw in enumerate(f):
+        if not raw.strip():
           continue
         try:
           try:
+            line = raw.decode("utf-8-sig" if index == 0 else "utf-8")
+          except UnicodeDecodeError as e:
+            raise validation.RequestFormatError(
+                "record", f"invalid UTF-8 at byte {e.start}: {raw[e.start:e.start + 4]!r}"
+            ) from None
+          try:
             record = json.loads(line)
-          except json.JSONDecodeError as e:
+          except ValueError as e:  # JSONDecodeError, or an integer of over 4300 digits
             raise validation.RequestFormatError("record", f"invalid JSON: {e}") from None
+          except RecursionError:
+            raise validation.RequestFormatError("record", "invalid JSON: nested too deeply"
+                                                ) from None
           ids, sp = self.parse_record(record, default)
           ids = validation.check_request(ids, sp, vocab_size=self.engine.config.vocab_size,
                                          max_context=self.engine.max_context)
           parsed.append((index, record, ids, sp))
         except validation.GenerationInputError as e:
-          e = e.at(index)
+          e = e.in_file(input_path, index + 1)
           if on_error == "stop":
             raise e from None
-          print(f"line {index + 1}: skipped: {e}", file=log)
+          print(f"skipped {e}", file=log or sys.stderr)
           parsed.append((index, None, e, None))
+    return parsed
+
+  def run_jsonl(self, input_path: str | os.PathLike, output_path: str | os.PathLike,
+                sampling: SamplingParams | None = None, *, on_error: str = "skip",
+                progress: bool = True, log=None, chunk_size: int | None = None
+                ) -> dict[str, Any]:
+    """Generates for every JSONL record; the output has one line per input line, in order.
+
+    Every line is parsed and validated first (`read_jsonl`): a bad line becomes an {"index",
+    "error", "param"} output line (`on_error="skip"`), or its error is raised before anything
+    is generated or written ("stop"). Lines are written and flushed as their batch finishes, to
+    a temporary file beside the output (`OUT.<pid>.tmp`), which is renamed to the output once
+    every line is there. If generation stops early (`GenerationInterrupted`, or any exception),
+    the lines finished so far are kept in `OUT.partial`, in the order they finished, each with
+    its input "index"; the output itself is left as it was. Returns a summary: requests,
+    errors, generated tokens, seconds, tokens/s, compilations, output.
+
+    Raises:
+      validation.InvalidPathError: the input is missing, the output's directory is missing, or
+        the output is the input.
+      GenerationInterrupted: on a stop request; its message says how many of how many records
+        were kept, and where.
+    """
+    validation.check_jsonl_paths(input_path, output_path)
+    log = log or sys.stderr
+    parsed = self.read_jsonl(input_path, sampling, on_error=on_error, log=log)
     good = [p for p in parsed if p[1] is not None]
     chunk_size = chunk_size or self.engine.max_batch_size * 16
     tokens, t0 = 0, time.perf_counter()
     compiles0 = self.engine.stats["num_compilations"]
-    out_lines: dict[int, dict] = {p[0]: {"index": p[0], "error": str(p[2]), "param": p[2].param}
-                                  for p in parsed if p[1] is None}
-    tmp = f"{os.fspath(output_path)}.tmp"
+    out = _ResultFile(output_path, input_path)
     bar = tqdm(total=len(good), unit="req", disable=not progress, file=log, desc="generate")
-    with open(tmp, "w", encoding="utf-8") as out:
+    try:
+      for index, record, error, _ in parsed:
+        if record is None:
+          out.write(index, {"index": index, "error": str(error), "param": error.param})
       for start in range(0, len(good), chunk_size):
         chunk = good[start:start + chunk_size]
-        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][2]))
+        order = sorted(range(len(chunk)), key=lambda i: len(chunk[i][2]))  # less padding
         for b in range(0, len(order), self.engine.max_batch_size):
+          self._check_stop()
           idx = order[b:b + self.engine.max_batch_size]
-          for i, r in zip(idx, self.engine.run_batch([(chunk[i][2], chunk[i][3]) for i in idx])):
+          for i, r in zip(idx, self.run_batch([(chunk[i][2], chunk[i][3]) for i in idx])):
             index, record = chunk[i][0], chunk[i][1]
             line = {"index": index, "output_ids": r.output_ids, "text": self.text_of(r),
                     "finish_reason": r.finish_reason, "num_prompt_tokens": len(r.prompt_ids)}
             line.update({k: record[k] for k in _PASSTHROUGH_KEYS if k in record})
-            out_lines[index] = line
+            out.write(index, line)
             tokens += len(r.output_ids)
+          out.flush()
           bar.update(len(idx))
           bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
-        for index in sorted(i for i in out_lines if i <= chunk[-1][0]):  # in input order
-          out.write(json.dumps(out_lines.pop(index), ensure_ascii=False) + "\n")
-      for index in sorted(out_lines):
-        out.write(json.dumps(out_lines.pop(index), ensure_ascii=False) + "\n")
-    bar.close()
-    os.replace(tmp, output_path)
+      out.commit()
+    except BaseException as e:
+      kept = out.keep_partial()
+      note = (f"{out.num_lines} of {len(parsed)} records finished"
+              + (f", kept in {kept} (in the order they finished; each line has its input "
+                 f"\"index\")" if kept else "") + f"; {os.fspath(output_path)} was not written")
+      if isinstance(e, GenerationInterrupted):
+        raise GenerationInterrupted(f"interrupted: {note}") from None
+      print(f"generation failed: {note}", file=log)
+      raise
+    finally:
+      bar.close()
     seconds = time.perf_counter() - t0
     return {"requests": len(good), "errors": len(parsed) - len(good), "generated_tokens": tokens,
             "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9), 2),
-            "new_compilations": self.engine.stats["num_compilations"] - compiles0}
+            "new_compilations": self.engine.stats["num_compilations"] - compiles0,
+            "output": os.fspath(output_path)}
+
+
+class _ResultFile:
+  """Output lines of a JSONL batch, written and flushed as they finish to a temporary file beside
+  the output (same directory: the final rename is atomic). `commit` puts them in input order
+  and renames the file to the output; `keep_partial` renames it to `OUT.partial`.
+
+  Files are created with O_EXCL ("x"): a name already taken is never overwritten, and the mode
+  follows the umask like any new file.
+  """
+
+  def __init__(self, path: str | os.PathLike, input_path: str | os.PathLike):
+    self.path, self.input_path = os.fspath(path), os.fspath(input_path)
+    self.tmp, self.file = self._create(f"{self.path}.{os.getpid()}", ".tmp")
+    self.spans: list[tuple[int, int, int]] = []  # (input index, offset, bytes) per line
+
+  @property
+  def num_lines(self) -> int:
+    return len(self.spans)
+
+  @staticmethod
+  def _create(stem: str, suffix: str):
+    for n in itertools.count():
+      name = f"{stem}{f'-{n}' if n else ''}{suffix}"
+      try:
+        return name, open(name, "x+b")
+      except FileExistsError:
+        continue
+
+  def write(self, index: int, line: dict) -> None:
+    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+    self.spans.append((index, self.file.tell(), len(data)))
+    self.file.write(data)
+
+  def flush(self) -> None:
+    self.file.flush()  # in the OS: survives the process, whatever ends it
+
+  def _close(self, file) -> None:
+    file.flush()
+    os.fsync(file.fileno())  # the rename that follows must not outlive the data on a crash
+    file.close()
+
+  def commit(self) -> None:
+    """Writes the output in input order (a rewrite only when lines finished out of order)."""
+    ordered = sorted(self.spans)
+    if ordered != self.spans:
+      name, final = self._create(f"{self.path}.{os.getpid()}", ".sorted.tmp")
+      self.file.flush()
+      for _, offset, size in ordered:
+        self.file.seek(offset)
+        final.write(self.file.read(size))
+      self.file.close()
+      os.unlink(self.tmp)
+      self.tmp, self.file = name, final
+    self._close(self.file)
+    os.replace(self.tmp, self.path)
+
+  def keep_partial(self) -> str | None:
+    """Renames what was written to `OUT.partial` (never onto the input); None if nothing was."""
+    if not os.path.exists(self.tmp):  # committed already
+      return None
+    if not self.file.closed:
+      self._close(self.file)
+    if not self.spans:
+      os.unlink(self.tmp)
+      return None
+    partial = f"{self.path}.partial"
+    if os.path.exists(partial) and os.path.samefile(partial, self.input_path):
+      partial = self.tmp[:-len(".tmp")] + ".partial"
+    os.replace(self.tmp, partial)
+    return partial

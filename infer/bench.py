@@ -6,7 +6,9 @@ by both). Per batch size: prefill tokens/s (prompt tokens / prefill time) and de
 over `repeats` runs after a warm-up, ours and transformers interleaved so both see the same
 machine load. Compile time is reported separately. The decode floor is the time to read, once,
 every parameter plus the valid KV cache at the mean context length, at the machine's measured
-copy bandwidth (numpy copy of 512 MiB on all CPUs, bytes read + written per second).
+copy bandwidth (numpy copy of 512 MiB on all CPUs, bytes read + written per second). Prefill
+MFU: model FLOPs per prompt token (`qwen2_jax.flops.prefill_flops_per_token`) x prefill tokens/s
+over the device's peak (`qwen2_jax.flops.peak_flops_for_devices`: a measured matmul rate on CPU).
 transformers: `generate` (greedy, dynamic cache), timed as generate(max_new_tokens=1) for the
 prefill and generate(max_new_tokens=N) minus that for the decode.
 """
@@ -20,6 +22,16 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+
+import qwen2_jax as q
+from qwen2_jax import flops
+from qwen2_jax.checkpoint.hf import save_hf_checkpoint
+from qwen2_jax.infer.engine import Engine
+from qwen2_jax.infer.sampling import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +67,6 @@ def copy_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5, threads: int | 
                    ) -> float:
   """Median bytes/s (read + written) of a numpy copy between preallocated buffers, split over
   `threads` threads (default: all CPUs; numpy releases the GIL while copying)."""
-  # pylint: disable=import-outside-toplevel
-  from concurrent.futures import ThreadPoolExecutor
-  import numpy as np
   threads = threads or os.cpu_count() or 1
   src = np.ones(num_bytes // 4, np.float32)
   dst = np.empty_like(src)
@@ -81,14 +90,6 @@ def run_generate_benchmark(*, preset="qwen2-0.5b", dtype="float32", prompt_len=1
                            compare_transformers=True, layout="auto", torch_threads=None,
                            log=None) -> dict:
   """Runs the benchmark; returns a dict of settings, machine facts and per-batch results."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  import numpy as np
-
-  import qwen2_jax as q
-  from qwen2_jax.infer.engine import Engine
-  from qwen2_jax.infer.sampling import SamplingParams
-
   say = lambda msg: print(msg, file=log or sys.stderr, flush=True)
   config = q.get_preset(preset, param_dtype=dtype, dtype=dtype, eos_token_id=None,
                         max_position_embeddings=max(32768, prompt_len + new_tokens))
@@ -100,6 +101,8 @@ def run_generate_benchmark(*, preset="qwen2-0.5b", dtype="float32", prompt_len=1
   engine = Engine(config, params, max_batch_size=max(batch_sizes), layout=layout)
   del params
   bandwidth = copy_bandwidth()
+  peak = flops.peak_flops_for_devices(jax.devices())
+  prefill_flops = flops.prefill_flops_per_token(config, prompt_len)
   say(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()}")
   c = config
   kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_size * \
@@ -107,6 +110,7 @@ def run_generate_benchmark(*, preset="qwen2-0.5b", dtype="float32", prompt_len=1
   out = {"preset": preset, "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
          "repeats": repeats, "layout": layout, "param_bytes": param_bytes,
          "copy_bandwidth_GBps": round(bandwidth / 1e9, 2), "cpu_count": os.cpu_count(),
+         "peak_flops_per_device": peak, "prefill_flops_per_token": prefill_flops,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": os.getloadavg(),
          "torch_threads": torch_threads or os.cpu_count() if compare_transformers else None,
          "jax": jax.__version__, "backend": jax.default_backend(), "batches": {}}
@@ -148,6 +152,7 @@ def run_generate_benchmark(*, preset="qwen2-0.5b", dtype="float32", prompt_len=1
                                   if k not in compiles_before}},
            "decode_floor_step_ms": floor_ms, "decode_bytes_per_step": step_bytes}
     row["ours"]["fraction_of_floor"] = floor_ms / row["ours"]["decode_step_ms"]
+    row["ours"]["prefill_mfu"] = _mfu(row["ours"]["prefill_tok_s"], prefill_flops, peak)
     if hf_model is not None:
       prefill = statistics.median(hf_p)
       decode = statistics.median([g - p for g, p in zip(hf_g, hf_p)])
@@ -155,6 +160,8 @@ def run_generate_benchmark(*, preset="qwen2-0.5b", dtype="float32", prompt_len=1
                              "prefill_tok_s": B * prompt_len / prefill,
                              "decode_step_ms": 1000 * decode / steps,
                              "decode_tok_s": B * steps / decode}
+      row["transformers"]["prefill_mfu"] = _mfu(row["transformers"]["prefill_tok_s"],
+                                                prefill_flops, peak)
       row["ratio_prefill"] = row["ours"]["prefill_tok_s"] / row["transformers"]["prefill_tok_s"]
       row["ratio_decode"] = row["ours"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
       same = ours_tokens == hf_tokens[:, :new_tokens]
@@ -165,11 +172,16 @@ def run_generate_benchmark(*, preset="qwen2-0.5b", dtype="float32", prompt_len=1
   return out
 
 
+def _mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
+  return None if not peak else tokens_per_s * flops_per_token / peak
+
+
 def _load_transformers(config, params, say, threads):
+  # torch and transformers only when comparing: slow to import, and `qwen2-jax --help` imports
+  # this module for its flags.
   # pylint: disable=import-outside-toplevel
   import torch
   import transformers
-  from qwen2_jax.checkpoint.hf import save_hf_checkpoint
 
   torch.set_num_threads(threads)
   with tempfile.TemporaryDirectory(prefix="qwen2_bench_") as tmp:
@@ -196,6 +208,10 @@ def _time_transformers(model, prompts, new_tokens):
   return t1 - t0, t2 - t1, out[:, ids.shape[1]:].numpy()
 
 
+def _pct(x: float | None) -> str:
+  return "-" if x is None else f"{x:.1%}"
+
+
 def format_table(r: dict) -> str:
   """A markdown table of the results."""
   lines = [f"# generate benchmark: {r['preset']} {r['dtype']}, prompt {r['prompt_len']}, "
@@ -204,18 +220,20 @@ def format_table(r: dict) -> str:
            f"XLA_FLAGS='{r['xla_flags']}', torch threads {r['torch_threads']}, "
            f"load avg {r['load_average_start']} -> "
            f"{r['load_average_end']}",
-           "", "| B | impl | prefill tok/s | decode tok/s | decode ms/step | floor ms/step | "
-           "floor/step | compile s |", "|---|---|---|---|---|---|---|---|"]
+           "", "| B | impl | prefill tok/s | prefill MFU | decode tok/s | decode ms/step | "
+           "floor ms/step | floor/step | compile s |", "|---|---|---|---|---|---|---|---|---|"]
   for B, row in r["batches"].items():
     o = row["ours"]
-    lines.append(f"| {B} | qwen2-jax | {o['prefill_tok_s']:.1f} | {o['decode_tok_s']:.1f} | "
+    lines.append(f"| {B} | qwen2-jax | {o['prefill_tok_s']:.1f} | {_pct(o['prefill_mfu'])} | "
+                 f"{o['decode_tok_s']:.1f} | "
                  f"{o['decode_step_ms']:.1f} | {row['decode_floor_step_ms']:.1f} | "
                  f"{o['fraction_of_floor']:.2f} | "
                  f"{', '.join(f'{k} {v}' for k, v in o['compile_s'].items())} |")
     if "transformers" in row:
       t = row["transformers"]
-      lines.append(f"| {B} | transformers | {t['prefill_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
+      lines.append(f"| {B} | transformers | {t['prefill_tok_s']:.1f} | "
+                   f"{_pct(t['prefill_mfu'])} | {t['decode_tok_s']:.1f} | "
                    f"{t['decode_step_ms']:.1f} | | | - |")
-      lines.append(f"| {B} | ratio | {row['ratio_prefill']:.2f}x | {row['ratio_decode']:.2f}x | "
+      lines.append(f"| {B} | ratio | {row['ratio_prefill']:.2f}x | | {row['ratio_decode']:.2f}x | "
                    f"| | | greedy agreement {row['greedy_agreement']} |")
   return "\n".join(lines)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2_jax import model as model_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.infer import sampling as sampling_lib
 from qwen2_jax.infer import validation
@@ -169,11 +170,7 @@ def decode_layout(config: Qwen2Config, params) -> tuple[Qwen2Config, Any]:
   and multiplies by a [V, H] matrix slower than by [H, V]; both cost ~2-3x in decode step time.
   Costs extra host memory while the caller keeps the original params (and V * H for the head).
   """
-  out = dict(params)
-  if "layers" in params and config.scan_layers:
-    stacked = out.pop("layers")
-    for i in range(config.num_hidden_layers):
-      out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  out = model_lib.unstack_layers(params, config)
   if config.tie_word_embeddings:
     out["lm_head"] = jnp.asarray(params["embed_tokens"]["embedding"].T)
   return config.replace(scan_layers=False, tie_word_embeddings=False), out
@@ -244,7 +241,8 @@ def abstract_program_args(config: Qwen2Config, program: str, batch: int, prompt_
                         sharding.param_shardings(config, mesh, rules))
   row = lambda dtype: struct((batch,), dtype, ROW_AXES)
   rp = RowParams(row(jnp.float32), row(jnp.int32), row(jnp.float32), row(jnp.uint32),
-                 row(jnp.int32), struct((batch, stop_width), jnp.int32, ROW_AXES + (None,)))
+                 row(jnp.int32), struct((batch, stop_width), jnp.int32, ROW_AXES + (None,)),
+                 row(jnp.int32))
   if program == "prefill":
     return (params, struct((batch, prompt_len), jnp.int32, ROW_AXES + (None,)), row(jnp.int32),
             rp)
@@ -274,12 +272,15 @@ class Engine:
     min_prompt_bucket: smallest prompt bucket.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
       "unrolled" (always `decode_layout`) or "as_is".
+    vocab_limit: ids >= this are never generated (their logits are masked); None: every id of
+      the model. `Generator` sets it to the tokenizer's size. An attribute; changing it never
+      recompiles.
   """
 
   def __init__(self, config: Qwen2Config, params, *, max_batch_size: int = 8,
                max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
                mesh=None, rules: Any = "fsdp_tp", min_prompt_bucket: int = 16,
-               layout: str = "auto"):
+               layout: str = "auto", vocab_limit: int | None = None):
     if layout not in ("auto", "unrolled", "as_is"):
       raise ValueError(f"layout must be 'auto', 'unrolled' or 'as_is', got {layout!r}")
     config = config.replace(remat_policy="none")
@@ -293,6 +294,7 @@ class Engine:
       eos_token_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
     self.min_prompt_bucket = int(min_prompt_bucket)
+    self.vocab_limit = vocab_limit
     self.mesh = mesh
     self.last_finish_reason: str | None = None
     self._compiled: dict[tuple, Any] = {}
@@ -399,7 +401,8 @@ class Engine:
       prompts[i, :len(ids)] = ids
     return {"n": n, "B": B, "P": P, "N": N, "W": W, "requests": requests,
             "prompts": prompts, "lengths": np.array([len(ids) for ids, _ in full], np.int32),
-            "rp": sampling_lib.row_params([sp for _, sp in full], stops, W),
+            "rp": sampling_lib.row_params([sp for _, sp in full], stops, W,
+                                          self.vocab_limit or self.config.vocab_size),
             "max_steps": max(sp.max_new_tokens for _, sp in requests)}
 
   def results(self, batch, state: DecodeState) -> list[GenerationResult]:

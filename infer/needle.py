@@ -24,6 +24,8 @@ import numpy as np
 
 from qwen2_jax.infer.engine import Engine
 from qwen2_jax.infer.sampling import SamplingParams
+from qwen2_jax.infer.validation import InvalidParameterError
+from qwen2_jax.tokenizer import apply_chat_template
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again.")
@@ -58,7 +60,7 @@ class Haystack:
   def __init__(self, tokenizer, text: str):
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
     if not sentences:
-      raise ValueError("the haystack text is empty")
+      raise InvalidParameterError("haystack", "the text is empty")
     self.pieces = [tokenizer.encode(" " + s, parse_special=False) for s in sentences]
 
   def take(self, n: int) -> tuple[list[int], list[int]]:
@@ -77,7 +79,6 @@ def _frame(tokenizer, task: NeedleTask) -> tuple[list[int], list[int]]:
   """Ids before the haystack and after it (the question, and the chat turn around it)."""
   head, tail = task.instruction + "\n", "\n" + task.question
   if task.chat:
-    from qwen2_jax.tokenizer import apply_chat_template  # pylint: disable=import-outside-toplevel
     marker = "\x00HAYSTACK\x00"
     rendered = apply_chat_template([{"role": "user", "content": head + marker + tail}],
                                    add_generation_prompt=True)
@@ -87,15 +88,19 @@ def _frame(tokenizer, task: NeedleTask) -> tuple[list[int], list[int]]:
 
 def build_case(tokenizer, haystack: Haystack, task: NeedleTask, length: int, depth: float,
                key: str, trial: int = 0) -> NeedleCase:
-  """The prompt of one (length, depth, key): exactly `length` tokens."""
+  """The prompt of one (length, depth, key): exactly `length` tokens.
+
+  Raises:
+    InvalidParameterError: (a `UserError` and `ValueError`) naming "depths" or "lengths".
+  """
   if not 0.0 <= depth <= 1.0:
-    raise ValueError(f"depth must be in [0, 1], got {depth}")
+    raise InvalidParameterError("depths", f"depth must be in [0, 1], got {depth}")
   head, tail = _frame(tokenizer, task)
   needle = tokenizer.encode(" " + task.needle.format(key=key), parse_special=False)
   budget = length - len(head) - len(needle) - len(tail)
   if budget < 0:
-    raise ValueError(f"length {length} is shorter than the prompt without haystack "
-                     f"({length - budget} tokens)")
+    raise InvalidParameterError("lengths", f"length {length} is shorter than the prompt "
+                                f"without haystack ({length - budget} tokens)")
   hay, starts = haystack.take(budget)
   target = round(depth * budget)
   cut = max([s for s in starts if s <= target], default=0) if depth < 1.0 else budget

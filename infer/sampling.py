@@ -1,12 +1,18 @@
 """Sampling: per-request `SamplingParams` and the vectorised sampler that runs inside the loop.
 
+Vocabulary mask: ids >= a row's `vocab_limit` get logit -inf before anything else, so they are
+never drawn and the reported logprobs are over the ids below it. `Generator` sets the limit to the
+tokenizer's size: Qwen2 checkpoints have more embedding rows (151,936) than their tokenizer has
+ids (151,646 to 151,669); the extra rows are untrained padding with no text, yet their logits
+can win a draw. Serving stacks mask ids >= len(tokenizer) for the same reason.
+
 Every setting is per row of the batch and travels as an array, so a batch may mix greedy,
 temperature, top-k and top-p requests, and changing them never recompiles. Order of the logit
 processors, as in `transformers`: temperature, then top-k, then top-p. `temperature == 0` is
 greedy (argmax). Randomness is reproducible per request: the key of a row's t-th generated token
 is `fold_in(key(seed), t)`, so a request's samples depend on neither its batch neighbours nor the
 batch size. Reported logprobs are those of the raw model distribution (log-softmax of the logits,
-before temperature / top-k / top-p), as vLLM reports them.
+before temperature / top-k / top-p, after the vocabulary mask), as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -31,16 +37,12 @@ class SamplingParams:
   temperature: float = 0.0            # 0: greedy; > 0: sample from softmax(logits / temperature)
   top_k: int = 0                      # keep the k most likely tokens; 0: off
   top_p: float = 1.0                  # keep the smallest set with probability >= top_p; 1: off
-  seed: int = 0                       # per-request RNG seed (unsigned 32 bit)
+  seed: int = 0                       # per-request RNG seed, in [0, 2**32)
   stop_token_ids: tuple[int, ...] = ()  # extra ids that end the request (EOS is added unless ...)
   ignore_eos: bool = False            # ... this is set
 
   def __post_init__(self):
-    try:
-      object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-    except TypeError:
-      raise validation.InvalidParameterError(
-          "stop_token_ids", f"must be a sequence of ids, got {self.stop_token_ids!r}") from None
+    object.__setattr__(self, "stop_token_ids", validation.stop_id_tuple(self.stop_token_ids))
     validation.check_sampling(self)
 
   @property
@@ -56,11 +58,13 @@ class RowParams(NamedTuple):
   seed: Array          # [B] u32
   max_new_tokens: Array  # [B] i32
   stop_ids: Array      # [B, W] i32, padded with -1
+  vocab_limit: Array   # [B] i32: ids >= this are never sampled (the vocabulary size: no mask)
 
 
 def row_params(params: list[SamplingParams], stop_ids: list[tuple[int, ...]],
-               stop_width: int) -> RowParams:
-  """Packs per-request params into arrays; `stop_ids[i]` already includes EOS where wanted."""
+               stop_width: int, vocab_limit: int) -> RowParams:
+  """Packs per-request params into arrays; `stop_ids[i]` already includes EOS where wanted;
+  `vocab_limit` is the number of ids that may be sampled (every row)."""
   stops = [list(s) + [-1] * (stop_width - len(s)) for s in stop_ids]
   return RowParams(
       temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
@@ -68,7 +72,14 @@ def row_params(params: list[SamplingParams], stop_ids: list[tuple[int, ...]],
       top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
       seed=jnp.asarray([p.seed % 2**32 for p in params], jnp.uint32),
       max_new_tokens=jnp.asarray([p.max_new_tokens for p in params], jnp.int32),
-      stop_ids=jnp.asarray(stops, jnp.int32).reshape(len(params), stop_width))
+      stop_ids=jnp.asarray(stops, jnp.int32).reshape(len(params), stop_width),
+      vocab_limit=jnp.full((len(params),), vocab_limit, jnp.int32))
+
+
+def mask_vocab(logits: Array, limit: Array) -> Array:
+  """Sets logits [B, V] of ids >= limit [B] to -inf."""
+  ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)  # [V]
+  return jnp.where(ids[None, :] < limit[:, None], logits, _NEG_INF)
 
 
 def mask_top_k(logits: Array, k: Array) -> Array:
@@ -107,7 +118,7 @@ def processed_logits(logits: Array, rp: RowParams) -> Array:
 
 def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
   """Next token [B] and its raw logprob [B] from logits [B, V] for the step-th generated token."""
-  logits = logits.astype(jnp.float32)
+  logits = mask_vocab(logits.astype(jnp.float32), rp.vocab_limit)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def draw(_):

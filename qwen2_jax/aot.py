@@ -6,9 +6,9 @@ so nothing is allocated: the 72B training step compiles on a laptop. From the co
 
   memory   per-device argument / output / temporary bytes (`compiled.memory_analysis()`),
            total = arguments + outputs - donated aliases + temporaries, vs the chip's HBM
-  FLOPs    XLA's `cost_analysis()` next to the analytic 6 * N * tokens + attention
+  FLOPs    XLA's `cost_analysis()` next to the analytic model FLOPs (`qwen2_jax.flops`)
   estimate a roofline step time max(compute, HBM traffic, collectives) and the MFU it implies:
-           ESTIMATES from peak numbers, never measured
+           ESTIMATES from peak numbers (`qwen2_jax.flops.CHIPS`), never measured
 
 XLA's cost analysis counts a while-loop body once, and the layer scan is a while loop; so the
 reported XLA FLOPs / bytes come from two extra unrolled compiles with 1 and 2 layers, extrapolated
@@ -16,12 +16,10 @@ linearly to L layers (cost(L) = a + b * L). Loops the TPU compiler itself create
 matmuls over FSDP shards) are still counted once, so XLA's figure can be BELOW the analytic one
 on FSDP meshes; the roofline uses the larger of the two.
 
-Targets: "train" (forward, backward, optimizer update of `qwen2_jax.train.step`), "sft" (the
-same step with the SFT recipe's optimizer), "dpo" / "dpo_precomputed" (`dpo_target`: the batch
-counts preference pairs, 2 sequences each; reference params on the mesh, or reference log-probs
-in the batch), "prefill" and "decode" (the generation engine's programs, `generation_target`: a [B, T] prompt batch into a
-cache of T + new_tokens slots; one decode step against that cache). A `Target` is a function
-(config, mesh, rules, batch, seq_len) -> `jax.stages.Lowered` plus its analytic FLOPs per token.
+What is compiled is a `Target`: a function (config, mesh, rules, batch, seq_len) ->
+`jax.stages.Lowered` plus its analytic FLOPs per token. The programs' owners define them
+(`qwen2_jax.train.targets`: train, sft, dpo, dpo_precomputed; `qwen2_jax.infer.targets`: prefill,
+decode) and `qwen2-jax compile` assembles the registry; this module imports neither.
 """
 
 from __future__ import annotations
@@ -33,39 +31,10 @@ import re
 import time
 from typing import Any, Callable
 
-import optax
-
 from qwen2_jax import api, sharding
 from qwen2_jax.config import Qwen2Config, num_params
+from qwen2_jax.flops import CHIPS, ChipSpec
 
-GiB = 1 << 30
-
-
-# ----------------------------------------------------------------------------------- the chips
-
-@dataclasses.dataclass(frozen=True)
-class ChipSpec:
-  """Per-chip peak numbers of one TPU generation (one JAX device per chip)."""
-  generation: str
-  hbm_bytes: int           # HBM capacity
-  peak_bf16_flops: float   # dense bf16 matmul peak, FLOP/s
-  hbm_bandwidth: float     # bytes/s
-  ici_bandwidth: float     # bytes/s per chip, all ICI links together (bidirectional)
-  torus_dims: int          # 3: v4/v5p (names count TensorCores, 2 per chip); 2: v5e/v6e (chips)
-  chip_config: str         # libtpu chip config: one device per chip
-
-# Sources (Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/<gen>, 2025):
-#   v4  (/tpu/docs/v4):  275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s, ICI 2400 Gbps per chip
-#   v5e (/tpu/docs/v5e): 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 1600 Gbps per chip
-#   v5p (/tpu/docs/v5p): 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s, ICI 4800 Gbps per chip
-#   v6e (/tpu/docs/v6e): 918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s, ICI 3584 Gbps per chip
-# HBM is taken in GiB (the pages write "GB"; the runtime reports 16/32/95 GiB usable-ish).
-CHIPS = {
-    "v4": ChipSpec("v4", 32 * GiB, 275e12, 1200e9, 2400e9 / 8, 3, "megacore"),
-    "v5e": ChipSpec("v5e", 16 * GiB, 197e12, 819e9, 1600e9 / 8, 2, "default"),
-    "v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2765e9, 4800e9 / 8, 3, "megacore"),
-    "v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1640e9, 3584e9 / 8, 2, "default"),
-}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e"}
 
 
@@ -116,9 +85,9 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
   if not m:
     raise ValueError(f"topology {name!r}: expected e.g. 'v5p-128' or 'v5p:4x4x4'")
   gen = _ALIASES.get(m.group(1), m.group(1))
-  if gen not in CHIPS:
-    raise ValueError(f"topology {name!r}: unknown TPU generation {m.group(1)!r}; known: "
-                     f"{sorted(CHIPS)}")
+  tpus = sorted(g for g, chip in CHIPS.items() if chip.is_tpu)
+  if gen not in tpus:
+    raise ValueError(f"topology {name!r}: unknown TPU generation {m.group(1)!r}; known: {tpus}")
   chip = CHIPS[gen]
   if "x" in m.group(2) or ":" in name:
     dims = tuple(int(d) for d in m.group(2).split("x"))
@@ -155,49 +124,6 @@ def topology_devices(topology: Topology) -> list[Any]:
 
 # ------------------------------------------------------------------------------------- targets
 
-def train_flops_per_token(config: Qwen2Config, seq_len: int) -> float:
-  """Model FLOPs per trained token: 6 * (matmul params; for MoE the active ones: top-k of the
-  routed experts) + 12 * L * N * D * T (attention scores and values over the full T x T square,
-  as the XLA path computes them)."""
-  attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_size \
-      * seq_len
-  return 6 * _matmul_params(config) + attention
-
-
-def _lower_train(config: Qwen2Config, mesh, rules, batch_size: int, seq_len: int):
-  from qwen2_jax.train import step as train_lib  # pylint: disable=import-outside-toplevel
-  optimizer = optax.adamw(1e-4)  # f32 mu and nu, like every Adam variant
-  state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
-  batch = train_lib.abstract_batch(batch_size, seq_len, mesh, rules)
-  return train_lib.make_train_step(config, optimizer, mesh, rules).lower(state, batch)
-
-
-def _matmul_params(config: Qwen2Config) -> float:
-  """Params that take part in a token's matmuls (MoE: only the top-k routed experts)."""
-  matmul_params = num_params(config) - config.vocab_size * config.hidden_size * (
-      0 if config.tie_word_embeddings else 1)  # the embedding lookup is not a matmul
-  if config.is_moe:
-    sparse = sum(config.is_sparse_layer(i) for i in range(config.num_hidden_layers))
-    matmul_params -= sparse * (config.num_experts - config.num_experts_per_tok) * 3 \
-        * config.hidden_size * config.moe_intermediate_size
-  return matmul_params
-
-
-def prefill_flops_per_token(config: Qwen2Config, seq_len: int) -> float:
-  """Forward FLOPs per prompt token: 2 * matmul params (the LM head only at each row's last
-  token) + 4 * L * N * D * T attention over the T x T square."""
-  head = config.vocab_size * config.hidden_size
-  attention = 4 * config.num_hidden_layers * config.num_attention_heads * config.head_size \
-      * seq_len
-  return 2 * (_matmul_params(config) - head) + 2 * head / seq_len + attention
-
-
-def decode_flops_per_token(config: Qwen2Config, cache_len: int) -> float:
-  """FLOPs per generated token: 2 * matmul params + 4 * L * N * D * S over the S cache slots."""
-  return 2 * _matmul_params(config) + 4 * config.num_hidden_layers \
-      * config.num_attention_heads * config.head_size * cache_len
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
   """What `compile` builds: (config, mesh, rules, B, T) -> `jax.stages.Lowered`, its analytic
@@ -207,71 +133,6 @@ class Target:
   flops_per_token: Callable[[Qwen2Config, int], float]
   tokens_per_step: Callable[[int, int], int] = lambda batch, seq_len: batch * seq_len
   training: bool = True
-
-
-def generation_target(program: str, new_tokens: int = 128) -> Target:
-  """`prefill` of a [B, T] prompt batch into a cache of T + new_tokens slots, or the `decode`
-  loop (one token per row per step; XLA's cost analysis counts the loop body, i.e. one step)
-  against that cache: the programs `qwen2_jax.infer.engine.Engine` runs, with the params as
-  given (layers scanned) and no remat."""
-  def lower(config, mesh, rules, batch_size, seq_len):
-    from qwen2_jax.infer import engine  # pylint: disable=import-outside-toplevel
-    config = config.replace(remat_policy="none")
-    fn = engine.jit_program(config, program, batch_size, seq_len + new_tokens, new_tokens,
-                            mesh, rules)
-    return fn.lower(*engine.abstract_program_args(config, program, batch_size, seq_len,
-                                                  new_tokens, mesh, rules))
-  if program == "prefill":
-    return Target("prefill", lower, prefill_flops_per_token, training=False)
-  if program == "decode":
-    return Target("decode", lower,
-                  lambda config, seq_len: decode_flops_per_token(config, seq_len + new_tokens),
-                  tokens_per_step=lambda batch, seq_len: batch, training=False)
-  raise ValueError(f"unknown generation program {program!r}")
-
-
-def _lower_sft(config: Qwen2Config, mesh, rules, batch_size: int, seq_len: int):
-  """SFT is the pretraining step on assistant-token masks, with the SFT recipe's AdamW."""
-  from qwen2_jax.train import step as train_lib  # pylint: disable=import-outside-toplevel
-  from qwen2_jax.train.optim import (OptimConfig,  # pylint: disable=import-outside-toplevel
-                                     make_optimizer)
-  optimizer = make_optimizer(OptimConfig(learning_rate=7e-6, min_learning_rate=7e-7))
-  state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
-  batch = train_lib.abstract_batch(batch_size, seq_len, mesh, rules)
-  return train_lib.make_train_step(config, optimizer, mesh, rules).lower(state, batch)
-
-
-def dpo_target(reference: str) -> Target:
-  """The DPO step (`qwen2_jax.train.dpo`) on `batch` preference pairs = 2 x batch sequences:
-  policy forward + backward, and the frozen reference's forward with its params as a second,
-  undonated input ("on_the_fly") or reference log-probs in the batch ("precomputed")."""
-  def lower(config, mesh, rules, batch_size, seq_len):
-    from qwen2_jax.train import dpo, step as train_lib  # pylint: disable=import-outside-toplevel
-    optimizer = optax.adamw(1e-6)
-    precomputed = reference == "precomputed"
-    state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
-    batch = dpo.abstract_batch(batch_size, seq_len, mesh, rules, precomputed=precomputed)
-    step = dpo.make_dpo_step(config, optimizer, mesh, rules, beta=0.1, reference=reference)
-    return step.lower(state, batch) if precomputed else step.lower(state, state.params, batch)
-  factor = 1.0 if reference == "precomputed" else 4.0 / 3.0  # + a forward (2N) per token
-  name = "dpo" if reference == "on_the_fly" else "dpo_precomputed"
-  return Target(name, lower, lambda config, seq_len: factor * train_flops_per_token(config,
-                                                                                    seq_len),
-                tokens_per_step=lambda batch, seq_len: 2 * batch * seq_len)
-
-
-TARGETS = {"train": Target("train", _lower_train, train_flops_per_token),
-           "sft": Target("sft", _lower_sft, train_flops_per_token),
-           "dpo": dpo_target("on_the_fly"), "dpo_precomputed": dpo_target("precomputed"),
-           "prefill": generation_target("prefill"), "decode": generation_target("decode")}
-
-
-def get_target(target: str | Target) -> Target:
-  if isinstance(target, Target):
-    return target
-  if target not in TARGETS:
-    raise ValueError(f"unknown compile target {target!r}; known: {sorted(TARGETS)}")
-  return TARGETS[target]
 
 
 # ------------------------------------------------------------------------------------- compile
@@ -294,14 +155,14 @@ class Compiled:
 
 
 def compile_step(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
-                 rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str | Target = "train",
+                 rules: sharding.Rules, batch_size: int, seq_len: int, *, target: Target,
                  hbm_margin: float = 0.05, devices=None) -> Compiled:
   """Compiles `target` for the topology; fits iff total bytes <= (1 - hbm_margin) * HBM."""
   devices = topology_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(mesh_config, devices)
   start = time.perf_counter()
   try:
-    compiled = get_target(target).lower(config, mesh, rules, batch_size, seq_len).compile()
+    compiled = target.lower(config, mesh, rules, batch_size, seq_len).compile()
   except Exception as e:  # pylint: disable=broad-except
     if not _is_oom(e):
       raise
@@ -328,7 +189,7 @@ def _cost(compiled) -> tuple[float, float]:
 
 
 def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_size: int,
-             seq_len: int, *, target: str | Target = "train", devices=None) -> dict[str, float]:
+             seq_len: int, *, target: Target, devices=None) -> dict[str, float]:
   """XLA FLOPs and bytes accessed per device for all L layers, from unrolled 1- and 2-layer
   compiles: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))."""
   devices = topology_devices(topology) if devices is None else devices
@@ -338,7 +199,7 @@ def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_
     small = config.replace(num_hidden_layers=layers, scan_layers=False,
                            max_window_layers=min(config.max_window_layers, layers),
                            mlp_only_layers=tuple(i for i in config.mlp_only_layers if i < layers))
-    costs.append(_cost(get_target(target).lower(small, mesh, rules, batch_size, seq_len).compile()))
+    costs.append(_cost(target.lower(small, mesh, rules, batch_size, seq_len).compile()))
   (f1, b1), (f2, b2) = costs
   L = config.num_hidden_layers
   return {"flops": f1 + (L - 1) * (f2 - f1), "bytes_accessed": b1 + (L - 1) * (b2 - b1)}
@@ -381,7 +242,7 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
 # ------------------------------------------------------------------------------------ planning
 
 def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
-         rules: sharding.Rules, batch_size: int, seq_len: int, *, target: str | Target = "train",
+         rules: sharding.Rules, batch_size: int, seq_len: int, *, target: Target,
          rules_name: str = "custom", hbm_margin: float = 0.05, with_cost: bool = True,
          compiled: Compiled | None = None) -> dict[str, Any]:
   """The full report of one configuration (see the module docstring); JSON-serialisable."""
@@ -390,11 +251,10 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
   if compiled is None:
     compiled = compile_step(config, topology, mesh_config, rules, batch_size, seq_len,
                             target=target, hbm_margin=hbm_margin, devices=devices)
-  spec = get_target(target)
-  tokens = spec.tokens_per_step(batch_size, seq_len)
-  per_token = spec.flops_per_token(config, seq_len)
+  tokens = target.tokens_per_step(batch_size, seq_len)
+  per_token = target.flops_per_token(config, seq_len)
   report: dict[str, Any] = {
-      "target": spec.name,
+      "target": target.name,
       "model": {"params": num_params(config), "layers": config.num_hidden_layers,
                 "param_dtype": config.param_dtype, "dtype": config.dtype,
                 "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
@@ -425,12 +285,12 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
                                            "xla_scanned_program": scan_bytes}
     report["estimate"] = {"note": "ESTIMATE from peak chip numbers (roofline), not measured",
                           **roofline(config, topology, mesh_shape, rules, tokens, xla, per_token,
-                                     training=spec.training)}
+                                     training=target.training)}
   return report
 
 
 def search_batch(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
-                 rules: sharding.Rules, seq_len: int, *, target: str | Target = "train",
+                 rules: sharding.Rules, seq_len: int, *, target: Target,
                  hbm_margin: float = 0.05, max_batch: int | None = None,
                  on_probe: Callable[[Compiled], None] | None = None
                  ) -> tuple[Compiled | None, list[Compiled]]:

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen2_jax import model as model_lib
+from qwen2_jax import moe
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.model import Qwen2ForCausalLM
 
@@ -102,8 +104,8 @@ def forward_with_aux(config: Qwen2Config, params: Params, input_ids: jax.Array, 
     [] share of assignments dropped by `config.moe_capacity_factor`}. For a dense model the
     losses are 0 and expert_load is [0, E].
   """
-  from qwen2_jax import moe  # pylint: disable=import-outside-toplevel
   logits, state = _model(config).apply({"params": params},
                                        *_check_inputs(input_ids, positions, segment_ids),
                                        mutable=["intermediates"])
-  return logits, moe.moe_aux(config, state.get("intermediates", {}))
+  stats = model_lib.sparse_layer_stats(state.get("intermediates", {}), config)
+  return logits, moe.moe_aux(config, stats)

@@ -1,8 +1,8 @@
 """Attention cores. `attention(...)` is the one place that picks an implementation.
 
-The XLA path here is the reference every faster path (the Pallas kernels of the long-context
-issue, the KV-cache decode) is tested against. GQA is computed by grouping query heads per kv
-head ([B, T, K, G, D]), never by materialising repeated K/V.
+The XLA path here is the reference every faster path (the Pallas flash kernel,
+`qwen2_jax.kernels.flash_attention`; the KV-cache decode) is tested against. GQA is computed by
+grouping query heads per kv head ([B, T, K, G, D]), never by materialising repeated K/V.
 
 Masking rule (shared by every implementation): query i may see key j iff
   causal:   kv_index[j] <= q_index[i]
@@ -13,8 +13,11 @@ Indices are token indices in the sequence (not RoPE positions, which restart per
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from qwen2_jax.kernels import flash_attention as flash_lib
 
 Array = jax.Array
 
@@ -114,7 +117,9 @@ def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_
   impl "xla": `xla_attention` with the masking rule above. impl "pallas": the Pallas flash
   kernel (`qwen2_jax.kernels.flash_attention`) inside `jax.shard_map`, batch split over the mesh
   axes the rules give "activation_batch" and heads over those of "activation_heads". The kernel
-  uses token indices 0..T-1 (what `q_index` is on this path) and has no sliding window.
+  uses token indices 0..T-1 (what `q_index` is on this path) and has no sliding window. It runs
+  as the Mosaic TPU kernel when lowered for TPU and in the Pallas interpreter on any other
+  backend (correct, slow: for CPU tests and debugging).
   """
   if impl == "xla":
     mask = attention_mask(q_index, q_index, segment_ids, segment_ids,
@@ -123,12 +128,9 @@ def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_
   if sliding_window is not None:
     raise ValueError("attention_impl='pallas' has no sliding window; use attention_impl='xla' "
                      "for configs with use_sliding_window")
-  import flax.linen as nn
-
-  from qwen2_jax.kernels import flash_attention as flash_lib
-
   batch_axes, _, head_axes, _ = tuple(nn.logical_to_mesh_axes(
       ("activation_batch", "activation_length", "activation_heads", "activation_kv")))
   return flash_lib.sharded_flash_attention(q, k, v, segment_ids, batch_axes=batch_axes,
-                                           head_axes=head_axes, causal=True, scale=scale)
+                                           head_axes=head_axes, causal=True, scale=scale,
+                                           interpret=None)
 

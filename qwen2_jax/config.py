@@ -234,28 +234,13 @@ class Qwen2Config:
                 source: str | None = None) -> "Qwen2Config":
     """Builds a config from this project's own dict/YAML/JSON form, typed and strict.
 
-    `{"preset": name, **fields}` starts from a published size (`presets.get_preset`) and sets
-    `fields` on it. `path`, `recipe` and `source` say where `d` sits, for error messages (see
-    `typed_config.structure`).
+    `path`, `recipe` and `source` say where `d` sits, for error messages (see
+    `typed_config.structure`). Recipes that name a published size (`{"preset": name, ...}`) go
+    through `presets.config_from_dict`.
     """
-    if isinstance(d, Qwen2Config):
-      return d
-    if not isinstance(d, Mapping):
-      return structure(cls, d, path=path, recipe=recipe, source=source)  # names the bad type
-    kwargs = dict(d)
-    if "preset" in kwargs:
-      from qwen2_jax import presets  # pylint: disable=import-outside-toplevel  (presets imports this module)
-      name = kwargs.pop("preset")
-      try:
-        base = presets.get_preset(str(name)).to_dict()
-      except ConfigError as e:
-        where = recipe.where(tuple(path.split(".")) + ("preset",)) if recipe else source
-        raise ConfigError(f"{where + ': ' if where else ''}{path + '.' if path else ''}preset: "
-                          f"{e}") from None
-      kwargs = {**base, **kwargs}
-    if isinstance(kwargs.get("extra"), Mapping):
-      kwargs["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in kwargs["extra"].items()))
-    return structure(cls, kwargs, path=path, recipe=recipe, source=source)
+    if isinstance(d, Mapping) and isinstance(d.get("extra"), Mapping):
+      d = dict(d, extra=tuple(sorted((k, json.dumps(v)) for k, v in d["extra"].items())))
+    return structure(cls, d, path=path, recipe=recipe, source=source)
 
   # ----- HF config.json -----
   @classmethod

@@ -2,9 +2,9 @@
 
 Exact softmax attention over every earlier key, split into three parts that rotate the query
 at different positions, so no relative distance exceeds what the model saw in pretraining
-(shared/reference/qwen2.md section 6). C = chunk_size, w = local_size, s = C - w is the chunk
-length; token i lies in chunk i // s. Every key j is rotated at position j mod s; query i is
-rotated at
+(ChunkLlama, arXiv 2402.17463; the Qwen2 technical report, arXiv 2407.10671). C = chunk_size,
+w = local_size, s = C - w is the chunk length; token i lies in chunk i // s. Every key j is
+rotated at position j mod s; query i is rotated at
   intra       keys of its own chunk, causal        i mod s
   successive  every key of the previous chunk      min(i mod s + s, C)
   inter       every key of all earlier chunks      min(2s - 1, C)   (one constant)
@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from qwen2_jax.attention import merge_attention
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.kernels import flash_attention as flash_lib
 from qwen2_jax.layers import rope_cos_sin, rope_inv_freq
 
 Array = jax.Array
@@ -153,10 +155,7 @@ def dual_chunk_flash_attention(qs, k: Array, v: Array, *, chunk_len: int, scale:
   Returns:
     out [B, T, N, D] in q's dtype.
   """
-  if attend is None:
-    from qwen2_jax.kernels import flash_attention as flash_lib  # pylint: disable=import-outside-toplevel
-    attend = flash_lib.flash_attention
-  attend = functools.partial(attend, scale=scale, **flash_kwargs)
+  attend = functools.partial(attend or flash_lib.flash_attention, scale=scale, **flash_kwargs)
   q_intra, q_succ, q_inter = qs
   B, T = q_intra.shape[:2]
   s = chunk_len
@@ -200,21 +199,18 @@ def dual_chunk_self_attention(qs, k: Array, v: Array, *, impl: str, chunk_len: i
 
   impl "xla": the reference (T x T scores in memory). impl "pallas": `dual_chunk_flash_attention`
   with each kernel call under `shard_map` (batch over the mesh axes of "activation_batch",
-  heads over those of "activation_heads"), as `attention.causal_self_attention` does.
+  heads over those of "activation_heads"), as `attention.causal_self_attention` does (Mosaic
+  when lowered for TPU, the Pallas interpreter elsewhere).
   """
   if impl == "xla":
     B, T = qs[0].shape[:2]
     index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     return dual_chunk_attention_reference(qs, k, v, index, index, chunk_len=chunk_len,
                                           scale=scale)
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from qwen2_jax.kernels import flash_attention as flash_lib  # pylint: disable=import-outside-toplevel
-
   batch_axes, _, head_axes, _ = tuple(nn.logical_to_mesh_axes(
       ("activation_batch", "activation_length", "activation_heads", "activation_kv")))
   attend = functools.partial(flash_lib.sharded_flash_attention, batch_axes=batch_axes,
-                             head_axes=head_axes)
+                             head_axes=head_axes, interpret=None)
   return dual_chunk_flash_attention(qs, k, v, chunk_len=chunk_len, scale=scale, attend=attend)
 
 

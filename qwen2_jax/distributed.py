@@ -24,7 +24,8 @@ import dataclasses
 import logging
 import os
 
-import jax
+# jax is imported inside the functions that use it: the CLI registers `add_arguments` while
+# building its parser, and `qwen2-jax --help` must not wait for jax to import.
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Raises:
     ValueError: only some of the three job arguments are given.
   """
+  import jax  # pylint: disable=import-outside-toplevel
   coordinator_address = coordinator_address or _env("COORDINATOR_ADDRESS")
   if num_processes is None and _env("NUM_PROCESSES"):
     num_processes = int(_env("NUM_PROCESSES"))
@@ -101,6 +103,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _use_gloo_on_cpu() -> None:
+  import jax  # pylint: disable=import-outside-toplevel
   platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
   if platforms.split(",")[0] in ("cpu", ""):
     # Harmless on TPU/GPU (the option only affects the CPU client), required on CPU.
@@ -108,11 +111,13 @@ def _use_gloo_on_cpu() -> None:
 
 
 def process_info() -> ProcessInfo:
+  import jax  # pylint: disable=import-outside-toplevel
   return ProcessInfo(jax.process_index(), jax.process_count(), jax.local_device_count(),
                      jax.device_count())
 
 
 def shutdown() -> None:
+  import jax  # pylint: disable=import-outside-toplevel
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from qwen2_jax import moe
+from qwen2_jax import moe_dispatch
 
 Array = jax.Array
 
@@ -93,10 +93,10 @@ def sharded_routed_experts(x: Array, idx: Array, weights: Array, w_gate: Array, 
     b, t, _ = x.shape
     K = idx.shape[-1]
     xf, idxf, wf = x.reshape(b * t, H), idx.reshape(b * t, K), weights.reshape(b * t, K)
-    capacity = moe.expert_capacity(b * t * K, E, capacity_factor)
-    keep = moe.keep_mask(idxf, E, capacity)
+    capacity = moe_dispatch.expert_capacity(b * t * K, E, capacity_factor)
+    keep = moe_dispatch.keep_mask(idxf, E, capacity)
     if ep == 1:
-      y = moe.sorted_dispatch(xf, idxf, wf, keep, w_gate, w_up, w_down, impl)
+      y = moe_dispatch.sorted_dispatch(xf, idxf, wf, keep, w_gate, w_up, w_down, impl)
     else:
       y = _exchange_dispatch(xf, idxf, wf, keep, w_gate, w_up, w_down, impl=impl,
                              axis=experts, ep=ep, num_experts=E, capacity=capacity)
@@ -134,14 +134,14 @@ def _exchange_dispatch(x: Array, idx: Array, weights: Array, keep: Array, w_gate
   send_e = jnp.where(valid, sorted_key[src] - dest * local, local).reshape(ep * C)
   recv_x = lax.all_to_all(send_x, axis, 0, 0, tiled=True)  # [ep * C, H], by source shard
   recv_e = lax.all_to_all(send_e, axis, 0, 0, tiled=True)  # [ep * C] local expert or sentinel
-  r_order, sizes = moe.group_by(recv_e, local)
+  r_order, sizes = moe_dispatch.group_by(recv_e, local)
   # Balanced routing brings each shard A rows of its ep * C slots (the rest are skipped).
-  ys = moe.expert_ffn(recv_x[r_order], sizes, w_gate, w_up, w_down, impl, rows_hint=A)
-  ys = ys[moe.inverse_permutation(r_order)]  # [ep * C, H] by slot
+  ys = moe_dispatch.expert_ffn(recv_x[r_order], sizes, w_gate, w_up, w_down, impl, rows_hint=A)
+  ys = ys[moe_dispatch.inverse_permutation(r_order)]  # [ep * C, H] by slot
   back = lax.all_to_all(ys, axis, 0, 0, tiled=True)  # my slots' results, by destination shard
   row = jnp.arange(A, dtype=jnp.int32)
   d = jnp.minimum(sorted_key // local, ep - 1)
   kept = sorted_key < E
   y_sorted = jnp.where(kept[:, None], back[jnp.where(kept, d * C + row - start[d], 0)], 0)
-  ys = y_sorted[moe.inverse_permutation(order)].reshape(n, K, H)  # [n, K, H] by token
+  ys = y_sorted[moe_dispatch.inverse_permutation(order)].reshape(n, K, H)  # [n, K, H] by token
   return jnp.einsum("NKH,NK->NH", ys, (weights * keep).astype(ys.dtype))

@@ -2,7 +2,8 @@
 
 Shape letters: B batch, T query length, S key length, H hidden, N query heads, K key/value
 heads, G = N // K query heads per kv head, D head width, F MLP width, V vocabulary, L layers.
-Numerics follow the `transformers` reference exactly (shared/reference/qwen2.md §1, §5).
+Numerics follow `transformers` exactly (`transformers/models/qwen2/modeling_qwen2.py`; the RoPE
+variants from `transformers/modeling_rope_utils.py`).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def rope_inv_freq(config: Qwen2Config, head_dim: int | None = None,
                   theta: float | None = None) -> tuple[np.ndarray, float]:
   """Inverse frequencies [D/2] (float32) and the cos/sin multiplier (`attention_factor`).
 
-  Supports `rope_scaling` types "default", "linear" and "yarn"; YaRN follows the reference's
-  formula (shared/reference/qwen2.md §5), including an explicit `attention_factor`, `mscale` /
-  `mscale_all_dim`, `beta_fast` / `beta_slow` and `truncate`.
+  Supports `rope_scaling` types "default", "linear" and "yarn"; YaRN (Peng et al. 2023, arXiv
+  2309.00071) as `transformers/modeling_rope_utils.py` computes it (`_compute_yarn_parameters`),
+  including an explicit `attention_factor`, `mscale` / `mscale_all_dim`, `beta_fast` /
+  `beta_slow` and `truncate`.
   """
   dim = head_dim or config.head_size
   base = config.rope_theta if theta is None else theta

@@ -19,6 +19,11 @@ scan_layers=False names them "layers_0", "layers_1", ...):
    scanned: its layers are "layers_0", "layers_1", ... whatever scan_layers says.)
   norm/weight                     [H]
   lm_head                         [H, V]         (absent when tie_word_embeddings)
+
+Code outside the model reads this layout only through the functions at the end of this file:
+`split_layers` / `join_layers` / `layer_params` / `unstack_layers` (stacked <-> per-layer
+params), `layer_intermediates` / `sparse_layer_stats` (what the layers sowed) and
+`weight_decay_mask`.
 """
 
 from __future__ import annotations
@@ -28,14 +33,15 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qwen2_jax import attention as attn_lib
 from qwen2_jax import dca as dca_lib
+from qwen2_jax import moe
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
 from qwen2_jax.layers import weight_init
-from qwen2_jax.moe import Qwen2MoeBlock
 
 Array = jax.Array
 
@@ -144,7 +150,7 @@ class Qwen2DecoderLayer(nn.Module):
     # The seam for Qwen2-MoE: sparse layers swap this block for the MoE block, which sows its
     # router statistics (padding, segment id 0, excluded) into "intermediates".
     if self.sparse:
-      h = Qwen2MoeBlock(cfg, name="mlp")(h, None if segment_ids is None else segment_ids > 0)
+      h = moe.Qwen2MoeBlock(cfg, name="mlp")(h, None if segment_ids is None else segment_ids > 0)
     else:
       h = SwiGLU(cfg, cfg.intermediate_size, name="mlp")(h)
     x = nn.with_logical_constraint(x + h, BTH)
@@ -218,7 +224,7 @@ class Qwen2ForCausalLM(nn.Module):
     if cfg.remat_policy != "none":
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
                            prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers and _layers_scannable(cfg):
+    if stacks_layers(cfg):
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                       split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
@@ -253,8 +259,97 @@ class Qwen2ForCausalLM(nn.Module):
     return logits if cache is None else (logits, new_kv)
 
 
+# ------------------------------------------------------------- the param and intermediates layout
+
+def stacks_layers(config: Qwen2Config) -> bool:
+  """True when the layers are one scanned stack ("layers", leaves [L, ...]); False when each
+  layer has its own subtree ("layers_0", "layers_1", ...)."""
+  return config.scan_layers and _layers_scannable(config)
+
+
 def layer_param_prefix(config: Qwen2Config, i: int) -> tuple[Any, ...]:
   """Where layer i's params live: ("layers", i) as a stacked slice, or ("layers_i",)."""
-  if config.scan_layers and _layers_scannable(config):
-    return ("layers", i)
-  return (f"layers_{i}",)
+  return ("layers", i) if stacks_layers(config) else (f"layers_{i}",)
+
+
+def _layer_key(key: str) -> bool:
+  return key == "layers" or (key.startswith("layers_") and key[len("layers_"):].isdigit())
+
+
+def split_layers(params: dict[str, Any], config: Qwen2Config
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """(the params outside the decoder layers, each layer's params in layer order); a stacked
+  layout is sliced (views for NumPy leaves). Works on any tree laid out like the params (optimizer
+  moments, shapes)."""
+  rest = {k: v for k, v in params.items() if not _layer_key(k)}
+  L = config.num_hidden_layers
+  if stacks_layers(config):
+    stacked = params["layers"]
+    return rest, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
+  return rest, [params[f"layers_{i}"] for i in range(L)]
+
+
+def join_layers(rest: dict[str, Any], layers: list[dict[str, Any]], config: Qwen2Config
+                ) -> dict[str, Any]:
+  """The inverse of `split_layers`: the params in `config`'s layout (layers stacked on a leading
+  L axis when `stacks_layers(config)`; NumPy leaves stay NumPy)."""
+  if len(layers) != config.num_hidden_layers:
+    raise ValueError(f"{len(layers)} layers for a config of {config.num_hidden_layers}")
+  out = dict(rest)
+  if stacks_layers(config):
+    stack = lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a)
+    out["layers"] = jax.tree.map(stack, *layers)
+  else:
+    out.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+  return out
+
+
+def layer_params(params: dict[str, Any], config: Qwen2Config, i: int) -> dict[str, Any]:
+  """Layer i's params (a slice of the stack when the layers are stacked)."""
+  if stacks_layers(config):
+    return jax.tree.map(lambda a: a[i], params["layers"])
+  return params[f"layers_{i}"]
+
+
+def unstack_layers(params: dict[str, Any], config: Qwen2Config) -> dict[str, Any]:
+  """The same params with one subtree per layer ("layers_0", ...), the layout of
+  `config.replace(scan_layers=False)`; params already laid out so are returned as they are."""
+  return join_layers(*split_layers(params, config), config.replace(scan_layers=False))
+
+
+def layer_intermediates(intermediates: dict[str, Any], config: Qwen2Config
+                        ) -> list[dict[str, Any]]:
+  """What each decoder layer sowed into "intermediates" (`Module.sow`), in layer order: layer
+  i's subtree (sliced out of a scanned stack), {} for a layer that sowed nothing."""
+  L = config.num_hidden_layers
+  if stacks_layers(config):
+    stacked = intermediates.get("layers", {})
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
+  return [intermediates.get(f"layers_{i}", {}) for i in range(L)]
+
+
+def sparse_layer_stats(intermediates: dict[str, Any], config: Qwen2Config
+                       ) -> list[dict[str, Any]]:
+  """The router statistics (`moe.layer_stats`) every sparse layer sowed, in layer order."""
+  return [layer["mlp"][moe.STATS_NAME] for layer in layer_intermediates(intermediates, config)
+          if moe.STATS_NAME in layer.get("mlp", {})]
+
+
+# The attention biases are 2-D ([N, D], [K, D]), but they are one bias vector per head.
+_PER_HEAD_VECTORS = ("q_bias", "k_bias", "v_bias")
+
+
+def weight_decay_mask(params: dict[str, Any]) -> Any:
+  """True for the params that get weight decay: the matmul weights. False for the norm scales,
+  the attention biases and the token embedding (a lookup table; a tied LM head shares it).
+
+  By rank: a param decays iff it is at least 2-D within one layer (the leading L axis of a
+  scanned "layers" stack not counted), except the embedding and the per-head bias vectors. Works
+  on any tree laid out like the params (e.g. optimizer moments); leaves need only a `.shape`.
+  """
+  def decays(path, leaf) -> bool:
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path] or [""]
+    if keys[0] == "embed_tokens" or keys[-1] in _PER_HEAD_VECTORS:
+      return False
+    return len(leaf.shape) - (keys[0] == "layers") >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)

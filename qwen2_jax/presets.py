@@ -1,13 +1,16 @@
 """Published model sizes by name (`get_preset("qwen2-7b")`), plus tiny configs for tests and demos.
 
-Values are those of the released `config.json` files (see shared/reference/qwen2.md §2). A config
+Values are those of the released `config.json` files of the Qwen2 / Qwen2.5 checkpoints. A config
 read from a checkpoint's own `config.json` always wins over a preset: presets exist for planning
 (`qwen2-jax compile`), training from scratch and parameter-count checks.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from qwen2_jax.config import ConfigError, Qwen2Config
+from qwen2_jax.typed_config import Recipe
 
 _ENDOFTEXT = 151643
 
@@ -76,3 +79,20 @@ def get_preset(name: str, **overrides) -> Qwen2Config:
   fields.setdefault("rope_theta", 1_000_000.0)
   fields.update(overrides)
   return Qwen2Config(**fields)
+
+
+def config_from_dict(d: Mapping[str, Any], *, path: str = "", recipe: Recipe | None = None
+                     ) -> Qwen2Config:
+  """A model config from a recipe's `model` section: `{"preset": name, **fields}` (a published
+  size with `fields` set on it) or every field (`Qwen2Config.from_dict`); typed and strict."""
+  if not isinstance(d, Mapping) or "preset" not in d:
+    return Qwen2Config.from_dict(d, path=path, recipe=recipe)
+  fields = dict(d)
+  name = fields.pop("preset")
+  try:
+    base = get_preset(str(name)).to_dict()
+  except ConfigError as e:
+    where = recipe.where(tuple(path.split(".")) + ("preset",)) if recipe else None
+    raise ConfigError(f"{where + ': ' if where else ''}{path + '.' if path else ''}preset: "
+                      f"{e}") from None
+  return Qwen2Config.from_dict({**base, **fields}, path=path, recipe=recipe)

@@ -39,8 +39,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2_jax import api
+from qwen2_jax import api, typed_config
+from qwen2_jax.typed_config import Int
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ RULE_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
   """A mesh or rules table is inconsistent; the message names the axis or logical name."""
 
 
@@ -77,12 +79,12 @@ class ShardingError(ValueError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
   """Sizes of the mesh axes within one slice; one of them may be -1 (all remaining devices)."""
-  data: int = 1
-  fsdp: int = -1
-  sequence: int = 1
-  expert: int = 1
-  tensor: int = 1
-  num_slices: int = 1      # multi-slice: this many ICI slices joined over DCN
+  data: Int = 1
+  fsdp: Int = -1
+  sequence: Int = 1
+  expert: Int = 1
+  tensor: Int = 1
+  num_slices: Int = 1      # multi-slice: this many ICI slices joined over DCN
   dcn_axis: str = "data"   # the mesh axis that spans slices (its total size is ici * num_slices)
 
   def __post_init__(self):
@@ -122,15 +124,16 @@ class MeshConfig:
     return sizes
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "MeshConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ShardingError(f"unknown mesh field(s) {unknown}; known: {sorted(names)}")
-    values = {k: (v if k == "dcn_axis" else int(v)) for k, v in d.items()}
-    if "fsdp" not in values and -1 in values.values():
-      values["fsdp"] = 1  # another axis is the fill-in one, so fsdp leaves its default -1
-    return cls(**values)
+  def from_dict(cls, d: Mapping[str, Any], *, path: str = "mesh",
+                recipe: typed_config.Recipe | None = None) -> "MeshConfig":
+    """A mesh from a recipe's `mesh:` mapping, typed and strict (`typed_config.structure`).
+    When another axis is the fill-in one (-1), `fsdp` no longer defaults to -1 but to 1."""
+    if isinstance(d, MeshConfig):
+      return d
+    if isinstance(d, Mapping) and "fsdp" not in d and any(
+        str(v).strip() == "-1" for k, v in d.items() if k != "dcn_axis"):
+      d = {**d, "fsdp": 1}
+    return typed_config.structure(cls, d, path=path, recipe=recipe)
 
   @classmethod
   def from_string(cls, text: str) -> "MeshConfig":

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -64,16 +65,21 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
     """Decodes ids to text, optionally dropping the ids in `special_tokens`.
 
+    Ids >= vocab_size have no token and decode to nothing, as in HF `tokenizers`: a model's
+    embedding may have more rows than its tokenizer has ids (Qwen2: 151,936 vs 151,646+), and
+    such an id must not lose the text around it.
+
     Raises:
-      ValueError: an id is outside [0, vocab_size).
+      ValueError: an id is negative.
     """
 
   def _checked_ids(self, ids: Iterable[int]) -> list[int]:
+    """The ids that have a token (those below vocab_size); raises naming negative ids."""
     ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    bad = [i for i in ids if i < 0]
     if bad:
-      raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:10]}")
-    return ids
+      raise ValueError(f"token ids must be >= 0, got {bad[:10]}")
+    return [i for i in ids if i < self.vocab_size]
 
   @property
   @abc.abstractmethod
@@ -362,14 +368,18 @@ def tokenizer_files(path: PathLike) -> dict[str, pathlib.Path]:
 
 def copy_tokenizer_files(path: PathLike, model_dir: PathLike) -> list[str]:
   """Copies the tokenizer at `path` into `model_dir` under the names `load_tokenizer(model_dir)`
-  (and so `qwen2-jax generate MODEL`) looks for; returns the names written."""
-  import shutil
-
+  (and so `qwen2-jax generate MODEL`) looks for; returns the names written. Each file is
+  copied beside its target and renamed over it when complete (mode: the umask's default)."""
   files = tokenizer_files(path)
   for name, src in files.items():
     dst = pathlib.Path(model_dir) / name
     if src.resolve() != dst.resolve():
-      shutil.copyfile(src, dst)
+      tmp = dst.with_name(f".{name}.tmp-{os.getpid()}")
+      try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+      finally:
+        tmp.unlink(missing_ok=True)
   return sorted(files)
 
 

@@ -14,12 +14,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
+# The stamp holds the hash of the setup.py last installed: a changed setup.py (an edit, a pull, a
+# checkout of another commit, whatever its mtime) reinstalls; a fresh clone has no stamp.
 stamp=.venv/.qwen2_jax_installed
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  python -m pip install -q --upgrade pip
-  # The CPU build of torch first (the test oracle); a bare `torch` would pull CUDA wheels.
-  python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[test]"
-  touch "$stamp"
+want=$(python -c 'import hashlib; print(hashlib.sha256(open("setup.py", "rb").read()).hexdigest())')
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # One installer at a time when several jobs start together (flock: Linux; optional).
+  if command -v flock >/dev/null 2>&1; then exec 9>.venv/.install.lock; flock 9; fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing qwen2-jax[test] into .venv (setup.py changed or first run)"
+    python -m pip install -q --upgrade pip
+    # The CPU build of torch first (the test oracle); a bare `torch` would pull CUDA wheels.
+    python -m pip install -q "torch==2.13.0"
+    python -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+  fi
 fi
 echo "[setup] $(python -c 'import jax, flax, transformers; print(f"jax {jax.__version__}, flax {flax.__version__}, transformers {transformers.__version__}")')"

@@ -20,12 +20,12 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", int(sys.argv[2]))
 
 from qwen2_jax.train import checkpointing  # noqa: E402
-from qwen2_jax.train.pretrain import config_from_dict, pretrain  # noqa: E402
+from qwen2_jax.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 
 def main():
   with open(sys.argv[1]) as f:
-    config = config_from_dict(json.load(f))
+    config = PretrainConfig.from_dict(json.load(f))
   if "--kill-after-save-start" in sys.argv:
     kill_step = int(sys.argv[sys.argv.index("--kill-after-save-start") + 1])
     original = checkpointing.Checkpointer.save

@@ -8,10 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
+
+from qwen2_jax import sharding
+from qwen2_jax.train import checkpointing, step as step_lib
+from qwen2_jax.train.optim import make_optimizer
 
 # Words of the synthetic chats and preference pairs (test_sft, test_dpo).
 WORDS = ["red", "blue", "green", "cat", "dog", "fish", "bird", "tree"]
@@ -52,18 +56,17 @@ def run_cli(job: str, config: dict, path) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=600, env=env)
 
 
-def final_state(output_dir, cfg, abstract_for: Callable) -> tuple[int, Any]:
-  """(step, host TrainState) of the latest checkpoint under `output_dir`; `abstract_for(cfg,
-  mesh, rules)` gives the (abstract TrainState, fingerprint) to restore it with."""
-  from qwen2_jax import sharding
-  from qwen2_jax.train import checkpointing
-
+def final_state(output_dir, cfg, steps: int | None = None) -> tuple[int, Any]:
+  """(step, host TrainState) of the latest checkpoint under `output_dir`, written by a run of
+  `cfg` that was `steps` long (default: cfg.steps)."""
+  steps = steps or cfg.steps
   mesh, rules = sharding.make_mesh(cfg.mesh), sharding.get_rules(cfg.rules)
-  abstract, fingerprint = abstract_for(cfg, mesh, rules)
+  optimizer = make_optimizer(cfg.run_optim(steps))
+  abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
   ckpt = checkpointing.Checkpointer(os.path.join(output_dir, "checkpoints"))
   try:
     step = ckpt.latest_step()
-    state, _, _, _ = ckpt.restore(step, abstract, fingerprint=fingerprint)
+    state, _, _, _ = ckpt.restore(step, abstract, fingerprint=cfg.fingerprint(steps))
     return step, jax.device_get(state)
   finally:
     ckpt.close()

@@ -1,11 +1,16 @@
-"""HF safetensors and Orbax checkpoints: bit-exact round trips and every bad-checkpoint error."""
+"""HF safetensors and Orbax checkpoints: bit-exact round trips, `checkpoint.load`, every
+bad-checkpoint error (non-finite weights included), and how saves write and overwrite outputs."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shutil
+import stat
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,10 +21,14 @@ import torch
 import transformers
 
 import qwen2_jax as q
-from qwen2_jax.checkpoint import hf as hf_io
+from qwen2_jax import checkpoint, sharding
+from qwen2_jax.checkpoint import keymap
 from qwen2_jax.checkpoint import safetensors_io as st
 from qwen2_jax.checkpoint.hf import CheckpointError
-from qwen2_jax.cli import main as cli_main
+from qwen2_jax.cli import build_parser, main as cli_main
+from qwen2_jax.errors import UserError
+from qwen2_jax.infer.api import load_model
+from qwen2_jax.tokenizer import copy_tokenizer_files
 from hf_reference import hf_logits, make_hf_qwen2
 
 
@@ -186,13 +195,14 @@ def test_tied_checkpoint_with_different_lm_head_raises(tmp_path):
 
 
 def test_missing_directory_contents_raise(tmp_path):
-  """No config.json, or no weights, raise FileNotFoundError naming the path."""
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  """No config.json, or no weights, raise a UserError naming the path."""
+  with pytest.raises(UserError, match=re.escape(str(tmp_path / "config.json"))):
     q.load_hf_checkpoint(tmp_path, show_progress=False)
   make_hf_qwen2(tmp_path / "m")
   (tmp_path / "m" / "model.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+  with pytest.raises(FileNotFoundError, match="no model.safetensors") as err:
     q.load_hf_checkpoint(tmp_path / "m", show_progress=False)
+  assert isinstance(err.value, UserError) and str(tmp_path / "m") in str(err.value)
 
 
 def test_failed_save_leaves_nothing_at_target(good_dir, tmp_path, monkeypatch):
@@ -269,3 +279,256 @@ def test_safetensors_files_readable_by_reference_library(tmp_path):
   np.testing.assert_array_equal(loaded["a"].numpy(), arrays["a"])
   np.testing.assert_array_equal(safetensors.numpy.load_file(tmp_path / "x.safetensors")["a"],
                                 arrays["a"])
+
+
+# ----------------------------------------------------------------------------- checkpoint.load
+
+def test_load_reads_hf_and_orbax_with_and_without_shardings(good_dir, tmp_path):
+  """`checkpoint.load` tells HF from Orbax; both give the same params, on one device or placed
+  as `shardings` says (a tree, or a function of the config)."""
+  config, ref = q.load_hf_checkpoint(good_dir, dtype=None, show_progress=False)
+  q.save_orbax(tmp_path / "orbax", config, ref)
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2))
+  rules = sharding.get_rules("fsdp_tp")
+  want = sharding.param_shardings(config, mesh, rules)
+  for path in (good_dir, tmp_path / "orbax"):
+    for shardings in (None, want, lambda c: sharding.param_shardings(c, mesh, rules)):
+      got_config, params = checkpoint.load(path, shardings=shardings, progress=False)
+      assert got_config == config, path
+      jax.tree.map(np.testing.assert_array_equal, params, ref)
+      for leaf, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        if shardings is None:
+          assert len(leaf.sharding.device_set) == 1
+        else:
+          assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (path, leaf.shape)
+  assert checkpoint.checkpoint_format(good_dir) == "hf"
+  assert checkpoint.checkpoint_format(tmp_path / "orbax") == "orbax"
+  bf16_config, bf16 = checkpoint.load(tmp_path / "orbax", dtype="bfloat16",
+                                      compute_dtype="bfloat16", scan_layers=True)
+  assert bf16_config.param_dtype == "bfloat16" and bf16_config.dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(bf16)} == {jax.numpy.dtype("bfloat16")}
+
+
+def test_load_of_neither_format_names_the_path_and_what_was_expected(tmp_path):
+  """A missing path, a file, or a directory that is neither HF nor Orbax is a one-line
+  UserError naming the path and the two layouts it could have had."""
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "file").write_text("x")
+  for name, reason in (("missing", "no such directory"), ("file", "not a directory"),
+                       ("empty", "not a checkpoint")):
+    with pytest.raises(checkpoint.CheckpointNotFoundError) as err:
+      checkpoint.load(tmp_path / name)
+    message = str(err.value)
+    assert isinstance(err.value, UserError) and "\n" not in message
+    assert message.startswith(f"{tmp_path / name}: {reason}")
+    assert "config.json + model.safetensors" in message and "params/" in message
+
+
+def test_transform_reads_only_the_requested_slice():
+  """`Transform.read_param` (per-device sharded reads) equals slicing the whole converted
+  tensor, for every transform of the key map and random slices, steps included."""
+  rng = np.random.default_rng(0)
+  cases = [(keymap.IDENTITY, (6, 5)), (keymap.LINEAR, (4, 6)), (keymap.heads_in(3), (12, 5)),
+           (keymap.heads_bias(3), (12,)), (keymap.heads_out(3), (5, 12))]
+  for transform, hf_shape in cases:
+    w = rng.standard_normal(hf_shape)
+    param = transform.to_param(w)
+    assert param.shape == transform.param_shape(hf_shape)
+    np.testing.assert_array_equal(transform.to_hf(param), w)
+    for _ in range(200):
+      index = []
+      for n in param.shape:
+        start = int(rng.integers(0, n + 1))
+        index.append(slice(start, int(rng.integers(start, n + 1)), int(rng.integers(1, 3))))
+      reads = []
+      got = transform.read_param(lambda ix: reads.append(ix) or w[ix], hf_shape, tuple(index))
+      np.testing.assert_array_equal(got, param[tuple(index)])
+      assert w[reads[0]].size <= w.size
+
+
+def test_malformed_index_names_the_file(tmp_path):
+  """A model.safetensors.index.json that is not JSON, or has no weight_map, names the file."""
+  make_hf_qwen2(tmp_path / "src")
+  config, params = q.load_hf_checkpoint(tmp_path / "src", show_progress=False)
+  q.save_hf_checkpoint(tmp_path / "s", config, params, max_shard_size=4000, show_progress=False)
+  index = tmp_path / "s" / "model.safetensors.index.json"
+  index.write_text('{"weight_map": {\n  "a": 1,,\n}')
+  with pytest.raises(CheckpointError, match=re.escape(str(index)) + r":2: not valid JSON"):
+    q.load_hf_checkpoint(tmp_path / "s", show_progress=False)
+  index.write_text('{"metadata": {}}')
+  with pytest.raises(CheckpointError, match=re.escape(str(index)) + ": not a safetensors index"):
+    q.load_hf_checkpoint(tmp_path / "s", show_progress=False)
+
+
+def test_malformed_orbax_config_names_the_file(good_dir, tmp_path):
+  """An Orbax config.json that is not JSON, or holds a bad value, is reported with its path."""
+  config, params = q.load_hf_checkpoint(good_dir, show_progress=False)
+  q.save_orbax(tmp_path / "o", config, params)
+  file = tmp_path / "o" / "config.json"
+  text = file.read_text()
+  file.write_text(text.replace('"hidden_size": 32', '"hidden_size": 32,,'))
+  with pytest.raises(UserError, match=re.escape(str(file)) + r":\d+: not valid JSON"):
+    checkpoint.load(tmp_path / "o")
+  file.write_text(text.replace('"hidden_size": 32', '"hidden_size": "wide"'))
+  with pytest.raises(UserError, match=re.escape(str(file)) + ".*hidden_size"):
+    checkpoint.load(tmp_path / "o")
+  file.unlink()
+  with pytest.raises(checkpoint.CheckpointNotFoundError, match=re.escape(str(file))):
+    checkpoint.load(tmp_path / "o")
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+def _poison(directory, key="model.layers.1.mlp.up_proj.weight", values=(np.nan, np.inf, -np.inf)):
+  def edit(tensors):
+    tensors[key].reshape(-1)[:len(values)] = values
+  _rewrite(directory, edit)
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(good_dir):
+  """A NaN/Inf tensor is a UserError naming key, file and count, unsharded and sharded; with
+  allow_nonfinite the values load as stored."""
+  _poison(good_dir)
+  message = (rf"{re.escape(str(good_dir / 'model.safetensors'))}: tensor "
+             r"'model\.layers\.1\.mlp\.up_proj\.weight' holds 3 non-finite value")
+  with pytest.raises(checkpoint.NonFiniteWeightsError, match=message + r".*of 1536 values"):
+    checkpoint.load(good_dir)
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2))
+  with pytest.raises(checkpoint.NonFiniteWeightsError, match=message):
+    checkpoint.load(good_dir, shardings=lambda c: sharding.param_shardings(
+        c, mesh, sharding.get_rules("fsdp_tp")))
+  config, params = checkpoint.load(good_dir, allow_nonfinite=True, scan_layers=False)
+  up = np.asarray(params["layers_1"]["mlp"]["up_proj"])  # [H, F]: HF row 0 is column 0
+  assert np.isnan(up[0, 0]) and up[1, 0] == np.inf and up[2, 0] == -np.inf
+  assert np.isfinite(up).sum() == up.size - 3 and config.scan_layers is False
+
+
+def test_nonfinite_orbax_params_are_refused_unless_allowed(good_dir, tmp_path):
+  """An Orbax checkpoint holding NaN names the param and the params directory."""
+  config, params = q.load_hf_checkpoint(good_dir, show_progress=False)
+  params["norm"]["weight"] = params["norm"]["weight"].at[5].set(np.nan)
+  q.save_orbax(tmp_path / "o", config, params)
+  message = re.escape(str(tmp_path / "o" / "params")) + ": param norm/weight holds 1 "
+  with pytest.raises(checkpoint.NonFiniteWeightsError, match=message):
+    checkpoint.load(tmp_path / "o")
+  _, loaded = checkpoint.load(tmp_path / "o", allow_nonfinite=True)
+  assert np.isnan(np.asarray(loaded["norm"]["weight"][5]))
+
+
+def _qwen2_jax(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "qwen2_jax", *map(str, args)], cwd=cwd,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+
+
+def test_convert_cli_refuses_nonfinite_weights_in_one_line(good_dir, tmp_path):
+  """`qwen2-jax convert` on a checkpoint with a NaN exits 2 with one line naming the tensor (no
+  traceback) and writes nothing; --allow-nonfinite converts it."""
+  _poison(good_dir, values=(np.nan,))
+  out = tmp_path / "orbax"
+  run = _qwen2_jax("convert", "hf-to-orbax", "--hf", good_dir, "--out", out, cwd=tmp_path)
+  assert run.returncode == 2, run.stderr
+  errors = [line for line in run.stderr.split("\n") if "error" in line]  # not the progress bar
+  assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+  assert errors[0].startswith("qwen2-jax convert: error: ")
+  assert "'model.layers.1.mlp.up_proj.weight' holds 1 non-finite value" in errors[0]
+  assert not out.exists()
+  assert cli_main(["convert", "hf-to-orbax", "--hf", str(good_dir), "--out", str(out),
+                   "--allow-nonfinite"]) == 0
+  assert cli_main(["convert", "orbax-to-hf", "--orbax", str(out), "--out",
+                   str(tmp_path / "hf")]) == 2
+  assert not (tmp_path / "hf").exists()
+
+
+def test_convert_cli_names_a_missing_input_flag(tmp_path, capsys):
+  """A missing --hf / --orbax directory is reported with the flag and the path."""
+  assert cli_main(["convert", "hf-to-orbax", "--hf", str(tmp_path / "nope"), "--out",
+                   str(tmp_path / "o")]) == 2
+  assert f"--hf {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+  assert cli_main(["convert", "orbax-to-hf", "--orbax", str(tmp_path / "nope"), "--out",
+                   str(tmp_path / "o")]) == 2
+  assert f"--orbax {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- writing outputs
+
+def _tree_bytes(directory) -> dict[str, bytes]:
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fmt", ["hf", "orbax"])
+def test_overwrite_refuses_a_directory_holding_other_files(good_dir, tmp_path, fmt):
+  """Overwriting a directory that holds a file the writer did not write is refused, naming
+  that file, before anything is written: the user's file and the old checkpoint survive."""
+  config, params = q.load_hf_checkpoint(good_dir, show_progress=False)
+  save = q.save_hf_checkpoint if fmt == "hf" else q.save_orbax
+  kwargs = {"show_progress": False} if fmt == "hf" else {}
+  out = tmp_path / "out"
+  save(out, config, params, **kwargs)
+  (out / "NOTES.md").write_text("my notes")
+  before = _tree_bytes(out)
+  with pytest.raises(checkpoint.OutputExistsError,
+                     match=re.escape(str(out / "NOTES.md")) + ": not a file .* refusing"):
+    save(out, config, params, overwrite=True, **kwargs)
+  assert _tree_bytes(out) == before
+  assert sorted(os.listdir(tmp_path)) == ["good", "out"]  # no staging directory left
+  (out / "NOTES.md").unlink()
+  params["norm"]["weight"] = params["norm"]["weight"] + 1
+  save(out, config, params, overwrite=True, **kwargs)
+  _, reloaded = checkpoint.load(out)
+  np.testing.assert_array_equal(reloaded["norm"]["weight"], params["norm"]["weight"])
+  assert sorted(os.listdir(tmp_path)) == ["good", "out"]
+
+
+def test_hf_overwrite_replaces_the_checkpoint_and_keeps_tokenizer_files(good_dir, tmp_path):
+  """Overwriting a sharded checkpoint with a single-file one removes the stale shards and index
+  and keeps the tokenizer files that were there."""
+  config, params = q.load_hf_checkpoint(good_dir, show_progress=False)
+  out = tmp_path / "out"
+  q.save_hf_checkpoint(out, config, params, max_shard_size=4000, show_progress=False)
+  (out / "tokenizer.json").write_text('{"kept": true}')
+  (out / "tokenizer_config.json").write_text("{}")
+  q.save_hf_checkpoint(out, config, params, overwrite=True, show_progress=False)
+  names = sorted(os.listdir(out))
+  assert not [n for n in names if n.startswith("model-") or n.endswith(".index.json")], names
+  assert {"config.json", "model.safetensors", "tokenizer.json",
+          "tokenizer_config.json"} <= set(names)
+  assert (out / "tokenizer.json").read_text() == '{"kept": true}'
+  _assert_same_tensors(good_dir, out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_permissions_the_umask_gives(good_dir, tmp_path, umask):
+  """Every directory and file a save writes has mode 0777 / 0666 less the umask (not the 0700
+  of a `mkdtemp` directory)."""
+  config, params = q.load_hf_checkpoint(good_dir, show_progress=False)
+  old = os.umask(umask)
+  try:
+    q.save_hf_checkpoint(tmp_path / "hf", config, params, max_shard_size=4000, show_progress=False)
+    q.save_orbax(tmp_path / "orbax", config, params)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(b"x")
+    copy_tokenizer_files(tmp_path / "tok", tmp_path / "hf")
+  finally:
+    os.umask(old)
+  for root in (tmp_path / "hf", tmp_path / "orbax"):
+    for path in [root, *root.rglob("*")]:
+      mode = stat.S_IMODE(path.stat().st_mode)
+      if path.is_dir():
+        assert mode == 0o777 & ~umask, (path, oct(mode))
+      else:
+        assert mode == 0o666 & ~umask, (path, oct(mode))
+
+
+def test_generate_loads_through_checkpoint_load(good_dir):
+  """`qwen2-jax generate` loads with `checkpoint.load`: a NaN checkpoint is refused unless
+  --allow-nonfinite, which its parser accepts."""
+  _poison(good_dir)
+  with pytest.raises(checkpoint.NonFiniteWeightsError, match="up_proj"):
+    load_model(good_dir)
+  config, _ = load_model(good_dir, allow_nonfinite=True, compute_dtype="bfloat16")
+  assert config.dtype == "bfloat16" and config.param_dtype == "float32"
+  args = build_parser().parse_args(["generate", str(good_dir), "--prompt", "x",
+                                    "--allow-nonfinite"])
+  assert args.allow_nonfinite is True

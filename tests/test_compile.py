@@ -9,8 +9,11 @@ import json
 
 import pytest
 
-from qwen2_jax import aot, presets, sharding
+from qwen2_jax import aot, flops, presets, sharding
 from qwen2_jax.cli import compile_cmd
+from qwen2_jax.train import targets as train_targets
+
+TRAIN = train_targets.TARGETS["train"]
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -26,17 +29,10 @@ def test_topology_names_map_to_slice_shapes():
     t = aot.parse_topology(name)
     assert (t.dims, t.num_chips) == (dims, chips), name
   assert aot.parse_topology("v5e-8", num_slices=2).num_chips == 16
-  assert aot.CHIPS["v5p"].hbm_bytes == 95 * aot.GiB
-  for bad in ("v7x-8", "v5p-7", "v5e:2x2x2", "tpu"):
+  assert flops.CHIPS["v5p"].hbm_bytes == 95 * flops.GiB
+  for bad in ("v7x-8", "v5p-7", "v5e:2x2x2", "tpu", "h100-8"):
     with pytest.raises(ValueError):
       aot.parse_topology(bad)
-
-
-def test_analytic_flops_are_6n_plus_attention():
-  """Per token: 6 x matmul params (embedding lookup excluded) + 12 L N D T."""
-  c = presets.get_preset("qwen2-tiny")
-  matmul = 139840 - 512 * 64
-  assert aot.train_flops_per_token(c, 128) == 6 * matmul + 12 * 2 * 4 * 16 * 128
 
 
 @needs_libtpu
@@ -78,9 +74,9 @@ def test_xla_flops_extrapolation_matches_an_unrolled_compile():
   config = presets.get_preset("qwen2-tiny", num_hidden_layers=4, dtype="bfloat16")
   topology = aot.parse_topology("v5e:2x2")
   mesh_config, rules = sharding.MeshConfig(), sharding.get_rules("fsdp")
-  extrapolated = aot.xla_cost(config, topology, mesh_config, rules, 4, 64)
+  extrapolated = aot.xla_cost(config, topology, mesh_config, rules, 4, 64, target=TRAIN)
   unrolled = aot.compile_step(config.replace(scan_layers=False), topology, mesh_config, rules,
-                              4, 64)
+                              4, 64, target=TRAIN)
   flops, bytes_accessed = aot._cost(unrolled.compiled)  # pylint: disable=protected-access
   assert extrapolated["flops"] == pytest.approx(flops, rel=0.01)
   assert extrapolated["bytes_accessed"] == pytest.approx(bytes_accessed, rel=0.05)
@@ -94,12 +90,12 @@ def test_batch_search_stops_at_the_memory_boundary():
   config = presets.get_preset("qwen2-tiny", dtype="bfloat16")
   real = aot.parse_topology("v5e:2x2")
   mesh_config, rules = sharding.MeshConfig(), sharding.get_rules("fsdp")
-  m4, m8 = (aot.compile_step(config, real, mesh_config, rules, b, 128).memory["total_bytes"]
-            for b in (4, 8))
+  m4, m8 = (aot.compile_step(config, real, mesh_config, rules, b, 128, target=TRAIN)
+            .memory["total_bytes"] for b in (4, 8))
   small_chip = dataclasses.replace(real.chip, hbm_bytes=int(m4 + 2.5 * (m8 - m4)))
   topology = dataclasses.replace(real, chip=small_chip)
-  best, probes = aot.search_batch(config, topology, mesh_config, rules, 128, hbm_margin=0.0,
-                                  max_batch=64)
+  best, probes = aot.search_batch(config, topology, mesh_config, rules, 128, target=TRAIN,
+                                  hbm_margin=0.0, max_batch=64)
   assert best is not None and best.fits and best.batch_size >= 8
   assert all(p.batch_size % 4 == 0 for p in probes)
   assert any(p.batch_size == best.batch_size + 4 and not p.fits for p in probes)

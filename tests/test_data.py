@@ -1,4 +1,6 @@
-"""The grain pretraining pipeline: packing exactness, checkpointable iteration, process sharding."""
+"""The grain data pipelines: pretraining's packing exactness, checkpointable iteration and
+process sharding; chat data's batches, exact resume and process split on grain; clear errors for
+bad bytes and bad JSON in chat files."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ import pytest
 
 import qwen2_jax as q
 from qwen2_jax.cli import main as cli_main
+from qwen2_jax.errors import UserError
+from qwen2_jax.tokenizer import load_tokenizer
+from qwen2_jax.train import chat_data as C
 from qwen2_jax.train import data as D
+from qwen2_jax.typed_config import ConfigError, structure
 
 EOS = 0
 
@@ -187,8 +193,6 @@ def test_eval_split_is_held_out(tmp_path):
 
 def test_text_sources_and_prepared_arrayrecord_agree(tmp_path, sp_model_path):
   """`data prepare` to ArrayRecord yields the same token stream as tokenising text on the fly."""
-  from qwen2_jax.tokenizer import load_tokenizer
-
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   for i in range(5):
@@ -214,9 +218,10 @@ def test_bad_configs_raise_naming_the_problem(tmp_path):
   with pytest.raises(D.DataConfigError, match="matches no file"):
     D.build_dataset(D.DataConfig(sources=(D.SourceConfig(kind="text", paths=(str(tmp_path / "none*"),)),),
                                  seq_len=4, batch_size=1), RangeTokenizer())
-  with pytest.raises(D.DataConfigError, match=r"unknown DataConfig field\(s\) \['seqlen'\]"):
-    D.DataConfig.from_dict({"sources": [], "seqlen": 3})
-  with pytest.raises(D.DataConfigError, match="SourceConfig.kind"):
+  with pytest.raises(ConfigError, match="^data.seqlen: unknown setting; did you mean seq_len"):
+    structure(D.DataConfig, {"sources": [], "seq_len": 3, "batch_size": 1, "seqlen": 3},
+              path="data")
+  with pytest.raises(ConfigError, match="SourceConfig.kind"):
     D.SourceConfig(kind="csv", paths=("x",))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"other": 1}\n')
@@ -247,3 +252,106 @@ def test_parquet_and_text_sources_give_the_same_documents(tmp_path):
   with pytest.raises(D.DataConfigError, match="no column 'text'"):
     D.build_dataset(make(D.SourceConfig(kind="parquet", paths=(str(tmp_path / "d.parquet"),))),
                     RangeTokenizer())
+
+
+# ----------------------------------------------------------------------------- chat data
+
+WORDS = ["red", "blue", "green", "cat", "dog", "fish", "bird", "tree"]
+
+
+@pytest.fixture(scope="module")
+def tok(sp_model_path):
+  return load_tokenizer(sp_model_path)
+
+
+def _chat_file(path, n: int) -> str:
+  rng = np.random.RandomState(0)
+  lines = []
+  for _ in range(n):
+    words = " ".join(rng.choice(WORDS, rng.randint(1, 12)))
+    lines.append(json.dumps({"messages": [{"role": "user", "content": f"repeat: {words}"},
+                                          {"role": "assistant", "content": words}]}))
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return str(path)
+
+
+def _same(a, b, what=""):
+  assert sorted(a) == sorted(b), what
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=f"{what} {key}")
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_chat_iterator_yields_the_plan_and_resumes_from_every_state(tok, tmp_path, pack):
+  """The grain iterator yields exactly the planned batches of every epoch (each epoch's last
+  batch completed with padding rows that weigh 0), and restoring any state it gave (through
+  JSON, as checkpoints hold it) reproduces the rest bit for bit; a state of the earlier
+  {epoch, batch} form resumes at the same batch."""
+  data = C.ChatDataConfig(paths=(_chat_file(tmp_path / "c.jsonl", 30),), seq_len=128,
+                          batch_size=4, num_epochs=2, seed=3, default_system=None, pack=pack)
+  ds = C.SFTDataset(data, tok)
+  assert len(ds.examples) == 30 and ds.num_dropped == 0
+  planned = [(e, b) for e in range(2) for b in range(ds.batches_in_epoch(e))]
+  it = ds.iterator()
+  states, outputs = [], []
+  for _ in planned:
+    states.append(json.dumps(it.get_state()))
+    outputs.append(next(it))
+  with pytest.raises(StopIteration):
+    next(it)
+  for (e, b), got in zip(planned, outputs):
+    _same(got, ds.batch(e, b), f"epoch {e} batch {b}")
+  last = outputs[ds.batches_in_epoch(0) - 1]
+  if not pack:  # 30 rows in batches of 4: two padding rows end each epoch
+    assert last["example_index"][2:, 0].tolist() == [-1, -1]
+    assert last["loss_mask"][2:].sum() == 0 and last["segment_ids"][2:].sum() == 0
+  trained = [int(i) for o in outputs[:ds.batches_in_epoch(0)]
+             for i in np.unique(o["example_index"]) if i >= 0]
+  for i in range(len(planned)):
+    fresh = ds.iterator()
+    fresh.set_state(json.loads(states[i]))
+    for j in range(i, len(planned)):
+      _same(next(fresh), outputs[j], f"state {i}, batch {j}")
+    e, b = planned[i]
+    earlier = ds.iterator()
+    earlier.set_state({"epoch": e, "batch": b})
+    _same(next(earlier), outputs[i], f"{{epoch: {e}, batch: {b}}}")
+  if not pack:
+    assert sorted(trained) == list(range(30))  # each example once per epoch
+
+
+def test_chat_batches_split_over_processes(tok, tmp_path):
+  """Process p of P gets rows [p B/P, (p+1) B/P) of every global batch: the processes' shares
+  side by side are the one-process batches (SFT rows and DPO chosen/rejected rows alike)."""
+  sft = C.SFTDataset(C.ChatDataConfig(paths=(_chat_file(tmp_path / "c.jsonl", 25),),
+                                      seq_len=128, batch_size=4, num_epochs=2,
+                                      default_system=None), tok)
+  pairs = tmp_path / "p.jsonl"
+  pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": w, "rejected": w + " no"})
+                           + "\n" for w in WORDS * 2))
+  dpo = C.PreferenceDataset(C.ChatDataConfig(paths=(str(pairs),), seq_len=64, batch_size=4,
+                                             seed=1, default_system=None), tok)
+  assert sft.num_dropped == dpo.num_dropped == 0
+  for ds in (sft, dpo):
+    whole = list(ds.iterator())
+    shares = [list(ds.iterator(p, 2)) for p in range(2)]
+    assert len(whole) == len(shares[0]) == len(shares[1]) == ds.total_batches
+    for full, a, b in zip(whole, *shares):
+      _same({k: np.concatenate([a[k], b[k]]) for k in a}, full)
+
+
+def test_bad_bytes_and_bad_json_in_chat_files_name_file_and_line(tok, tmp_path):
+  """Invalid UTF-8 and malformed JSON in an SFT file stop the build with a one-line UserError
+  naming the file and line (and the byte or column)."""
+  good = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": "red"}]}).encode()
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(good + b"\n\n" + good[:30] + b"\xff" + good[31:] + b"\n")
+  config = C.ChatDataConfig(paths=(str(path),), seq_len=64, batch_size=2)
+  with pytest.raises(UserError) as bad_bytes:
+    C.SFTDataset(config, tok)
+  assert str(bad_bytes.value) == f"{path}:3: invalid UTF-8 (byte 0xff at byte 31 of the line)"
+  path.write_bytes(good + b"\n" + b'{"messages": [}\n')
+  with pytest.raises(UserError) as bad_json:
+    C.SFTDataset(config, tok)
+  assert str(bad_json.value) == f"{path}:2: invalid JSON (Expecting value at column 15)"

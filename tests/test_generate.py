@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import qwen2_jax as q
+from qwen2_jax.config import enable_dual_chunk_attention
+from qwen2_jax.errors import UserError
 from qwen2_jax.infer import Engine, SamplingParams, validation
 from qwen2_jax.infer.engine import init_cache, write_kv
 from qwen2_jax.model import KVCache, Qwen2ForCausalLM
@@ -265,12 +267,56 @@ def test_request_validation_raises_named_errors(engine, prompt, kwargs, error, p
     ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"), ({"top_k": -1}, "top_k"),
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": -3}, "max_new_tokens"),
     ({"stop_token_ids": (-2,)}, "stop_token_ids"), ({"seed": 1.5}, "seed"),
+    ({"seed": -1}, "seed"), ({"seed": 2**32}, "seed"), ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"stop_token_ids": "12"}, "stop_token_ids"), ({"stop_token_ids": {"a": 1}}, "stop_token_ids"),
+    ({"ignore_eos": 1}, "ignore_eos"), ({"max_new_tokens": True}, "max_new_tokens"),
 ])
 def test_sampling_validation_raises_named_errors(kwargs, param):
   """Bad sampling settings raise InvalidParameterError naming the field, at construction."""
   with pytest.raises(validation.InvalidParameterError) as info:
     SamplingParams(**kwargs)
   assert info.value.param == param and param in str(info.value)
+  assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+def test_errors_name_their_place_in_one_line():
+  """An error says where it comes from: a request index, a file:line, or a renamed flag; its
+  message is one line whatever it was given."""
+  e = validation.InvalidParameterError("top_k", "must be >= 0,\ngot -1")
+  assert str(e) == "top_k: must be >= 0, got -1"
+  assert str(e.at(3)) == "request 3: top_k: must be >= 0, got -1" and e.at(3).index == 3
+  assert str(e.in_file("in.jsonl", 7)) == "in.jsonl:7: top_k: must be >= 0, got -1"
+  assert str(e.renamed("--top-k")) == "--top-k: must be >= 0, got -1"
+  assert type(e.in_file("x", 1)) is validation.InvalidParameterError
+
+
+@pytest.mark.parametrize("settings,param", [
+    ({"max_batch_size": 0}, "max_batch_size"), ({"max_batch_size": -1}, "max_batch_size"),
+    ({"max_batch_size": 2.0}, "max_batch_size"), ({"max_batch_size": 1, "max_context": 0},
+                                                  "max_context"),
+    ({"max_batch_size": 1, "max_context": 513, "limit": 512}, "max_context"),
+    ({"max_batch_size": 1, "max_context": 64, "max_new_tokens": 64}, "max_new_tokens"),
+])
+def test_engine_settings_are_validated(settings, param):
+  """Batch size >= 1, context in [1, the model's], room for a prompt: errors name the setting."""
+  with pytest.raises(validation.InvalidParameterError) as info:
+    validation.check_engine_settings(**settings)
+  assert info.value.param == param
+  validation.check_engine_settings(max_batch_size=1, max_context=512, limit=512,
+                                   max_new_tokens=511)
+
+
+def test_context_limit_of_rope_scaling_and_dca():
+  """The model's context: max_position_embeddings; times the factor under YaRN (of its original
+  length) or linear scaling; no limit under Dual Chunk Attention."""
+  base = q.get_preset("qwen2-tiny", max_position_embeddings=4096)
+  assert validation.context_limit(base) == 4096
+  yarn = base.replace(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 1024})
+  assert validation.context_limit(yarn) == 4096
+  assert validation.context_limit(base.replace(rope_scaling={"type": "linear", "factor": 2.0})) \
+      == 8192
+  assert validation.context_limit(enable_dual_chunk_attention(base)) is None
 
 
 def test_engine_max_context_is_enforced(hf_tiny):

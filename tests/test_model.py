@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 import qwen2_jax as q
+from qwen2_jax import api
+from qwen2_jax import model as model_lib
+from qwen2_jax import moe
 
 TOL = 2e-5
 
@@ -162,3 +165,97 @@ def test_pallas_attention_under_the_sharded_forward():
   with pltpu.force_tpu_interpret_mode():
     out = fwd(jax.device_put(params, sharding.param_shardings(config, mesh, rules)), ids, pos, seg)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4)
+
+
+# ------------------------------------------------------------------------ Pallas on CPU
+
+def test_pallas_attention_runs_interpreted_on_cpu():
+  """attention_impl='pallas' on the CPU backend (no interpret flag anywhere) runs the kernels in
+  the Pallas interpreter and gives the XLA path's logits, for a dense and a pallas-MoE model."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU backend")
+  ids = np.random.RandomState(0).randint(0, 512, (2, 24))
+  for name, extra in (("qwen2-tiny", {}), ("qwen2-moe-tiny", {"moe_impl": "pallas"})):
+    config = q.get_preset(name, initializer_range=0.2, **extra)
+    params = q.init_params(config, jax.random.key(0))
+    ref = q.forward(config.replace(moe_impl="dense") if extra else config, params, ids)
+    out = q.forward(config.replace(attention_impl="pallas"), params, ids)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4)
+
+
+# ------------------------------------------------------------- param and intermediates layout
+
+LAYOUTS = {  # name: (preset, overrides); mixed dense / sparse stacks are never scanned
+    "dense": ("qwen2-tiny", {}),
+    "tied": ("qwen2-tiny-tied", {}),
+    "moe": ("qwen2-moe-tiny", {}),
+    "moe_mixed": ("qwen2-moe-tiny", {"num_hidden_layers": 3, "mlp_only_layers": (1,)}),
+}
+
+
+def _name_rule_mask(params):
+  """The weight-decay rule the optimizer used before the model owned it: decay every param
+  except those with a path component containing "norm", "bias" or "embed_tokens"."""
+  def keep(path, _):
+    names = [str(getattr(k, "key", k)) for k in path]
+    return not any(p in n for n in names for p in ("norm", "bias", "embed_tokens"))
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("scan", [True, False])
+def test_weight_decay_mask_by_rank_equals_the_name_rule(layout, scan):
+  """`model.weight_decay_mask` (by rank) decays exactly the params the old by-name rule did, on
+  dense, tied and MoE models, scanned and unscanned; matrices decay, vectors do not."""
+  preset, overrides = LAYOUTS[layout]
+  shapes = q.abstract_params(q.get_preset(preset, scan_layers=scan, **overrides))
+  mask = model_lib.weight_decay_mask(shapes)
+  assert mask == _name_rule_mask(shapes)
+  decayed = sum(jax.tree.leaves(mask))
+  assert 0 < decayed < len(jax.tree.leaves(mask))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stacked_and_per_layer_params_convert_both_ways(layout):
+  """split_layers / join_layers round-trip; `unstack_layers` of scanned params runs in the
+  unscanned model with the same logits and MoE statistics (`sparse_layer_stats`)."""
+  preset, overrides = LAYOUTS[layout]
+  config = q.get_preset(preset, initializer_range=0.2, **overrides)
+  params = q.init_params(config, jax.random.key(1))
+  rest, layers = model_lib.split_layers(params, config)
+  assert len(layers) == config.num_hidden_layers and "embed_tokens" in rest
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, model_lib.join_layers(rest, layers, config),
+                                   params))
+  for i in (0, config.num_hidden_layers - 1):
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, model_lib.layer_params(params, config, i),
+                                     layers[i]))
+  unrolled_config = config.replace(scan_layers=False)
+  unrolled = model_lib.unstack_layers(params, config)
+  assert set(unrolled) >= {f"layers_{i}" for i in range(config.num_hidden_layers)}
+  assert jax.tree.structure(unrolled) == jax.tree.structure(q.abstract_params(unrolled_config))
+  ids = np.random.RandomState(2).randint(0, config.vocab_size, (2, 12))
+  logits, aux = api.forward_with_aux(config, params, ids)
+  logits_u, aux_u = api.forward_with_aux(unrolled_config, unrolled, ids)
+  np.testing.assert_allclose(np.asarray(logits_u), np.asarray(logits), atol=TOL)
+  assert aux["expert_load"].shape[0] == sum(map(config.is_sparse_layer,
+                                                range(config.num_hidden_layers)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL), aux_u, aux)
+
+
+def test_layer_intermediates_are_per_layer_in_both_layouts():
+  """`layer_intermediates` gives each layer's sown values (a scanned stack sliced per layer):
+  one entry per layer, the same in the scanned and unrolled layouts."""
+  config = q.get_preset("qwen2-moe-tiny", initializer_range=0.2)
+  params = q.init_params(config, jax.random.key(3))
+  ids = jnp.asarray(np.random.RandomState(4).randint(0, config.vocab_size, (2, 8)))
+  per_layout = []
+  for cfg, p in ((config, params), (config.replace(scan_layers=False),
+                                    model_lib.unstack_layers(params, config))):
+    _, state = model_lib.Qwen2ForCausalLM(cfg).apply(
+        {"params": p}, ids, jnp.broadcast_to(jnp.arange(8), (2, 8)), None,
+        mutable=["intermediates"])
+    layers = model_lib.layer_intermediates(state["intermediates"], cfg)
+    assert len(layers) == config.num_hidden_layers
+    assert layers[0]["mlp"][moe.STATS_NAME]["assigned"].shape == (config.num_experts,)
+    per_layout.append(model_lib.sparse_layer_stats(state["intermediates"], cfg))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), *per_layout)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from qwen2_jax import api, moe, presets
+from qwen2_jax import api, moe_dispatch, presets
 from qwen2_jax.checkpoint import safetensors_io as st
 from qwen2_jax.checkpoint.hf import load_hf_checkpoint, save_hf_checkpoint
 from qwen2_jax.config import ConfigError
@@ -126,8 +126,8 @@ def test_dispatch_implementations_agree_with_gradients(capacity_factor):
 
   def run(impl):
     def f(x, weights, wg, wu, wd):
-      y, keep = moe.local_routed_experts(x, idx, weights, wg, wu, wd, impl=impl,
-                                         capacity_factor=capacity_factor)
+      y, keep = moe_dispatch.local_routed_experts(x, idx, weights, wg, wu, wd, impl=impl,
+                                                  capacity_factor=capacity_factor)
       return jnp.sum(y * ct), (y, keep)
     return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, weights, wg, wu, wd)
 
@@ -147,9 +147,10 @@ def test_dispatch_implementations_agree_with_gradients(capacity_factor):
 def test_capacity_drops_latest_tokens_and_reports_rate():
   """An expert keeps its first `capacity` assignments in token order; drop_rate counts the rest."""
   idx = jnp.asarray([[0, 1], [0, 2], [0, 1], [2, 0]], jnp.int32)
-  keep = moe.keep_mask(idx, 3, 2)
+  keep = moe_dispatch.keep_mask(idx, 3, 2)
   np.testing.assert_array_equal(keep, [[1, 1], [1, 1], [0, 1], [1, 0]])
-  assert moe.expert_capacity(8, 3, 0.75) == 2 and moe.expert_capacity(8, 3, None) is None
+  assert moe_dispatch.expert_capacity(8, 3, 0.75) == 2
+  assert moe_dispatch.expert_capacity(8, 3, None) is None
   cfg = presets.get_preset("qwen2-moe-tiny", moe_capacity_factor=0.5, moe_impl="ragged_dot")
   params = api.init_params(cfg, jax.random.key(0))
   ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)

@@ -12,8 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from qwen2_jax.checkpoint.orbax_io import save_orbax
 from qwen2_jax.cli import eval_cmd
 from qwen2_jax.infer import needle as needle_lib
+from qwen2_jax.infer.api import load_model
 from qwen2_jax.tokenizer import load_tokenizer
 from hf_reference import make_hf_qwen2
 
@@ -123,8 +125,6 @@ def test_cli_runs_a_tiny_model_end_to_end(model_dir, tmp_path, capsys):
 
 def test_cli_reads_orbax_and_a_haystack_file_and_prints_the_table(model_dir, tmp_path, capsys):
   """An Orbax checkpoint with --tokenizer and --haystack FILE, text table; bad depths exit 2."""
-  from qwen2_jax.infer.api import load_model  # pylint: disable=import-outside-toplevel
-  from qwen2_jax.checkpoint.orbax_io import save_orbax  # pylint: disable=import-outside-toplevel
   config, params = load_model(model_dir)
   save_orbax(tmp_path / "orbax", config, params)
   hay = tmp_path / "hay.txt"
@@ -135,3 +135,17 @@ def test_cli_reads_orbax_and_a_haystack_file_and_prints_the_table(model_dir, tmp
   text = capsys.readouterr().out
   assert code == 0 and "depth \\ length" in text and "overall exact retrieval" in text
   assert eval_cmd.main(["needle", str(model_dir), "--depths", "2"]) == 2
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--depths", "2"], "--depths"), (["--lengths", "0"], "--lengths"),
+    (["--lengths", "20"], "--lengths"), (["--batch-size", "0"], "--batch-size"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--trials", "0"], "--trials"),
+    (["--key-digits", "40"], "--key-digits"), (["--seed", "-1"], "--seed"),
+])
+def test_cli_bad_flags_are_one_line_naming_the_flag(model_dir, capsys, flags, named):
+  """Bad flags exit 2 with one line naming the flag (a length too short for the prompt's frame
+  included), before the model is loaded."""
+  assert eval_cmd.main(["needle", str(model_dir), *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"qwen2-jax eval: error: {named}: ") and err.count("\n") == 1, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,13 +15,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import qwen2_jax as q
+from qwen2_jax.checkpoint.hf import load_hf_checkpoint
+from qwen2_jax.tokenizer import load_tokenizer, train_sentencepiece
 from qwen2_jax.train import checkpointing
 from qwen2_jax.train import step as step_lib
+from qwen2_jax.train.loop import NonFiniteError
 from qwen2_jax.train.optim import OptimConfig, make_optimizer
-from qwen2_jax.train.pretrain import NonFiniteError, config_from_dict, pretrain
+from qwen2_jax.train.pretrain import PretrainConfig, pretrain
 from run_helpers import assert_bitwise_equal, final_state, logged, with_overrides
 
 WORKER = os.path.join(os.path.dirname(__file__), "pretrain_worker.py")
@@ -29,8 +34,6 @@ WORKER = os.path.join(os.path.dirname(__file__), "pretrain_worker.py")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A small synthetic text corpus (learnable word patterns) and a SentencePiece tokenizer."""
-  from qwen2_jax.tokenizer import train_sentencepiece
-
   root = tmp_path_factory.mktemp("corpus")
   rng = random.Random(0)
   phrases = ["the quick brown fox", "jumps over the lazy dog", "and the cat", "runs away fast",
@@ -67,10 +70,7 @@ def _run_worker(config: dict, path, *extra, timeout=300):
 
 def _final_state(out, config_dict):
   """(step, TrainState) of the latest checkpoint of a run directory."""
-  def abstract_for(cfg, mesh, rules):
-    return (step_lib.abstract_train_state(cfg.model, make_optimizer(cfg.optim), mesh, rules),
-            cfg.fingerprint())
-  return final_state(out, config_from_dict(config_dict), abstract_for)
+  return final_state(out, PretrainConfig.from_dict(config_dict))
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +86,9 @@ def straight(corpus, tmp_path_factory):
 def test_loss_falls_well_below_its_start(corpus, tmp_path):
   """A tiny model's loss drops far below its initial value (~ln(vocab)) within 40 steps; the
   HF export at the end holds the final params and the tokenizer."""
-  from qwen2_jax.checkpoint.hf import load_hf_checkpoint
-  from qwen2_jax.tokenizer import load_tokenizer
-
   config_dict = _config(corpus, tmp_path, steps=40, checkpoint_every=40, export_hf=True,
                         **{"optim.decay_steps": 40})
-  summary = pretrain(config_from_dict(config_dict))
+  summary = pretrain(PretrainConfig.from_dict(config_dict))
   losses = logged(tmp_path)
   assert summary["final_step"] == 40 and summary["skipped"] == 0
   assert losses[1] > 5.0  # ~ln(320) at init
@@ -171,18 +168,16 @@ def test_sigterm_commits_current_step_and_exits_cleanly(corpus, straight, tmp_pa
 def test_identical_runs_give_bitwise_equallogged(corpus, straight, tmp_path):
   """Determinism: the same config in this process reproduces the worker's losses exactly."""
   _, _, straight_losses = straight
-  pretrain(config_from_dict(_config(corpus, tmp_path)))
+  pretrain(PretrainConfig.from_dict(_config(corpus, tmp_path)))
   assert logged(tmp_path) == straight_losses
 
 
 def test_resume_with_changed_settings_is_refused(corpus, straight, tmp_path):
   """A checkpoint written with another learning rate is not silently resumed."""
-  import shutil
-
   _, straight_out, _ = straight
   shutil.copytree(straight_out, tmp_path / "run")
-  changed = config_from_dict(_config(corpus, tmp_path / "run", steps=10,
-                                     **{"optim.learning_rate": 1e-3}))
+  changed = PretrainConfig.from_dict(_config(corpus, tmp_path / "run", steps=10,
+                                            **{"optim.learning_rate": 1e-3}))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="optim"):
     pretrain(changed)
 
@@ -208,7 +203,8 @@ def test_nonfinite_update_is_skipped_bitwise():
 
 def test_nonfinite_abort_mode_stops_with_clear_error(corpus, tmp_path):
   """nonfinite: abort raises NonFiniteError naming the step instead of training on."""
-  config = config_from_dict(_config(corpus, tmp_path, nonfinite="abort", z_loss=float("inf")))
+  config = PretrainConfig.from_dict(_config(corpus, tmp_path, nonfinite="abort",
+                                            z_loss=float("inf")))
   with pytest.raises(NonFiniteError, match="step 1: .*nonfinite: abort"):
     pretrain(config)
 
@@ -218,8 +214,6 @@ def test_gradient_accumulation_equals_the_full_batch():
 
   SGD, because Adam's first step divides by |g| and so amplifies 1e-9 differences where g ~ 0.
   """
-  import optax
-
   config = q.get_preset("qwen2-tiny", initializer_range=0.2)
   optimizer = optax.sgd(1.0)
   state = step_lib.init_train_state(q.init_params(config, jax.random.key(1)), optimizer)
@@ -241,25 +235,9 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 def test_retention_keeps_last_n(corpus, tmp_path):
   """keep_checkpoints=2 with a checkpoint every 2 steps leaves exactly the last two steps."""
-  pretrain(config_from_dict(_config(corpus, tmp_path, checkpoint_every=2, keep_checkpoints=2)))
+  pretrain(PretrainConfig.from_dict(_config(corpus, tmp_path, checkpoint_every=2, keep_checkpoints=2)))
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
   try:
     assert ckpt.all_steps() == [6, 8]
   finally:
     ckpt.close()
-
-
-def test_every_recipe_in_configs_parses():
-  """Each pretraining recipe in configs/ builds a valid PretrainConfig (strict: no unknown keys;
-  the sft_* / dpo_* post-training recipes are checked in tests/test_sft.py)."""
-  import glob
-
-  from qwen2_jax.train.pretrain import load_config
-
-  recipes = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                     "*.yaml"))
-                   if not os.path.basename(p).startswith(("sft_", "dpo_")))
-  assert len(recipes) >= 4
-  for path in recipes:
-    cfg = load_config(path)
-    assert cfg.steps > 0 and cfg.data.seq_len > 0, path

@@ -1,5 +1,5 @@
-"""Sampling: seeded reproducibility, top-k / top-p support on crafted distributions, and the
-greedy limits (temperature 0, top-k 1)."""
+"""Sampling: seeded reproducibility, top-k / top-p support on crafted distributions, the
+greedy limits (temperature 0, top-k 1) and the vocabulary mask."""
 
 from __future__ import annotations
 
@@ -17,18 +17,23 @@ PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
 LOGITS = np.log(PROBS).astype(np.float32)
 
 
-def _rows(n, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None):
+def _rows(n, *, temperature=1.0, top_k=0, top_p=1.0, seeds=None, vocab_limit=8):
   seeds = np.arange(n) if seeds is None else np.asarray(seeds)
   return S.RowParams(jnp.full((n,), temperature, jnp.float32), jnp.full((n,), top_k, jnp.int32),
                      jnp.full((n,), top_p, jnp.float32), jnp.asarray(seeds, jnp.uint32),
-                     jnp.full((n,), 8, jnp.int32), jnp.full((n, 4), -1, jnp.int32))
+                     jnp.full((n,), 8, jnp.int32), jnp.full((n, 4), -1, jnp.int32),
+                     jnp.full((n,), vocab_limit, jnp.int32))
+
+
+def _sample(n, perm=None, **kw):
+  logits = LOGITS if perm is None else LOGITS[perm]
+  tokens, logprobs = jax.jit(S.sample)(jnp.broadcast_to(jnp.asarray(logits), (n, 8)),
+                                       _rows(n, **kw), jnp.int32(0))
+  return np.asarray(tokens), np.asarray(logprobs)
 
 
 def _draw(n, perm=None, **kw):
-  logits = LOGITS if perm is None else LOGITS[perm]
-  tokens, _ = jax.jit(S.sample)(jnp.broadcast_to(jnp.asarray(logits), (n, 8)), _rows(n, **kw),
-                                jnp.int32(0))
-  return np.asarray(tokens)
+  return _sample(n, perm, **kw)[0]
 
 
 @pytest.mark.parametrize("top_p,nucleus", [(0.3, {0}), (0.6, {0, 1}), (0.7, {0, 1, 2}),
@@ -64,6 +69,20 @@ def test_masks_keep_exactly_the_intended_tokens():
   assert kept[0].tolist() == [True, True] + [False] * 6 and kept[1].all()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_vocab_mask_never_yields_masked_ids(temperature):
+  """With vocab_limit 5, neither greedy nor 4000 draws give ids >= 5, even where they are the most
+  likely; logprobs are those of the distribution over the ids below the limit."""
+  perm = np.array([7, 6, 5, 4, 3, 2, 1, 0])  # the most likely tokens are the masked ones
+  tokens, logprobs = _sample(4000, perm, temperature=temperature, vocab_limit=5)
+  allowed = LOGITS[perm][:5]
+  assert tokens.max() < 5 and (temperature > 0 or set(tokens.tolist()) == {4})
+  if temperature > 0:
+    assert set(tokens.tolist()) == set(range(5))
+  expected = allowed - np.log(np.exp(allowed).sum())
+  np.testing.assert_allclose(logprobs, expected[tokens], rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_engine():
   config = q.get_preset("qwen2-tiny", initializer_range=0.05)  # flat-ish logits: varied samples
@@ -91,3 +110,24 @@ def test_top_k_one_and_temperature_zero_equal_greedy(tiny_engine):
   t0 = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, top_p=0.5, seed=9))
   assert [r.output_ids for r in top1] == [r.output_ids for r in greedy]
   assert [r.output_ids for r in t0] == [r.output_ids for r in greedy]
+
+
+def test_engine_vocab_limit_masks_without_recompiling(tiny_engine):
+  """An engine's vocab_limit keeps every generated id (greedy and sampled) below it, changes
+  nothing when it is the vocabulary size, and never recompiles."""
+  greedy = SamplingParams(max_new_tokens=12)
+  sampled = SamplingParams(max_new_tokens=12, temperature=1.5, seed=3)
+  base = tiny_engine.generate(PROMPTS, [greedy, sampled, greedy])
+  compiled = tiny_engine.stats["num_compilations"]
+  seen = sorted({t for r in base for t in r.output_ids})
+  limit = seen[len(seen) // 2]  # about half of the ids generated so far become masked
+  try:
+    tiny_engine.vocab_limit = limit
+    masked = tiny_engine.generate(PROMPTS, [greedy, sampled, greedy])
+    tiny_engine.vocab_limit = tiny_engine.config.vocab_size
+    unmasked = tiny_engine.generate(PROMPTS, [greedy, sampled, greedy])
+  finally:
+    tiny_engine.vocab_limit = None
+  assert all(t < limit for r in masked for t in r.output_ids)
+  assert [r.output_ids for r in unmasked] == [r.output_ids for r in base]
+  assert tiny_engine.stats["num_compilations"] == compiled

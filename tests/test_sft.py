@@ -4,7 +4,6 @@ falling loss, bit-exact resume in a new process (through the `qwen2-jax sft` CLI
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import jax
@@ -12,7 +11,9 @@ import numpy as np
 import pytest
 
 import qwen2_jax as q
-from qwen2_jax.tokenizer import IM_END, load_tokenizer
+from qwen2_jax.infer.api import Generator
+from qwen2_jax.infer.sampling import SamplingParams
+from qwen2_jax.tokenizer import IM_END, copy_tokenizer_files, load_tokenizer
 from qwen2_jax.train import chat_data, sft
 from qwen2_jax.train import step as step_lib
 from run_helpers import (WORDS, assert_bitwise_equal, final_state, logged, run_cli,
@@ -47,14 +48,6 @@ def run_config(sp_model_path, data_path, out, **overrides) -> dict:
        "mesh": {"fsdp": -1}, "log_every": 1, "checkpoint_every": 3, "progress": False,
        "export_hf": False}
   return with_overrides(d, overrides)
-
-
-def sft_abstract(cfg, mesh, rules):
-  from qwen2_jax.train.optim import make_optimizer
-
-  optim = cfg.optim  # the resume test turns auto_decay off, so the config's optim is the run's
-  return (step_lib.abstract_train_state(cfg.model, make_optimizer(optim), mesh, rules),
-          cfg.fingerprint(optim))
 
 
 # ----------------------------------------------------------------------------- masking
@@ -177,7 +170,7 @@ def test_too_long_conversations_are_dropped_and_counted_or_refused(tok, tmp_path
 def test_few_sft_steps_lower_the_assistant_loss(sp_model_path, tmp_path):
   """A tiny model's assistant-token loss falls over 2 epochs of a small chat set."""
   data = write_jsonl(tmp_path / "c.jsonl", conversations(64))
-  summary = sft.sft(sft.config_from_dict(run_config(sp_model_path, data, tmp_path / "run")))
+  summary = sft.sft(sft.SFTConfig.from_dict(run_config(sp_model_path, data, tmp_path / "run")))
   losses = logged(tmp_path / "run")
   assert summary["final_step"] == summary["steps"] == len(losses) >= 8
   assert summary["skipped"] == 0 and summary["data"]["dropped_too_long"] == 0
@@ -191,7 +184,7 @@ def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
   data = write_jsonl(tmp_path / "c.jsonl", conversations(64))
   fixed = {"auto_decay": False, "optim.decay_steps": 6}
   straight = run_config(sp_model_path, data, tmp_path / "straight", steps=6, **fixed)
-  sft.sft(sft.config_from_dict(straight))
+  sft.sft(sft.SFTConfig.from_dict(straight))
   resumed = run_config(sp_model_path, data, tmp_path / "resumed", steps=3, **fixed)
   first = run_cli("sft", resumed, tmp_path / "a.json")
   assert first.returncode == 0, first.stderr[-3000:]
@@ -199,10 +192,9 @@ def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   a, b = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
   assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
-  step_a, state_a = final_state(straight["output_dir"], sft.config_from_dict(straight),
-                                sft_abstract)
-  step_b, state_b = final_state(resumed["output_dir"], sft.config_from_dict(dict(resumed, steps=6)),
-                                sft_abstract)
+  step_a, state_a = final_state(straight["output_dir"], sft.SFTConfig.from_dict(straight))
+  step_b, state_b = final_state(resumed["output_dir"],
+                                sft.SFTConfig.from_dict(dict(resumed, steps=6)))
   assert step_a == step_b == 6
   assert_bitwise_equal(state_a, state_b)
 
@@ -222,7 +214,7 @@ def test_held_out_conversations_are_evaluated_and_never_trained(sp_model_path, t
     path = write_jsonl(tmp_path / f"{name}.jsonl", data)
     cfg = run_config(sp_model_path, path, tmp_path / name, steps=4, eval_every=2,
                      **{"data.eval_every_nth_example": 4})
-    summary = sft.sft(sft.config_from_dict(cfg))
+    summary = sft.sft(sft.SFTConfig.from_dict(cfg))
     assert summary["data"]["examples"] == 30 and summary["data"]["held_out"] == 10
     losses[name] = logged(tmp_path / name)
     eval_loss = logged(tmp_path / name, "eval/loss")
@@ -250,13 +242,9 @@ def test_hf_export_carries_the_tokenizer(sp_model_path, hf_tokenizer_dir, tmp_pa
   """The HF export at the end of a run holds the run's SentencePiece model as tokenizer.model,
   so `Generator.from_pretrained(output_dir/hf)` (what `qwen2-jax generate` calls) finds it with
   no --tokenizer; an HF tokenizer.json (+ tokenizer_config.json) is copied the same way."""
-  from qwen2_jax.infer.api import Generator
-  from qwen2_jax.infer.sampling import SamplingParams
-  from qwen2_jax.tokenizer import copy_tokenizer_files
-
   path = write_jsonl(tmp_path / "c.jsonl", conversations(16))
-  summary = sft.sft(sft.config_from_dict(run_config(sp_model_path, path, tmp_path / "run",
-                                                    steps=1, export_hf=True)))
+  summary = sft.sft(sft.SFTConfig.from_dict(run_config(sp_model_path, path, tmp_path / "run",
+                                                       steps=1, export_hf=True)))
   hf_dir = tmp_path / "run" / "hf"
   assert summary["hf_export"] == str(hf_dir)
   assert (hf_dir / "tokenizer.model").read_bytes() == open(sp_model_path, "rb").read()
@@ -271,26 +259,3 @@ def test_hf_export_carries_the_tokenizer(sp_model_path, hf_tokenizer_dir, tmp_pa
                                                          "tokenizer_config.json"]
   text = "Hello 世界 12345"
   assert load_tokenizer(out).encode(text) == load_tokenizer(hf_tokenizer_dir).encode(text)
-
-
-def test_post_training_recipes_parse():
-  """configs/sft_*.yaml and dpo_*.yaml build valid configs (strict: no unknown keys); the
-  report recipe carries Qwen2's SFT settings."""
-  import glob
-
-  from qwen2_jax.train import dpo
-
-  root = os.path.join(os.path.dirname(__file__), "..", "configs")
-  os.environ.setdefault("QWEN2_JAX_INIT", "/nonexistent")
-  sft_recipes = sorted(glob.glob(os.path.join(root, "sft_*.yaml")))
-  dpo_recipes = sorted(glob.glob(os.path.join(root, "dpo_*.yaml")))
-  assert sft_recipes and dpo_recipes
-  for path in sft_recipes:
-    assert sft.load_config(path).data.seq_len > 0, path
-  for path in dpo_recipes:
-    assert dpo.load_config(path).beta > 0, path
-  report = sft.load_config(os.path.join(root, "sft_qwen2-report.yaml"))
-  o = report.optim
-  assert (o.learning_rate, o.min_learning_rate, o.weight_decay, o.clip_norm) == \
-      (7e-6, 7e-7, 0.1, 1.0)
-  assert report.data.num_epochs == 2 and report.data.seq_len == 32768 and report.auto_decay

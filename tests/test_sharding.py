@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qwen2_jax import api, presets, sharding
 from qwen2_jax.checkpoint import hf, orbax_io
 from qwen2_jax.train import step as train_lib
+from qwen2_jax.typed_config import ConfigError
 
 ATOL = 1e-5
 
@@ -85,7 +86,7 @@ def test_mesh_config_fills_one_axis_and_rejects_bad_sizes():
     sharding.MeshConfig(data=-1, fsdp=-1)
   with pytest.raises(sharding.ShardingError, match="does not fit"):
     sharding.MeshConfig(tensor=3).shape(8)
-  with pytest.raises(sharding.ShardingError, match="unknown mesh field"):
+  with pytest.raises(ConfigError, match="^mesh.model: unknown setting"):
     sharding.MeshConfig.from_string("model=2")
 
 

@@ -238,12 +238,16 @@ def test_missing_paths_are_named(tmp_path):
     tk.train_sentencepiece([tmp_path / "missing_corpus.txt"], tmp_path / "sp", vocab_size=300)
 
 
-def test_decode_rejects_out_of_range_ids(any_tok):
-  """decode raises ValueError naming ids outside [0, vocab_size) instead of guessing."""
-  with pytest.raises(ValueError, match=str(any_tok.vocab_size)):
-    any_tok.decode([0, any_tok.vocab_size])
+def test_ids_without_a_token_decode_to_nothing(any_tok):
+  """Ids >= vocab_size (a model's padded embedding rows) decode to nothing and keep the text
+  around them; negative ids still raise ValueError naming them."""
+  ids = any_tok.encode("the cat sat")
+  padded = [any_tok.vocab_size, *ids[:1], any_tok.vocab_size + 289, *ids[1:], 10**9]
+  assert any_tok.decode(padded) == "the cat sat"
+  assert any_tok.decode(padded, skip_special_tokens=True) == "the cat sat"
+  assert any_tok.decode([any_tok.vocab_size]) == ""
   with pytest.raises(ValueError, match="-1"):
-    any_tok.decode([-1])
+    any_tok.decode([5, -1])
 
 
 def test_hf_config_added_tokens(tmp_path):
@@ -293,7 +297,9 @@ def test_cli_train_encode_decode(tmp_path, capsys):
   assert [int(i) for i in ids] == tk.load_tokenizer(model).encode(text)
   assert cli.main(["tokenizer", "decode", "--tokenizer", model, "--ids", *ids]) == 0
   assert capsys.readouterr().out == text + "\n"
-  assert cli.main(["tokenizer", "decode", "--tokenizer", model, "--ids", "999999"]) == 2
+  assert cli.main(["tokenizer", "decode", "--tokenizer", model, "--ids", "999999"]) == 0
+  assert capsys.readouterr().out == "\n"  # an id without a token decodes to nothing
+  assert cli.main(["tokenizer", "decode", "--tokenizer", model, "--ids", "-5"]) == 2
   assert cli.main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "nope"),
                    "--text", "x"]) == 2
   assert "nope" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import pytest
 
 from qwen2_jax import Qwen2Config, get_preset
+from qwen2_jax.presets import config_from_dict
 from qwen2_jax.errors import UserError
 from qwen2_jax.typed_config import (Bool, ConfigError, Float, Int, apply_overrides, parse_value,
                                     read_recipe, structure)
@@ -111,13 +112,13 @@ def test_malformed_overrides(recipe, override, expected):
 
 def test_model_config_from_dict_is_typed_and_takes_presets():
   """Qwen2Config.from_dict: presets with overrides; string bools and unknown fields refused."""
-  config = Qwen2Config.from_dict({"preset": "qwen2-tiny", "dtype": "bfloat16",
+  config = config_from_dict({"preset": "qwen2-tiny", "dtype": "bfloat16",
                                   "num_hidden_layers": "3"}, path="model")
   assert config == get_preset("qwen2-tiny", dtype="bfloat16", num_hidden_layers=3)
   with pytest.raises(ConfigError, match=r"^model.tie_word_embeddings: .*got 'false'"):
-    Qwen2Config.from_dict({"preset": "qwen2-tiny", "tie_word_embeddings": "false"}, path="model")
+    config_from_dict({"preset": "qwen2-tiny", "tie_word_embeddings": "false"}, path="model")
   with pytest.raises(ConfigError, match=r"model.preset: unknown preset 'qwen9'"):
-    Qwen2Config.from_dict({"preset": "qwen9"}, path="model")
+    config_from_dict({"preset": "qwen9"}, path="model")
 
 
 def test_hf_config_json_is_typed_and_names_the_file(tmp_path):

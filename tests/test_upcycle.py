@@ -19,7 +19,7 @@ import pytest
 from hf_reference import make_hf_qwen2
 from qwen2_jax import api
 from qwen2_jax.checkpoint.hf import load_hf_checkpoint
-from qwen2_jax.checkpoint.orbax_io import restore_orbax
+from qwen2_jax.checkpoint.orbax_io import restore_orbax, save_orbax
 from qwen2_jax.cli import upcycle_cmd
 from qwen2_jax.train import upcycle
 
@@ -137,7 +137,7 @@ def test_upcycle_rejects_bad_requests(tmp_path):
   """Missing MoE fields, an MoE source and a bad fraction are reported clearly."""
   make_hf_qwen2(tmp_path / "dense", num_hidden_layers=1, intermediate_size=48)
   assert upcycle_cmd.main(["--src", str(tmp_path / "dense"), "--out", str(tmp_path / "x"),
-                           "--num-experts", "4"]) == 1
+                           "--num-experts", "4"]) == 2
   cfg = _tiny_dense_config()
   moe = upcycle.moe_config(cfg, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
                            shared_expert_intermediate_size=0)
@@ -147,3 +147,25 @@ def test_upcycle_rejects_bad_requests(tmp_path):
   with pytest.raises(ValueError, match="reinit_fraction"):
     upcycle.upcycle_params(cfg, api.init_params(cfg, jax.random.key(0)), moe,
                            reinit_fraction=1.5)
+
+
+def test_upcycle_refuses_a_nonfinite_source_unless_allowed(tmp_path, capsys):
+  """A dense source holding NaN is refused (exit 2, the tensor named, nothing written) unless
+  --allow-nonfinite; an HF and an Orbax source load alike (`checkpoint.load`)."""
+  make_hf_qwen2(tmp_path / "dense", num_hidden_layers=1, intermediate_size=48)
+  config, params = load_hf_checkpoint(tmp_path / "dense", show_progress=False)
+  params["norm"]["weight"] = params["norm"]["weight"].at[0].set(jnp.nan)
+  save_orbax(tmp_path / "orbax", config, params)
+  flags = ["--num-experts", "4", "--experts-per-tok", "2", "--expert-size", "24",
+           "--shared-expert-size", "0"]
+  assert upcycle_cmd.main(["--src", str(tmp_path / "orbax"), "--out", str(tmp_path / "x"),
+                           *flags]) == 2
+  assert "param norm/weight holds 1 non-finite value" in capsys.readouterr().err
+  assert not (tmp_path / "x").exists()
+  assert upcycle_cmd.main(["--src", str(tmp_path / "orbax"), "--out", str(tmp_path / "x"),
+                           "--allow-nonfinite", *flags]) == 0
+  assert upcycle_cmd.main(["--src", str(tmp_path / "dense"), "--out", str(tmp_path / "y"),
+                           *flags]) == 0
+  assert upcycle_cmd.main(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z"),
+                           *flags]) == 2
+  assert f"{tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err

@@ -1,1 +1,1 @@
-"""`qwen2_jax.train`: pretraining, post-training (SFT, DPO) and upcycling (later issues)."""
+"""`qwen2_jax.train`: pretraining, post-training (SFT, DPO) and dense -> MoE upcycling."""

@@ -27,79 +27,91 @@ one unshuffled epoch, batched and padded like training, for evaluation only.
 Batches. Each epoch has its own shuffle (seed, epoch); the final batch of an epoch is completed
 with all-padding rows (zero loss weight), so every example is seen once per epoch. The batch
 plan is computed identically on every process (all read every file) and process p takes rows
-[p B/P, (p+1) B/P) of each global batch. The iterator state is just {epoch, batch}: restoring it
-reproduces the remaining stream exactly.
+[p B/P, (p+1) B/P) of each global batch. Iteration is on grain, as pretraining's: the run's rows
+are a `grain.MapDataset` (`grain_dataset`), batched and sliced per process, and the iterator's
+state is grain's position as JSON (`data.ResumableIterator`, pretraining's format); restoring it
+reproduces the remaining stream exactly. A state of the earlier {epoch, batch} form is read too
+(same order, same batches). The shuffle itself is numpy's permutation of (seed, epoch), not
+grain's `MapDataset.shuffle`: each epoch's order is needed whole when the dataset is built
+(greedy packing, batch counts), and grain's costs ~55 us per index (5.5 s for a 100k-example
+epoch, 2-core CPU) against 1.7 ms for numpy's whole permutation.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from typing import Any, Iterator, Mapping, Sequence
 
+import grain
 import numpy as np
 
+from qwen2_jax.errors import UserError
 from qwen2_jax.tokenizer import DEFAULT_SYSTEM, encode_chat_with_mask
-from qwen2_jax.train.data import glob_files
+from qwen2_jax.train.data import ResumableIterator, glob_files, iterator_state_to_json
+from qwen2_jax.typed_config import Bool, ConfigError, Int
 
 TOO_LONG_MODES = ("drop", "error")
 PROMPT_ROLES = ("system", "user", "tool")
+# Batches are built in the training thread: the step is dispatched asynchronously, so building
+# the next batch (~7 ms for 32 x 4096 tokens) already overlaps the device's work, and a held-out
+# pass stopped early leaves no reader threads behind.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
-class ChatDataError(ValueError):
+class ChatDataError(UserError, ValueError):
   """A chat data setting or a line of a data file is invalid; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ChatDataConfig:
-  """Everything that determines the example stream (and so must match on resume)."""
+  """Everything that determines the example stream (and so must match on resume). Built from a
+  recipe by `qwen2_jax.typed_config.structure`."""
   paths: tuple[str, ...]                  # JSONL files or glob patterns (`~`, `$VARS` expanded)
-  seq_len: int                            # tokens per row
-  batch_size: int                         # global: SFT rows / DPO pairs per optimizer step
-  seed: int = 0                           # shuffle seed (each epoch reshuffles)
-  num_epochs: int = 1
+  seq_len: Int                            # tokens per row
+  batch_size: Int                         # global: SFT rows / DPO pairs per optimizer step
+  seed: Int = 0                           # shuffle seed (each epoch reshuffles)
+  num_epochs: Int = 1
   default_system: str | None = DEFAULT_SYSTEM  # ChatML default system prompt; None: none
   too_long: str = "drop"                  # example longer than seq_len: "drop" (counted) | "error"
-  pack: bool = True                       # SFT: pack several conversations per row
-  eval_every_nth_example: int = 0         # >0: hold out every n-th example (file order) for eval
+  pack: Bool = True                       # SFT: pack several conversations per row
+  eval_every_nth_example: Int = 0         # >0: hold out every n-th example (file order) for eval
 
   def __post_init__(self):
     object.__setattr__(self, "paths", tuple([self.paths] if isinstance(self.paths, str)
                                             else self.paths))
     if not self.paths:
-      raise ChatDataError("ChatDataConfig.paths: at least one file is required")
+      raise ConfigError("ChatDataConfig.paths: at least one file is required")
     for name in ("seq_len", "batch_size", "num_epochs"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-        raise ChatDataError(f"ChatDataConfig.{name}: must be a positive integer, "
-                            f"got {getattr(self, name)!r}")
-    if not isinstance(self.eval_every_nth_example, int) or self.eval_every_nth_example < 0:
-      raise ChatDataError(f"ChatDataConfig.eval_every_nth_example: must be an integer >= 0, "
-                          f"got {self.eval_every_nth_example!r}")
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"ChatDataConfig.{name}: must be positive, got {getattr(self, name)!r}")
+    if self.eval_every_nth_example < 0:
+      raise ConfigError(f"ChatDataConfig.eval_every_nth_example: must be >= 0, got "
+                        f"{self.eval_every_nth_example!r}")
     if self.too_long not in TOO_LONG_MODES:
-      raise ChatDataError(f"ChatDataConfig.too_long: {self.too_long!r} is not one of "
-                          f"{TOO_LONG_MODES}")
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "ChatDataConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ChatDataError(f"unknown ChatDataConfig field(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
+      raise ConfigError(f"ChatDataConfig.too_long: {self.too_long!r} is not one of "
+                        f"{TOO_LONG_MODES}")
 
   def files(self) -> list[str]:
     return glob_files(self.paths, ChatDataError, "ChatDataConfig.paths")
 
 
 def read_jsonl(files: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-  """(`file:line`, object) for every non-blank line; malformed lines raise naming file:line."""
+  """(`file:line`, object) for every non-blank line; malformed lines (invalid UTF-8 or JSON,
+  not an object) raise naming file:line."""
   for path in files:
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        where = f"{path}:{number}"
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise ChatDataError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                              f"{e.start + 1} of the line)") from None
         if not line.strip():
           continue
-        where = f"{path}:{number}"
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -203,7 +215,26 @@ def pack_greedy(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> l
 def _empty_rows(n: int, seq_len: int) -> dict[str, np.ndarray]:
   z = lambda dtype: np.zeros((n, seq_len), dtype)
   return {"input_ids": z(np.int32), "targets": z(np.int32), "loss_mask": z(np.float32),
-          "positions": z(np.int32), "segment_ids": z(np.int32)}
+          "positions": z(np.int32), "segment_ids": z(np.int32),
+          "example_index": np.full((n, 1), -1, np.int32)}
+
+
+class _PaddedRows:
+  """A grain source: row k of the whole run (every epoch's plan in turn, each completed with
+  empty rows to whole global batches) as its members, [] for a padding row."""
+
+  def __init__(self, dataset: "_EpochDataset"):
+    self._dataset = dataset
+    rows = [b * dataset._rows_per_batch() for b in dataset._epoch_batches()]
+    self._starts = np.cumsum([0] + rows)  # [E + 1] first row of each epoch, then the end
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, k: int) -> list[int]:
+    epoch = int(np.searchsorted(self._starts, k, side="right")) - 1
+    plan, r = self._dataset.plan(epoch), k - int(self._starts[epoch])
+    return plan[r] if r < len(plan) else []
 
 
 class _EpochDataset:
@@ -219,7 +250,11 @@ class _EpochDataset:
   held_out: "_EpochDataset | None" = None
 
   def __init__(self):
-    self._plans: dict[int, list[list[int]]] = {}
+    self._reset_plans()
+
+  def _reset_plans(self) -> None:
+    self._plans: dict[int, list[list[int]]] = {}  # one epoch's
+    self._batches: tuple[int, ...] | None = None
 
   def _is_held_out(self, k: int) -> bool:
     """Whether the k-th example read (0-based, file order, before dropping) is held out."""
@@ -239,7 +274,8 @@ class _EpochDataset:
     if held_out:
       ev = copy.copy(self)
       ev.config = dataclasses.replace(self.config, num_epochs=1)
-      ev.shuffle, ev.held_out, ev._plans, ev.examples = False, None, {}, held_out
+      ev.shuffle, ev.held_out, ev.examples = False, None, held_out
+      ev._reset_plans()
       ev._index_examples()
       self.held_out = ev
 
@@ -249,12 +285,16 @@ class _EpochDataset:
   def _epoch_rows(self, epoch: int) -> list[list[int]]:
     raise NotImplementedError
 
+  def _fill(self, out: dict[str, np.ndarray], r: int, members: Sequence[int]) -> None:
+    raise NotImplementedError
+
   def _rows_per_batch(self) -> int:
     return self.config.batch_size
 
   def plan(self, epoch: int) -> list[list[int]]:
+    """The rows of `epoch`, each the list of its members (SFT: examples; DPO: [pair, side])."""
     if epoch not in self._plans:
-      self._plans = {epoch: self._epoch_rows(epoch)}  # keep one epoch's plan
+      self._plans = {epoch: self._epoch_rows(epoch)}
     return self._plans[epoch]
 
   def order(self, epoch: int) -> np.ndarray:
@@ -262,60 +302,73 @@ class _EpochDataset:
       return np.arange(len(self.examples))
     return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.examples))
 
+  def _epoch_batches(self) -> tuple[int, ...]:
+    if self._batches is None:
+      n = self._rows_per_batch()
+      self._batches = tuple(-(-len(self.plan(e)) // n)
+                            for e in range(self.config.num_epochs))
+    return self._batches
+
   def batches_in_epoch(self, epoch: int) -> int:
-    return -(-len(self.plan(epoch)) // self._rows_per_batch())
+    return self._epoch_batches()[epoch]
 
   @property
   def total_batches(self) -> int:
-    return sum(self.batches_in_epoch(e) for e in range(self.config.num_epochs))
+    return sum(self._epoch_batches())
+
+  def _local_rows(self, process_count: int) -> int:
+    n = self._rows_per_batch()
+    if n % process_count:
+      raise ChatDataError(f"batch of {n} rows is not divisible by {process_count} processes")
+    return n // process_count
+
+  def _arrays(self, rows: Sequence[Sequence[int]], n: int) -> dict[str, np.ndarray]:
+    """n rows holding `rows` (members each; [] or absent: padding)."""
+    out = _empty_rows(n, self.config.seq_len)
+    for r, members in enumerate(rows):
+      if members:
+        self._fill(out, r, members)
+    return out
 
   def rows_batch(self, rows: Sequence[Sequence[int]], process_index: int = 0,
                  process_count: int = 1) -> dict[str, np.ndarray]:
     """This process's share of a global batch made of `rows` (padded to full size)."""
-    n = self._rows_per_batch()
-    if n % process_count:
-      raise ChatDataError(f"batch of {n} rows is not divisible by {process_count} processes")
-    local = n // process_count
-    mine = list(rows[process_index * local:(process_index + 1) * local])
-    out = _empty_rows(local, self.config.seq_len)
-    out["example_index"] = np.full((local, 1), -1, np.int32)
-    for r, members in enumerate(mine):
-      self._fill(out, r, members)
-    return out
+    local = self._local_rows(process_count)
+    return self._arrays(rows[process_index * local:(process_index + 1) * local], local)
 
   def batch(self, epoch: int, b: int, process_index: int = 0, process_count: int = 1):
     n = self._rows_per_batch()
     return self.rows_batch(self.plan(epoch)[b * n:(b + 1) * n], process_index, process_count)
 
-  def iterator(self, process_index: int = 0, process_count: int = 1) -> "EpochIterator":
-    return EpochIterator(self, process_index, process_count)
+  def grain_dataset(self, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """This process's batches of every epoch in order, as a grain `MapDataset`: the run's rows
+    (`_PaddedRows`) in batches of B/P rows, written straight into the batch arrays (half the
+    cost of grain's default of one array per row, then stacking them: 8.8 vs 17.5 ms per
+    batch of 32 x 4096), of which process p takes every P-th from the p-th, i.e. rows
+    [p B/P, (p+1) B/P) of each global batch."""
+    local = self._local_rows(process_count)
+    rows = grain.MapDataset.source(_PaddedRows(self))
+    batches = rows.batch(local, batch_fn=functools.partial(self._arrays, n=local))
+    return batches[process_index::process_count]
+
+  def iterator(self, process_index: int = 0, process_count: int = 1) -> "ChatIterator":
+    return ChatIterator(self, process_index, process_count)
 
 
-class EpochIterator:
-  """Batches of every epoch in order; state {epoch, batch} (JSON-able, exact on restore)."""
+class ChatIterator(ResumableIterator):
+  """The batches of every epoch in order (`grain_dataset`); the state is grain's, as JSON."""
 
   def __init__(self, dataset: _EpochDataset, process_index: int, process_count: int):
-    self.dataset, self.process_index, self.process_count = dataset, process_index, process_count
-    self.epoch, self.next_batch = 0, 0
+    self._epoch_batches = dataset._epoch_batches()
+    super().__init__(dataset.grain_dataset(process_index, process_count).to_iter_dataset(
+        _READ_OPTIONS))
 
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    while self.epoch < self.dataset.config.num_epochs and \
-        self.next_batch >= self.dataset.batches_in_epoch(self.epoch):
-      self.epoch, self.next_batch = self.epoch + 1, 0
-    if self.epoch >= self.dataset.config.num_epochs:
-      raise StopIteration
-    out = self.dataset.batch(self.epoch, self.next_batch, self.process_index, self.process_count)
-    self.next_batch += 1
-    return out
-
-  def get_state(self) -> dict[str, int]:
-    return {"epoch": self.epoch, "batch": self.next_batch}
-
-  def set_state(self, state: Mapping[str, int]) -> None:
-    self.epoch, self.next_batch = int(state["epoch"]), int(state["batch"])
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if "iterator" not in state and "epoch" in state:  # written before chat data were on grain
+      epoch, b = int(state["epoch"]), int(state["batch"])
+      state = {"iterator": iterator_state_to_json(
+          {"next_index": sum(self._epoch_batches[:epoch]) + b})}
+    super().set_state(state)
 
 
 def _check_length(n: int, config: ChatDataConfig, where: str) -> bool:

@@ -27,11 +27,14 @@ import grain
 import grain.experimental as grain_exp
 import numpy as np
 
+from qwen2_jax.errors import UserError
+from qwen2_jax.typed_config import ConfigError, Float, Int
+
 SOURCE_KINDS = ("text", "jsonl", "parquet", "arrayrecord")
 TEXT_SPLITS = ("file", "paragraph", "line")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
   """A data configuration value is invalid; the message names the field or file."""
 
 
@@ -52,17 +55,17 @@ class SourceConfig:
   """One corpus. `paths` are files or glob patterns (`~` and `$VARS` expanded; sorted)."""
   kind: str                       # "text" | "jsonl" | "parquet" | "arrayrecord"
   paths: tuple[str, ...]
-  weight: float = 1.0             # mixture weight (relative)
+  weight: Float = 1.0             # mixture weight (relative)
   field: str = "text"             # JSONL key / Parquet column holding the document text
   split: str = "file"             # text files: one document per "file", "paragraph" or "line"
 
   def __post_init__(self):
     if self.kind not in SOURCE_KINDS:
-      raise DataConfigError(f"SourceConfig.kind: {self.kind!r} is not one of {SOURCE_KINDS}")
+      raise ConfigError(f"SourceConfig.kind: {self.kind!r} is not one of {SOURCE_KINDS}")
     if self.split not in TEXT_SPLITS:
-      raise DataConfigError(f"SourceConfig.split: {self.split!r} is not one of {TEXT_SPLITS}")
+      raise ConfigError(f"SourceConfig.split: {self.split!r} is not one of {TEXT_SPLITS}")
     if not self.weight > 0:
-      raise DataConfigError(f"SourceConfig.weight: must be > 0, got {self.weight}")
+      raise ConfigError(f"SourceConfig.weight: must be > 0, got {self.weight}")
     object.__setattr__(self, "paths", tuple([self.paths] if isinstance(self.paths, str)
                                             else self.paths))
 
@@ -189,33 +192,31 @@ def document_source(source: SourceConfig) -> grain.MapDataset:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-  """Everything that determines the token stream (and so must match on resume)."""
+  """Everything that determines the token stream (and so must match on resume). Built from a
+  recipe by `qwen2_jax.typed_config.structure`."""
   sources: tuple[SourceConfig, ...]
-  seq_len: int                    # tokens per packed row
-  batch_size: int                 # global rows per step (split evenly over processes)
-  seed: int = 0
-  num_epochs: int | None = None   # None: repeat forever (pretraining); an int for eval / SFT
-  eval_every_nth_document: int = 0  # >0: hold out every n-th document of each source for eval
-  worker_count: int = 0           # grain multiprocessing workers (0: in-process)
-  read_threads: int = 2           # threads reading/tokenising ahead
-  prefetch: int = 8               # elements buffered per read thread
+  seq_len: Int                    # tokens per packed row
+  batch_size: Int                 # global rows per step (split evenly over processes)
+  seed: Int = 0
+  num_epochs: Int | None = None   # None: repeat forever (pretraining); an int for eval / SFT
+  eval_every_nth_document: Int = 0  # >0: hold out every n-th document of each source for eval
+  worker_count: Int = 0           # grain multiprocessing workers (0: in-process)
+  read_threads: Int = 2           # threads reading/tokenising ahead
+  prefetch: Int = 8               # elements buffered per read thread
 
   def __post_init__(self):
     if not self.sources:
-      raise DataConfigError("DataConfig.sources: at least one source is required")
+      raise ConfigError("DataConfig.sources: at least one source is required")
     object.__setattr__(self, "sources", tuple(
         s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources))
     for name in ("seq_len", "batch_size"):
       if getattr(self, name) <= 0:
-        raise DataConfigError(f"DataConfig.{name}: must be positive, got {getattr(self, name)}")
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise DataConfigError(f"unknown DataConfig field(s) {unknown}; known: {sorted(names)}")
-    return cls(**dict(d, sources=tuple(SourceConfig(**s) for s in d.get("sources", ()))))
+        raise ConfigError(f"DataConfig.{name}: must be positive, got {getattr(self, name)}")
+    for name in ("eval_every_nth_document", "worker_count", "read_threads", "prefetch"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"DataConfig.{name}: must be >= 0, got {getattr(self, name)}")
+    if self.num_epochs is not None and self.num_epochs <= 0:
+      raise ConfigError(f"DataConfig.num_epochs: must be positive or null, got {self.num_epochs}")
 
 
 class _Tokenize:
@@ -319,6 +320,26 @@ def iterator_state_from_json(text: str) -> dict[str, Any]:
               for k, v in node.items()}
     return node
   return fix(json.loads(text))
+
+
+class ResumableIterator:
+  """Iterates a grain dataset; `get_state()` is its position as training checkpoints store it,
+  {"iterator": JSON text} (`iterator_state_to_json`), which `set_state` restores exactly."""
+
+  def __init__(self, dataset: grain.IterDataset):
+    self._iterator = iter(dataset)
+
+  def __iter__(self) -> "ResumableIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict[str, str]:
+    return {"iterator": iterator_state_to_json(self._iterator.get_state())}
+
+  def set_state(self, state: dict[str, str]) -> None:
+    self._iterator.set_state(iterator_state_from_json(state["iterator"]))
 
 
 # ----------------------------------------------------------------------------- offline prepare

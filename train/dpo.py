@@ -16,26 +16,28 @@ before training by `precompute_reference` and kept in `output_dir/reference_logp
 `reference: precomputed`). Padding pairs (no response tokens) are excluded from every mean.
 Evaluation (`eval_every`): the same loss and metrics (reward accuracy, margin, ...) over the
 held-out pairs, no update (`make_dpo_eval_step`; precomputed: `reference_logps_eval.npy`).
-The run (`qwen2-jax dpo --config ...`): `DPOConfig`, `DPOJob`, `dpo`, on `train.posttrain`.
+The run (`qwen2-jax dpo --config ...`): `DPOConfig`, `DPOJob`, `dpo`, on `train.runner`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from qwen2_jax import sharding
+from qwen2_jax import flops, sharding
 from qwen2_jax.config import Qwen2Config
-from qwen2_jax.train import chat_data, loop, posttrain, step as step_lib
+from qwen2_jax.errors import UserError
+from qwen2_jax.train import chat_data, posttrain, runner, step as step_lib
 from qwen2_jax.train.step import Batch, TrainState
+from qwen2_jax.typed_config import ConfigError, Float
 
 REFERENCE_MODES = ("on_the_fly", "precomputed")
 DPO_BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
@@ -219,9 +221,12 @@ EVAL_REFERENCE_FILE = "reference_logps_eval.npy"  # the held-out pairs', when th
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig(posttrain.PostTrainConfig):
-  beta: float = 0.1                    # KL strength of the implicit reward
-  label_smoothing: float = 0.0         # 0: sigmoid DPO; > 0: conservative DPO (label noise)
+class DPOConfig(posttrain.ChatRunSettings):
+  job_name: ClassVar[str] = "dpo"
+  path_fields: ClassVar[tuple[str, ...]] = (*runner.RunSettings.path_fields, "reference_from")
+
+  beta: Float = 0.1                    # KL strength of the implicit reward
+  label_smoothing: Float = 0.0         # 0: sigmoid DPO; > 0: conservative DPO (label noise)
   reference: str = "on_the_fly"        # "on_the_fly" (reference params on the mesh) or
                                        # "precomputed" (one pass before training; see README)
   reference_from: str | None = None    # reference weights; default: the initial policy
@@ -229,17 +234,13 @@ class DPOConfig(posttrain.PostTrainConfig):
   def __post_init__(self):
     super().__post_init__()
     if not self.beta > 0:
-      raise posttrain.PostTrainConfigError(f"beta: must be > 0, got {self.beta}")
+      raise ConfigError(f"DPOConfig.beta: must be > 0, got {self.beta}")
     if not 0 <= self.label_smoothing < 0.5:
-      raise posttrain.PostTrainConfigError(
-          f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+      raise ConfigError(f"DPOConfig.label_smoothing: must be in [0, 0.5), got "
+                        f"{self.label_smoothing}")
     if self.reference not in REFERENCE_MODES:
-      raise posttrain.PostTrainConfigError(
-          f"reference: {self.reference!r} is not one of {REFERENCE_MODES}")
-
-  def job_fingerprint(self) -> dict[str, Any]:
-    return {"job": "dpo", "beta": self.beta, "label_smoothing": self.label_smoothing,
-            "reference": self.reference, "reference_from": self.reference_from}
+      raise ConfigError(f"DPOConfig.reference: {self.reference!r} is not one of "
+                        f"{REFERENCE_MODES}")
 
 
 def _local_value(x: jax.Array) -> np.ndarray:
@@ -247,34 +248,34 @@ def _local_value(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_shards[0].data)
 
 
-class DPOJob(posttrain.Job):
+class DPOJob(posttrain.ChatJob):
+  config = DPOConfig
   name = "dpo"
+  dataset_class = chat_data.PreferenceDataset
   rows_per_example = 2
   metric_names = DPO_METRICS[1:] + ("pairs",)
 
   def __init__(self, cfg: DPOConfig):
     super().__init__(cfg)
     self.precomputed = cfg.reference == "precomputed"
-    # Policy forward + backward = 3 forward units per token; the reference adds 1 on the fly.
-    self.flops_factor = 1.0 if self.precomputed else 4.0 / 3.0
     self.ref_params = None
-    self.ref_table = None  # [pairs, 2] f32 (chosen, rejected)
+    self.ref_table = None       # [pairs, 2] f32 (chosen, rejected)
     self.eval_ref_table = None  # the same for the held-out pairs
 
-  def build_dataset(self, tokenizer):
-    self.dataset = chat_data.PreferenceDataset(self.cfg.data, tokenizer)
-    return self.dataset
+  def flops_per_token(self) -> float:
+    return flops.dpo_flops_factor(self.precomputed) * super().flops_per_token()
 
-  def _reference_params(self, mesh, rules, initial_params, params0):
+  def _reference_params(self, mesh, rules, initial_params):
     if self.cfg.reference_from is not None:
-      return loop.load_initial_params(self.cfg.model, self.cfg.reference_from, mesh, rules,
-                                      progress=self.cfg.progress)
-    return params0 if params0 is not None else initial_params()
+      return runner.load_params(self.cfg.model, self.cfg.reference_from, mesh, rules,
+                                progress=self.cfg.progress)
+    return initial_params()
 
-  def prepare(self, mesh, rules, initial_params, params0, resumed):
+  def prepare(self, mesh, rules, initial_params, resumed):
     if not self.precomputed:
-      ref = self._reference_params(mesh, rules, initial_params, params0)
-      if ref is params0:  # the state will be donated: the reference needs its own buffers
+      ref = self._reference_params(mesh, rules, initial_params)
+      if not resumed and self.cfg.reference_from is None:
+        # The initial policy is the fresh train state's params, which the first step donates.
         shardings = sharding.param_shardings(self.cfg.model, mesh, rules)
         ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(ref)
       self.ref_params = ref
@@ -287,10 +288,10 @@ class DPOJob(posttrain.Job):
       tables = {name: np.load(p) for name, p in paths.items()}
       for name, ds in sets.items():
         if tables[name].shape != (len(ds.examples), 2):
-          raise posttrain.PostTrainConfigError(
-              f"{paths[name]} holds {tables[name].shape[0]} pairs, the data {len(ds.examples)}")
+          raise UserError(f"{paths[name]} holds {tables[name].shape[0]} pairs, the data "
+                          f"{len(ds.examples)}: remove it to compute it again")
     else:
-      ref = self._reference_params(mesh, rules, initial_params, params0)
+      ref = self._reference_params(mesh, rules, initial_params)
       tables = {name: precompute_reference(self.cfg.model, ref, ds, mesh, rules,
                                            progress=self.cfg.progress)
                 for name, ds in sets.items()}
@@ -302,9 +303,12 @@ class DPOJob(posttrain.Job):
     self.ref_table, self.eval_ref_table = tables[REFERENCE_FILE], tables.get(EVAL_REFERENCE_FILE)
 
   def make_step(self, optimizer, mesh, rules):
-    return make_dpo_step(self.cfg.model, optimizer, mesh, rules, beta=self.cfg.beta,
+    step = make_dpo_step(self.cfg.model, optimizer, mesh, rules, beta=self.cfg.beta,
                          label_smoothing=self.cfg.label_smoothing,
                          accum_steps=self.cfg.accum_steps, reference=self.cfg.reference)
+    if self.precomputed:
+      return step
+    return lambda state, batch: step(state, self.ref_params, batch)
 
   def make_eval_step(self, mesh, rules):
     step = make_dpo_eval_step(self.cfg.model, mesh, rules, beta=self.cfg.beta,
@@ -319,15 +323,10 @@ class DPOJob(posttrain.Job):
     return {**{f"eval/{k}": sums.get(k, 0.0) / max(pairs, 1.0) for k in DPO_METRICS},
             "eval/pairs": pairs}
 
-  def step(self, step_fn, state, batch):
-    if self.precomputed:
-      return step_fn(state, batch)
-    return step_fn(state, self.ref_params, batch)
-
-  def host_batch(self, batch, example_index, held_out=False):
+  def host_batch(self, batch, held_out=False):
+    index = batch.pop("example_index")[:, 0]           # [R], -1 for padding rows
     if self.precomputed:
       table = self.eval_ref_table if held_out else self.ref_table
-      index = example_index[:, 0]                      # [R], -1 for padding rows
       side = np.arange(len(index)) % 2                 # chosen rows even, rejected odd
       ref = table[np.maximum(index, 0), side]
       batch["ref_logps"] = np.where(index >= 0, ref, 0.0).astype(np.float32)[:, None]  # [R, 1]
@@ -339,8 +338,6 @@ def precompute_reference(config: Qwen2Config, params: Any, dataset: chat_data.Pr
                          ) -> np.ndarray:
   """[pairs, 2] reference log-probs (chosen, rejected) of every pair: one forward pass over the
   data in file order, in batches of `data.batch_size` pairs."""
-  from tqdm.auto import tqdm
-
   logps_fn = make_logps_fn(config, mesh, rules)
   rows = dataset.ordered_rows()
   per_batch = 2 * dataset.config.batch_size
@@ -359,10 +356,6 @@ def precompute_reference(config: Qwen2Config, params: Any, dataset: chat_data.Pr
   return table
 
 
-config_from_dict = functools.partial(posttrain.config_from_dict, DPOConfig)
-load_config = functools.partial(posttrain.load_config, DPOConfig)
-
-
 def dpo(cfg: DPOConfig) -> dict[str, Any]:
   """Runs (or resumes) offline DPO; returns the run summary."""
-  return posttrain.run(DPOJob(cfg))
+  return runner.run(DPOJob(cfg))

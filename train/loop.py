@@ -1,4 +1,4 @@
-"""The training loop shared by pretraining (`train.pretrain`) and post-training (`train.posttrain`).
+"""The training loop of every job (`train.runner.run`: pretraining, SFT, DPO).
 
 One loop serves every job: step; log (progress bar, `metrics.jsonl`, TensorBoard); evaluate every
 `eval_every` steps; checkpoint every `checkpoint_every` steps and at the end; on SIGTERM/SIGINT
@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from qwen2_jax import sharding
-from qwen2_jax.config import Qwen2Config
+from qwen2_jax import flops
+from qwen2_jax.checkpoint.hf import save_hf_checkpoint
+from qwen2_jax.tokenizer import copy_tokenizer_files
 from qwen2_jax.train import checkpointing, metrics as metrics_lib, step as step_lib
 
 NONFINITE_MODES = ("skip", "abort")
@@ -29,27 +32,9 @@ class NonFiniteError(FloatingPointError):
   """The loss or gradient was not finite and `nonfinite: abort` was set."""
 
 
-def load_initial_params(model: Qwen2Config, path: str | None, mesh, rules, *,
-                        progress: bool = True):
-  """Weights to start from (an HF dir or an Orbax params dir), placed in their shardings; None
-  when `path` is None (a fresh init)."""
-  if path is None:
-    return None
-  from qwen2_jax.checkpoint import hf, orbax_io
-
-  shardings = sharding.param_shardings(model, mesh, rules)
-  if os.path.isdir(os.path.join(path, orbax_io.PARAMS_DIR)):
-    _, params = orbax_io.restore_orbax(path, shardings=shardings, dtype=model.param_dtype)
-  else:
-    _, params = hf.load_hf_checkpoint(path, dtype=model.param_dtype, show_progress=progress)
-    params = jax.device_put(params, shardings)
-  return params
-
-
 def host_params(params):
   """Params as host numpy on process 0 (gathered across processes when needed)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(params, tiled=True)
   return params
 
@@ -101,18 +86,21 @@ class RunLog:
     self.bar.note(text)
 
   def close(self) -> None:
+    """Releases everything; the logs are closed even when closing the checkpointer raises
+    (e.g. a failed asynchronous save), and that error then ends the run."""
     self.bar.close()
     self.guard.restore()
-    self.ckpt.close()
-    if self.is_main:
-      self.jsonl.close()
-      self.tb.close()
+    try:
+      self.ckpt.close()
+    finally:
+      if self.is_main:
+        self.jsonl.close()
+        self.tb.close()
 
 
 @dataclasses.dataclass
 class LoopResult:
   state: Any                           # the TrainState after the last step taken
-  rng: jax.Array
   first: dict[str, Any] | None         # the first logged record of this process's run
   last: dict[str, Any]                 # the last logged record ({} if none)
   stopped: str | None                  # "SIGTERM" / "SIGINT" when preempted, else None
@@ -125,7 +113,7 @@ def _eval_note(step_number: int, result: dict[str, float]) -> str:
   return f"step {step_number}: eval " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result.items())
 
 
-def train_loop(cfg, run: RunLog, *, state, rng: jax.Array, start: int, steps: int,
+def train_loop(cfg, run: RunLog, *, state, start: int, steps: int,
                next_batch: Callable[[], dict[str, Any]],
                train_step: Callable[[Any, dict[str, Any]], tuple[Any, dict[str, jax.Array]]],
                data_state: Callable[[], Any], schedule: Callable[[int], Any],
@@ -140,18 +128,16 @@ def train_loop(cfg, run: RunLog, *, state, rng: jax.Array, start: int, steps: in
     data_state: the data position to store in a checkpoint (JSON-able).
     evaluate: state -> {"eval/...": value}, called every `cfg.eval_every` steps (0: never).
   """
-  peak = cfg.peak_flops or metrics_lib.peak_flops_for_devices(jax.devices())
+  peak = cfg.peak_flops or flops.peak_flops_for_devices(jax.devices())
   window_start, window_tokens, first, last, stopped = time.perf_counter(), 0.0, None, {}, None
-  eval_every = getattr(cfg, "eval_every", 0) if evaluate is not None else 0
+  eval_every = cfg.eval_every if evaluate is not None else 0
 
   def save(step_number, force=False):
-    run.ckpt.save(step_number, state, data_state(), rng=rng, fingerprint=fingerprint,
-                  force=force)
+    run.ckpt.save(step_number, state, data_state(), fingerprint=fingerprint, force=force)
 
   for step in range(start, steps):
-    batch = next_batch()
-    rng, _ = jax.random.split(rng)  # a per-step key, kept in checkpoints for future dropout
-    state, out = train_step(state, batch)
+    state, out = train_step(state, next_batch())
+    run.ckpt.raise_if_failed()  # a failed background save ends the run now, not at the next save
     step_number = step + 1
     must_log = step_number % cfg.log_every == 0 or step_number == steps
     if cfg.nonfinite == "abort" or must_log:
@@ -190,7 +176,7 @@ def train_loop(cfg, run: RunLog, *, state, rng: jax.Array, start: int, steps: in
     if step_number % cfg.checkpoint_every == 0 or step_number == steps:
       save(step_number)
   run.ckpt.wait()
-  return LoopResult(state, rng, first, last, stopped)
+  return LoopResult(state, first, last, stopped)
 
 
 def finish(cfg, run: RunLog, result: LoopResult, steps: int, summary: dict[str, Any], *,
@@ -199,14 +185,22 @@ def finish(cfg, run: RunLog, result: LoopResult, steps: int, summary: dict[str, 
   when given), writes the summary to `metrics.jsonl` and returns it."""
   state = result.state
   if cfg.export_hf and result.stopped is None and int(state.step) == steps:
-    from qwen2_jax.checkpoint.hf import save_hf_checkpoint
     params = host_params(state.params)
     if run.is_main:
       path = os.path.join(cfg.output_dir, "hf")
-      save_hf_checkpoint(path, cfg.model, params, overwrite=True, show_progress=cfg.progress)
-      if tokenizer is not None:
-        from qwen2_jax.tokenizer import copy_tokenizer_files
-        copy_tokenizer_files(tokenizer, path)
+      written = False
+      try:  # save_hf_checkpoint is all-or-nothing; the tokenizer copy after it is undone here
+        save_hf_checkpoint(path, cfg.model, params, overwrite=True, show_progress=cfg.progress)
+        written = True
+        if tokenizer is not None:
+          copy_tokenizer_files(tokenizer, path)
+      except BaseException as e:
+        if written:
+          shutil.rmtree(path, ignore_errors=True)
+        error = checkpointing.write_error(f"exporting the HF model to {path}", e)
+        if error is None:
+          raise
+        raise error from e
       summary["hf_export"] = path
   run.write({"summary": summary})
   return summary

@@ -14,50 +14,43 @@ from typing import Any
 import jax
 import optax
 
-
-class OptimConfigError(ValueError):
-  """An optimizer setting is invalid; the message names the field."""
+from qwen2_jax import model
+from qwen2_jax.typed_config import ConfigError, Float, Int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-  learning_rate: float = 3e-4       # peak learning rate, reached at the end of warmup
-  min_learning_rate: float = 3e-5   # floor of the cosine decay (Qwen2 SFT: 7e-6 -> 7e-7)
-  warmup_steps: int = 100           # linear warmup from 0
-  decay_steps: int = 10_000         # cosine decay length after warmup; then constant at the floor
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.1
+  learning_rate: Float = 3e-4       # peak learning rate, reached at the end of warmup
+  min_learning_rate: Float = 3e-5   # floor of the cosine decay (Qwen2 SFT: 7e-6 -> 7e-7)
+  warmup_steps: Int = 100           # linear warmup from 0
+  decay_steps: Int = 10_000         # cosine decay length after warmup; then constant at the floor
+  b1: Float = 0.9
+  b2: Float = 0.95
+  eps: Float = 1e-8
+  weight_decay: Float = 0.1
   # Params excluded from weight decay, by path component: norms, biases, embeddings.
   no_decay: tuple[str, ...] = ("norm", "bias", "embed_tokens")
-  clip_norm: float | None = 1.0     # global L2 gradient clipping; None disables
+  clip_norm: Float | None = 1.0     # global L2 gradient clipping; None disables
 
   def __post_init__(self):
+    def bad(name: str, rule: str):
+      raise ConfigError(f"OptimConfig.{name}: must be {rule}, got {getattr(self, name)!r}")
     for name in ("learning_rate", "eps"):
       if not getattr(self, name) > 0:
-        raise OptimConfigError(f"OptimConfig.{name}: must be > 0, got {getattr(self, name)}")
+        bad(name, "> 0")
     if not 0 <= self.min_learning_rate <= self.learning_rate:
-      raise OptimConfigError("OptimConfig.min_learning_rate: must be in [0, learning_rate]")
+      bad("min_learning_rate", f"in [0, learning_rate={self.learning_rate}]")
     for name in ("warmup_steps", "decay_steps"):
       if getattr(self, name) < 0:
-        raise OptimConfigError(f"OptimConfig.{name}: must be >= 0")
+        bad(name, ">= 0")
     for name in ("b1", "b2"):
       if not 0 <= getattr(self, name) < 1:
-        raise OptimConfigError(f"OptimConfig.{name}: must be in [0, 1)")
+        bad(name, "in [0, 1)")
     if self.weight_decay < 0:
-      raise OptimConfigError("OptimConfig.weight_decay: must be >= 0")
+      bad("weight_decay", ">= 0")
     if self.clip_norm is not None and not self.clip_norm > 0:
-      raise OptimConfigError("OptimConfig.clip_norm: must be > 0 or None")
+      bad("clip_norm", "> 0 or null")
     object.__setattr__(self, "no_decay", tuple(self.no_decay))
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "OptimConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise OptimConfigError(f"unknown OptimConfig field(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
 
 
 def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
@@ -71,13 +64,15 @@ def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, cosine], [config.warmup_steps])
 
 
-def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
-  """True for params that get weight decay: those with no path component containing a
-  `no_decay` substring (e.g. "norm" matches input_layernorm, "bias" matches q_bias)."""
-  def keep(path, _):
+def decay_mask(params: Any, no_decay: tuple[str, ...] = ()) -> Any:
+  """True for params that get weight decay: the model's rule (`model.weight_decay_mask`: the
+  weight matrices; never norm scales, biases or the token embedding), less any param with a path
+  component containing a `no_decay` substring (extra exclusions; the default `no_decay` names
+  only what the model's rule already excludes)."""
+  def named(path, decays):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return not any(pattern in name for name in names for pattern in no_decay)
-  return jax.tree_util.tree_map_with_path(keep, params)
+    return decays and not any(pattern in name for name in names for pattern in no_decay)
+  return jax.tree_util.tree_map_with_path(named, model.weight_decay_mask(params))
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:

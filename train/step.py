@@ -10,9 +10,10 @@ Batch (all [B, T]): `input_ids` int, `targets` int (the next token of each posit
 document) and `segment_ids` (document ids; None for one document per row).
 
 Qwen2-MoE: the objective adds `config.router_aux_loss_coef` times the load-balancing loss and
-`router_z_loss` times the router z-loss (`qwen2_jax.api.forward_with_aux`; padding, segment id
-0, excluded). With micro-batches each micro-batch's MoE terms are weighted by its tokens, like
-its cross entropy. Extra metrics for MoE models: moe_aux_loss, moe_router_z_loss, moe_drop_rate
+`router_z_loss` (the recipe setting of that name; ST-MoE, Zoph et al. 2022) times the router
+z-loss (`qwen2_jax.api.forward_with_aux`; padding, segment id 0, excluded). With
+micro-batches each micro-batch's MoE terms are weighted by its tokens, like its cross entropy.
+Extra metrics for MoE models: moe_aux_loss, moe_router_z_loss, moe_drop_rate
 and moe_load_max / moe_load_min (the most / least loaded expert over all sparse layers, as a
 multiple of the balanced load 1/E).
 """
@@ -83,36 +84,38 @@ def _moe_terms(config: Qwen2Config, aux: dict[str, jax.Array] | None, router_z_l
   return objective, dict(zip(MOE_METRICS, values))
 
 
-def loss_fn(config: Qwen2Config, params: Any, batch: Batch, *, z_loss: float = 0.0,
-            router_z_loss: float = 0.0) -> tuple[jax.Array, dict[str, Any]]:
-  """Mean next-token cross entropy over `loss_mask` (+ z_loss * mean logsumexp^2; for MoE
-  + router_aux_loss_coef * load-balancing loss + router_z_loss * router z-loss).
+def objective_sums(config: Qwen2Config, params: Any, batch: Batch, *, z_loss: float = 0.0,
+                   router_z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The objective of one (micro-)batch as sums over its `loss_mask` tokens, so micro-batches
+  add up exactly: nll + z_loss * logsumexp^2 (+ for MoE, router_aux_loss_coef * load-balancing
+  loss + router_z_loss * router z-loss, per-batch means weighted by the batch's tokens).
 
-  Returns (objective, {"loss": mean nll, "z_loss": mean lse^2, "tokens"} + MoE metrics).
+  Returns (objective sum, {"loss": nll sum, "z_loss": lse^2 sum, "tokens"} + MoE metrics x tokens).
   """
-  nll, lse, aux = _forward_losses(config, params, batch)
-  mask = batch["loss_mask"].astype(jnp.float32)
-  tokens = mask.sum()
-  denom = jnp.maximum(tokens, 1.0)
-  loss = (nll * mask).sum() / denom
-  z = (lse * lse * mask).sum() / denom
-  moe_objective, moe_metrics = _moe_terms(config, aux, router_z_loss)
-  return (loss + z_loss * z + moe_objective,
-          {"loss": loss, "z_loss": z, "tokens": tokens, **moe_metrics})
-
-
-def _sum_objective(config, params, batch, z_loss, router_z_loss=0.0):
-  """Unnormalised objective of one micro-batch: sums, so micro-batches add up exactly (MoE
-  terms, per-batch means, enter weighted by the micro-batch's tokens)."""
   nll, lse, aux = _forward_losses(config, params, batch)
   mask = batch["loss_mask"].astype(jnp.float32)
   tokens = mask.sum()
   nll_sum = (nll * mask).sum()
   z_sum = (lse * lse * mask).sum()
   moe_objective, moe_metrics = _moe_terms(config, aux, router_z_loss)
-  moe_sums = {k: v * tokens for k, v in moe_metrics.items()}
-  return (nll_sum + z_loss * z_sum + moe_objective * tokens,
-          (nll_sum, z_sum, tokens, moe_sums))
+  sums = {"loss": nll_sum, "z_loss": z_sum, "tokens": tokens,
+          **{k: v * tokens for k, v in moe_metrics.items()}}
+  return nll_sum + z_loss * z_sum + moe_objective * tokens, sums
+
+
+def _means(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums of `objective_sums` -> per-token means (tokens stays a count)."""
+  denom = jnp.maximum(sums["tokens"], 1.0)
+  return {k: (v if k == "tokens" else v / denom) for k, v in sums.items()}
+
+
+def loss_fn(config: Qwen2Config, params: Any, batch: Batch, *, z_loss: float = 0.0,
+            router_z_loss: float = 0.0) -> tuple[jax.Array, dict[str, Any]]:
+  """`objective_sums` as means over the batch's `loss_mask` tokens: (objective, {"loss": mean
+  nll, "z_loss": mean lse^2, "tokens"} + MoE metrics)."""
+  objective, sums = objective_sums(config, params, batch, z_loss=z_loss,
+                                   router_z_loss=router_z_loss)
+  return objective / jnp.maximum(sums["tokens"], 1.0), _means(sums)
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
@@ -153,27 +156,22 @@ def train_step(config: Qwen2Config, optimizer: optax.GradientTransformation, sta
   z_loss, grad_norm (global L2, before clipping), tokens, finite (+ the MoE metrics of the
   module docstring for MoE models).
   """
-  grad_fn = jax.value_and_grad(_sum_objective, argnums=1, has_aux=True)
+  grad_fn = jax.value_and_grad(objective_sums, argnums=1, has_aux=True)
+  kwargs = dict(z_loss=z_loss, router_z_loss=router_z_loss)
   if accum_steps == 1:
-    (_, (nll_sum, z_sum, tokens, moe_sums)), grads = grad_fn(config, state.params, batch, z_loss,
-                                                             router_z_loss)
+    (_, sums), grads = grad_fn(config, state.params, batch, **kwargs)
   else:
     def body(carry, micro):
-      g_acc, n_acc, z_acc, t_acc, m_acc = carry
-      (_, (n, z, t, m)), g = grad_fn(config, state.params, micro, z_loss, router_z_loss)
-      return (jax.tree.map(jnp.add, g_acc, g), n_acc + n, z_acc + z, t_acc + t,
-              jax.tree.map(jnp.add, m_acc, m)), None
+      (_, s), g = grad_fn(config, state.params, micro, **kwargs)
+      return jax.tree.map(jnp.add, carry, (g, s)), None
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    moe_zeros = {k: jnp.zeros((), jnp.float32) for k in (MOE_METRICS if config.is_moe else ())}
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), moe_zeros)
-    (grads, nll_sum, z_sum, tokens, moe_sums), _ = jax.lax.scan(
-        body, init, _micro_batches(batch, accum_steps))
-  denom = jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
-  loss = nll_sum / denom
-  new_state, grad_norm, finite = apply_update_if_finite(optimizer, state, grads, loss)
-  metrics = {"loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm, "tokens": tokens,
-             "finite": finite, **{k: v / denom for k, v in moe_sums.items()}}
+    sum_keys = ("loss", "z_loss", "tokens", *(MOE_METRICS if config.is_moe else ()))
+    init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+    (grads, sums), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
+  metrics = _means(sums)
+  new_state, grad_norm, finite = apply_update_if_finite(optimizer, state, grads, metrics["loss"])
+  metrics.update(grad_norm=grad_norm, finite=finite)
   return new_state, metrics
 
 

@@ -1,6 +1,6 @@
 """Dense -> MoE upcycling: build a Qwen2-MoE checkpoint from a dense Qwen2 one.
 
-The recipe of the Qwen2 report (§2.2.2; shared/reference/qwen2.md §4), which made Qwen2-57B-A14B
+The recipe of the Qwen2 technical report (arXiv 2407.10671, §2.2.2), which made Qwen2-57B-A14B
 from Qwen2-7B. With dense FFN width F, n experts of width F_e:
 
   1. replicate the dense FFN c = ceil(n * F_e / F) times;
@@ -32,16 +32,14 @@ so the same inputs and seed give bit-identical checkpoints, whatever the order o
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from qwen2_jax import api
+from qwen2_jax import api, checkpoint, model
 from qwen2_jax.checkpoint import hf, orbax_io
 from qwen2_jax.config import ConfigError, Qwen2Config
-from qwen2_jax.model import layer_param_prefix
 
 _PERMUTE, _GATE, _UP, _DOWN, _ROUTER, _SHARED = range(6)  # purposes of the random streams
 
@@ -142,18 +140,8 @@ def upcycle_layer_mlp(dense_mlp: dict[str, np.ndarray], config: Qwen2Config, *, 
   return out
 
 
-def _subtree(tree: dict, prefix: tuple) -> dict:
-  """Layer i's params: tree[prefix[0]] (sliced at prefix[1] when the layers are stacked)."""
-  node = tree[prefix[0]]
-  if len(prefix) == 1:
-    return _to_numpy(node)
-  return _to_numpy(node, index=prefix[1])
-
-
-def _to_numpy(tree: Any, index: int | None = None) -> Any:
-  if isinstance(tree, dict):
-    return {k: _to_numpy(v, index) for k, v in tree.items()}
-  return np.asarray(tree if index is None else tree[index])
+def _to_numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
 
 
 def upcycle_params(dense_config: Qwen2Config, dense_params: dict[str, Any],
@@ -179,28 +167,16 @@ def upcycle_params(dense_config: Qwen2Config, dense_params: dict[str, Any],
       raise ConfigError(f"upcycle: {field} differs between the dense model "
                         f"({getattr(dense_config, field)}) and the MoE config "
                         f"({getattr(config, field)})")
+  rest, dense_layers = model.split_layers(_to_numpy(dense_params), dense_config)
   layers = []
-  for i in range(config.num_hidden_layers):
-    dense = _subtree(dense_params, layer_param_prefix(dense_config, i))
+  for i, layer in enumerate(dense_layers):
     if config.is_sparse_layer(i):
-      dense["mlp"] = upcycle_layer_mlp(dense["mlp"], config, seed=seed, layer=i,
-                                       reinit_fraction=reinit_fraction)
-    layers.append(dense)
-  out = {k: _to_numpy(v) for k, v in dense_params.items()
-         if k != "layers" and not k.startswith("layers_")}
-  if layer_param_prefix(config, 0) == ("layers", 0):
-    out["layers"] = _stack(layers)
-  else:
-    out.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+      layer = {**layer, "mlp": upcycle_layer_mlp(layer["mlp"], config, seed=seed, layer=i,
+                                                 reinit_fraction=reinit_fraction)}
+    layers.append(layer)
+  out = model.join_layers(rest, layers, config)
   _check_shapes(out, api.abstract_params(config))
   return out
-
-
-def _stack(trees: list[dict]) -> dict:
-  first = trees[0]
-  if isinstance(first, dict):
-    return {k: _stack([t[k] for t in trees]) for k in first}
-  return np.stack(trees)
 
 
 def _check_shapes(params: dict, expected: dict) -> None:
@@ -216,16 +192,14 @@ def _check_shapes(params: dict, expected: dict) -> None:
 def upcycle_checkpoint(src: str, out: str, *, out_format: str = "hf", seed: int = 0,
                        reinit_fraction: float = 0.5, dtype: str | None = None,
                        overwrite: bool = False, max_shard_size: str = "5GB",
-                       **moe_fields) -> Qwen2Config:
+                       allow_nonfinite: bool = False, **moe_fields) -> Qwen2Config:
   """Reads a dense HF or Orbax checkpoint, upcycles it, writes the MoE one ("hf" or "orbax").
 
-  `moe_fields` are `moe_config`'s keywords; `dtype` (None: keep) is the output dtype.
-  Returns the MoE config.
+  `moe_fields` are `moe_config`'s keywords; `dtype` (None: keep) is the output dtype;
+  `allow_nonfinite` accepts a source whose weights hold NaN or Inf. Returns the MoE config.
   """
-  if os.path.isdir(os.path.join(src, "params")):
-    dense_config, dense_params = orbax_io.restore_orbax(src, dtype=dtype)
-  else:
-    dense_config, dense_params = hf.load_hf_checkpoint(src, dtype=dtype, show_progress=False)
+  dense_config, dense_params = checkpoint.load(src, dtype=dtype, progress=False,
+                                               allow_nonfinite=allow_nonfinite)
   config = moe_config(dense_config, **moe_fields)
   params = upcycle_params(dense_config, dense_params, config, seed=seed,
                           reinit_fraction=reinit_fraction)

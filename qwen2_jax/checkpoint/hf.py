@@ -3,9 +3,11 @@
 Loading is strict: missing, unexpected, wrong-shape or wrong-dtype tensors and truncated files
 are all collected and raised together as one `CheckpointError` naming each key and file, before
 any data is read; every param slot must be filled exactly once, so nothing is left randomly
-initialised. Tensors are read one at a time and each param is handed to JAX as soon as it is
-complete, so peak host memory is about the params plus one stacked param being assembled.
-Saving writes into a temporary directory beside the target and renames it only when complete.
+initialised; a tensor holding NaN or Inf is an error unless `allow_nonfinite` (`checks`).
+Tensors are read one at a time through the `safetensors` library and each param is handed to JAX
+as soon as it is complete, so peak host memory is about the params plus one stacked param being
+assembled. Saving writes into a staging directory beside the target and renames it only when
+complete; overwriting never removes a file this module did not write (`output_dir`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import struct
-import tempfile
 from collections import defaultdict
 from typing import Any
 
@@ -24,18 +23,31 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from qwen2_jax import sharding as sharding_lib
 from qwen2_jax.api import abstract_params
+from qwen2_jax.checkpoint import output_dir
 from qwen2_jax.checkpoint import safetensors_io as st
+from qwen2_jax.checkpoint.checks import (CheckpointError, CheckpointNotFoundError,
+                                         OutputExistsError, check_finite, read_json)
 from qwen2_jax.checkpoint.keymap import Entry, checkpoint_entries
 from qwen2_jax.config import Qwen2Config
 
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "OutputExistsError", "INDEX_FILE",
+           "SINGLE_FILE", "load_hf_checkpoint", "save_hf_checkpoint"]
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Every name a save (or `qwen2_jax.tokenizer.copy_tokenizer_files`) writes in a model directory.
+_OWNED = re.compile(r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
+                    r"model-\d{5}-of-\d{5}\.safetensors|"
+                    + "|".join(re.escape(n) for n in TOKENIZER_FILES))
 _FLOAT_NAMES = ("F32", "BF16", "F16")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint does not match its config; the message lists every bad key with its file."""
+def owned_file(name: str) -> bool:
+  """Whether `name` is a file an HF save (or its tokenizer copy) writes in a model directory."""
+  return _OWNED.fullmatch(name) is not None
 
 
 def _tree_get(tree: dict, path: tuple[str, ...]):
@@ -55,11 +67,12 @@ def _open_files(directory: str) -> dict[str, st.SafetensorsFile]:
   index_path = os.path.join(directory, INDEX_FILE)
   single = os.path.join(directory, SINGLE_FILE)
   if os.path.isfile(index_path):
-    with open(index_path) as f:
-      try:
-        weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+    index = read_json(index_path, "a safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
+      raise CheckpointError(f"{index_path}: not a safetensors index (expected a 'weight_map' "
+                            "object mapping each tensor name to a file name in this directory)")
     files = {}
     for name in sorted(set(weight_map.values())):
       path = os.path.join(directory, name)
@@ -70,7 +83,7 @@ def _open_files(directory: str) -> dict[str, st.SafetensorsFile]:
       files[name] = st.SafetensorsFile(path)
     by_key = {}
     for key, name in weight_map.items():
-      if key not in files[name].entries:
+      if key not in files[name]:
         raise CheckpointError(f"{files[name].path}: {INDEX_FILE} maps {key!r} here but the "
                               "file does not contain it")
       by_key[key] = files[name]
@@ -82,7 +95,7 @@ def _open_files(directory: str) -> dict[str, st.SafetensorsFile]:
   if os.path.isfile(single):
     f = st.SafetensorsFile(single)
     return {key: f for key in f.keys()}
-  raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+  raise CheckpointNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
 
 
 def _declared_dtype(config: Qwen2Config) -> str | None:
@@ -93,7 +106,7 @@ def _declared_dtype(config: Qwen2Config) -> str | None:
 
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32",
                        show_progress: bool = True, shardings: Any = None, mesh: Any = None,
-                       rules: Any = None,
+                       rules: Any = None, allow_nonfinite: bool = False,
                        **config_overrides) -> tuple[Qwen2Config, dict[str, Any]]:
   """Reads an HF Qwen2 directory into (config, params).
 
@@ -101,21 +114,24 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
   function config -> such a tree) or `mesh` (+ `rules`, default "fsdp"; see
   `qwen2_jax.sharding`), every param is built in place with `jax.make_array_from_callback`:
   each process reads (memory-mapped) only the slices its own devices hold, and no whole
-  sharded param is ever assembled on a host.
+  sharded param is ever assembled on a host. The non-finite check then covers those slices.
 
   Args:
     path: directory with config.json and model.safetensors or a sharded index.
     dtype: dtype of the returned params ("float32", "bfloat16", ...); None keeps each
       tensor's checkpoint dtype (bit-exact). Sets `config.param_dtype`.
     show_progress: a progress bar over tensors.
+    allow_nonfinite: load tensors holding NaN or Inf (each is logged as a warning).
     **config_overrides: implementation settings for the returned config (e.g. `dtype` is not
       accepted here; pass `compute_dtype="bfloat16"` to set `config.dtype`, or `scan_layers`,
       `remat_policy`, `attention_impl`).
 
   Raises:
-    CheckpointError: missing / unexpected / wrong-shape / wrong-dtype tensors (all listed).
+    CheckpointError: missing / unexpected / wrong-shape / wrong-dtype tensors (all listed), a
+      malformed index; `NonFiniteWeightsError` for a tensor holding NaN or Inf.
+    CheckpointNotFoundError: no weights; `qwen2_jax.config.ConfigError`: no or a bad
+      config.json.
     safetensors_io.SafetensorsError: a truncated or malformed file.
-    FileNotFoundError: no config.json or weights.
   """
   directory = os.fspath(path)
   compute_dtype = config_overrides.pop("compute_dtype", None)
@@ -159,25 +175,38 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
   for e in entries:
     slots[e.path].append(e)
   if mesh is not None and shardings is None:
-    from qwen2_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
     shardings = sharding_lib.param_shardings(config, mesh, sharding_lib.get_rules(rules or "fsdp"))
   if callable(shardings):
     shardings = shardings(config)
   if shardings is not None:
-    params = _load_sharded(directory, by_key, slots, shapes, shardings, dtype, show_progress)
-    if tied_head is not None:
-      _check_tied_head(tied_head, by_key)
-    leaf_dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
-    if len(leaf_dtypes) == 1:
-      config = config.replace(param_dtype=leaf_dtypes.pop())
-    return config, params
+    params = _load_sharded(directory, by_key, slots, shapes, shardings, dtype, show_progress,
+                           allow_nonfinite)
+  else:
+    params = _load_whole(directory, by_key, entries, slots, shapes, dtype, show_progress,
+                         allow_nonfinite)
+  if tied_head is not None:
+    _check_tied_head(tied_head, by_key)
+  leaf_dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+  if len(leaf_dtypes) == 1:
+    config = config.replace(param_dtype=leaf_dtypes.pop())
+  return config, params
+
+
+def _load_whole(directory: str, by_key, entries: list[Entry],
+                slots: dict[tuple[str, ...], list[Entry]], shapes, dtype: str | None,
+                show_progress: bool, allow_nonfinite: bool) -> dict[str, Any]:
+  """Reads every tensor in file order; each param goes to the default device once complete."""
   remaining = {p: len(v) for p, v in slots.items()}
   buffers: dict[tuple[str, ...], np.ndarray] = {}
   params: dict[str, Any] = {}
-  order = sorted(entries, key=lambda e: (by_key[e.hf_key].path, by_key[e.hf_key].entries[e.hf_key][2]))
+  position = {f.path: {k: i for i, k in enumerate(f.keys())} for f in set(by_key.values())}
+  order = sorted(entries, key=lambda e: (by_key[e.hf_key].path,
+                                         position[by_key[e.hf_key].path][e.hf_key]))
   for e in tqdm(order, desc=f"loading {os.path.basename(directory) or directory}", unit="tensor",
                 disable=not show_progress):
-    raw = by_key[e.hf_key].read(e.hf_key)
+    f = by_key[e.hf_key]
+    raw = f.read(e.hf_key)
+    check_finite(raw, key=e.hf_key, file=f.path, allow=allow_nonfinite)
     value = e.transform.to_param(raw)
     target_shape = _tree_get(shapes, e.path).shape
     target_dtype = raw.dtype if dtype is None else jnp.dtype(dtype)
@@ -189,36 +218,21 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
     if remaining[e.path] == 0:  # param complete: hand it to JAX, free the host copy
       _tree_set(params, e.path, jnp.asarray(buffers.pop(e.path)))
   assert not buffers, f"unfilled params: {list(buffers)}"
-  if tied_head is not None:
-    _check_tied_head(tied_head, by_key)
-  leaf_dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
-  if len(leaf_dtypes) == 1:
-    config = config.replace(param_dtype=leaf_dtypes.pop())
-  return config, params
+  return params
 
 
 def _check_tied_head(tied_head: st.SafetensorsFile, by_key: dict[str, st.SafetensorsFile]) -> None:
   head = tied_head.read("lm_head.weight")
   embed = by_key["model.embed_tokens.weight"].read("model.embed_tokens.weight")
-  if head.shape != embed.shape or not np.array_equal(head, embed):
+  if head.shape != embed.shape or not np.array_equal(head, embed, equal_nan=True):
     raise CheckpointError(f"{tied_head.path}: 'lm_head.weight' is present and differs from "
                           "'model.embed_tokens.weight' but config.json sets "
                           "tie_word_embeddings=true")
 
 
-def _mmap(f: st.SafetensorsFile, key: str) -> np.ndarray:
-  """A read-only memory map of one tensor: slicing it reads only the pages it touches."""
-  name, shape, begin, _ = f.entries[key]
-  with open(f.path, "rb") as fh:
-    (header_len,) = struct.unpack("<Q", fh.read(8))
-  if not shape or 0 in shape:
-    return f.read(key)
-  return np.memmap(f.path, dtype=st.numpy_dtype(name), mode="r", offset=8 + header_len + begin,
-                   shape=shape)
-
-
 def _load_sharded(directory: str, by_key, slots: dict[tuple[str, ...], list[Entry]], shapes,
-                  shardings, dtype: str | None, show_progress: bool) -> dict[str, Any]:
+                  shardings, dtype: str | None, show_progress: bool,
+                  allow_nonfinite: bool) -> dict[str, Any]:
   """Builds each param from the slices this process's devices hold (see `load_hf_checkpoint`)."""
   params: dict[str, Any] = {}
   for path, slot in tqdm(sorted(slots.items()), desc=f"loading {os.path.basename(directory)}",
@@ -238,8 +252,12 @@ def _load_sharded(directory: str, by_key, slots: dict[tuple[str, ...], list[Entr
                      for ix, n in zip(index[stacked:], shape[stacked:])], dtype=target_dtype)
       for pos in np.ndindex(*[len(r) for r in outer]):
         e = by_index[tuple(r[p] for r, p in zip(outer, pos))]
-        value = e.transform.to_param(_mmap(by_key[e.hf_key], e.hf_key))
-        out[pos] = value[index[stacked:]]
+        f = by_key[e.hf_key]
+        value = e.transform.read_param(lambda ix, f=f, e=e: f.read_slice(e.hf_key, ix),
+                                       e.hf_shape, index[stacked:])
+        check_finite(value, key=e.hf_key, file=f.path, allow=allow_nonfinite,
+                     part=" in the slice this process reads")
+        out[pos] = value
       return out
 
     _tree_set(params, path, jax.make_array_from_callback(shape, sharding, read))
@@ -251,7 +269,7 @@ def _parse_size(size: int | str) -> int:
     return size
   m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
   if not m:
-    raise ValueError(f"max_shard_size: cannot parse {size!r} (e.g. '5GB', '500MB', 10**9)")
+    raise CheckpointError(f"max_shard_size: cannot parse {size!r} (e.g. '5GB', '500MB', 10**9)")
   unit = (m.group(2) or "B").upper()
   base = 1024 if "I" in unit else 1000
   power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0] if unit != "B" else "B"]
@@ -263,17 +281,28 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
                        overwrite: bool = False, show_progress: bool = True) -> None:
   """Writes config.json + safetensors (sharded with an index when over `max_shard_size`).
 
+  The checkpoint is written into a staging directory beside `path` and renamed onto it only when
+  complete. With `overwrite`, an existing `path` may hold only files this function writes
+  (config.json, generation_config.json, model*.safetensors, the index) and tokenizer files
+  (tokenizer.json, tokenizer_config.json, tokenizer.model); anything else makes it refuse, naming
+  the file, before writing anything. The old checkpoint files are replaced (stale shards
+  included); tokenizer files are kept unchanged.
+
   Args:
-    path: output directory; created atomically (written beside it, renamed when complete).
+    path: output directory.
     config: the model config (implementation settings are not written).
     params: the params pytree, host or device (sharded arrays are gathered one tensor at a time).
     max_shard_size: bytes per safetensors file, an int or a string like "5GB" / "500MiB".
     dtype: cast every tensor to this dtype; None keeps each param's dtype (bit-exact round trip).
-    overwrite: replace an existing directory at `path` (only once the new one is complete).
+    overwrite: replace the checkpoint in an existing, non-empty `path` (see above).
+
+  Raises:
+    OutputExistsError: `path` is not empty and `overwrite` is off, or holds other files.
+    CheckpointError: `params` do not match `config` (every bad param listed).
   """
-  target = os.path.abspath(os.fspath(path))
-  if os.path.exists(target) and not overwrite:
-    raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+  target = os.path.realpath(os.fspath(path))  # a symlinked output: replace what it points at
+  output_dir.check_target(target, overwrite=overwrite, owned=owned_file,
+                          writer="save_hf_checkpoint")
   limit = _parse_size(max_shard_size)
   entries = checkpoint_entries(config)
   shapes = abstract_params(config)
@@ -315,17 +344,13 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
     value = np.asarray(jax.device_get(_tree_get(params, e.path)[e.index]))
     return e.transform.to_hf(value).astype(out_dtype(e))
 
-  parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+  tmp = output_dir.make_staging(target, output_dir.new_token())
   try:
     hf_config = config.to_hf_dict()
     dtypes = {str(out_dtype(e)) for e in entries}
     hf_config.pop("torch_dtype", None)
     hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config, f, indent=2, sort_keys=True)
-      f.write("\n")
+    _write_json(os.path.join(tmp, "config.json"), hf_config, sort_keys=True)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {os.path.basename(target)}",
@@ -338,19 +363,20 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
       weight_map.update({e.hf_key: name for e in shard})
     bar.close()
     if len(shards) > 1:
-      with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+      _write_json(os.path.join(tmp, INDEX_FILE),
+                  {"metadata": {"total_size": total}, "weight_map": weight_map})
     _write_generation_config(tmp, config)
-    if os.path.exists(target):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-      os.rename(target, os.path.join(old, "x"))
-      os.rename(tmp, target)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, target)
+    output_dir.commit(tmp, target, owned=owned_file, keep=lambda n: n in TOKENIZER_FILES,
+                      writer="save_hf_checkpoint")
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    output_dir.discard(tmp)
     raise
+
+
+def _write_json(path: str, value: Any, *, sort_keys: bool = False) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=sort_keys)
+    f.write("\n")
 
 
 def _write_generation_config(directory: str, config: Qwen2Config) -> None:
@@ -360,5 +386,4 @@ def _write_generation_config(directory: str, config: Qwen2Config) -> None:
   if gen:
     if isinstance(gen.get("eos_token_id"), tuple):
       gen["eos_token_id"] = list(gen["eos_token_id"])
-    with open(os.path.join(directory, "generation_config.json"), "w") as f:
-      json.dump(gen, f, indent=2)
+    _write_json(os.path.join(directory, "generation_config.json"), gen)

@@ -20,34 +20,86 @@ from qwen2_jax.model import layer_param_prefix
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """HF array <-> param array; `to_param(to_hf(p)) == p` bit for bit."""
+  """HF array <-> param array: an optional transpose, then an optional split of one axis into
+  (n, size // n). Transposes and reshapes only, so `to_param(to_hf(p)) == p` bit for bit."""
   name: str
-  to_param: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
+  transpose: bool = False
+  split: tuple[int, int] | None = None  # (axis after the transpose, n): that axis -> (n, -1)
+
+  def to_param(self, w: np.ndarray) -> np.ndarray:
+    w = w.T if self.transpose else w
+    if self.split is not None:
+      axis, n = self.split
+      w = w.reshape(w.shape[:axis] + (n, w.shape[axis] // n) + w.shape[axis + 1:])
+    return w
+
+  def to_hf(self, p: np.ndarray) -> np.ndarray:
+    if self.split is not None:
+      axis, _ = self.split
+      p = p.reshape(p.shape[:axis] + (-1,) + p.shape[axis + 2:])
+    return p.T if self.transpose else p
+
+  def param_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(hf_shape[::-1]) if self.transpose else tuple(hf_shape)
+    if self.split is not None:
+      axis, n = self.split
+      shape = shape[:axis] + (n, shape[axis] // n) + shape[axis + 1:]
+    return shape
+
+  def read_param(self, read_hf: Callable[[tuple[slice, ...]], np.ndarray],
+                 hf_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """`to_param(w)[index]`, where `read_hf(hf_index)` returns `w[hf_index]`: reads only the
+    part of w the slice covers (whole heads along a split axis).
+
+    Args:
+      read_hf: reads a basic slice (one per HF axis) of the HF tensor w.
+      hf_shape: w's shape.
+      index: basic slices with positive steps, one per param axis (missing trailing ones: all).
+    """
+    shape = self.param_shape(hf_shape)
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    index = tuple(slice(*ix.indices(n)) for ix, n in zip(index, shape))
+    if any(ix.step <= 0 for ix in index):
+      raise ValueError(f"read_param: negative steps are not supported: {index}")
+    outer, inner, axis = [], [], 0  # outer: slices of the (transposed) HF array
+    while axis < len(shape):
+      if self.split is not None and len(outer) == self.split[0]:
+        heads, size = range(*index[axis].indices(shape[axis])), shape[axis + 1]
+        first = heads[0] if heads else 0
+        outer.append(slice(first * size, (heads[-1] + 1) * size if heads else 0))
+        inner += [slice(0, len(range(first, heads[-1] + 1)) if heads else 0, index[axis].step),
+                  index[axis + 1]]
+        axis += 2
+      else:
+        outer.append(index[axis])
+        inner.append(slice(None))
+        axis += 1
+    block = read_hf(tuple(outer[::-1]) if self.transpose else tuple(outer))
+    block = block.T if self.transpose else block
+    if self.split is not None:
+      a, size = self.split[0], shape[self.split[0] + 1]
+      block = block.reshape(block.shape[:a] + (block.shape[a] // size, size) + block.shape[a + 1:])
+    return block[tuple(inner)]
 
 
-IDENTITY = Transform("identity", lambda w: w, lambda p: p)
+IDENTITY = Transform("identity")
 # nn.Linear stores [out, in]; params store [in, out].
-LINEAR = Transform("linear", lambda w: w.T, lambda p: p.T)
+LINEAR = Transform("linear", transpose=True)
 
 
 def heads_in(n: int) -> Transform:
   """q/k/v_proj weight [n*D, H] <-> [H, n, D]."""
-  return Transform(f"heads_in({n})",
-                   lambda w: w.T.reshape(w.shape[1], n, w.shape[0] // n),
-                   lambda p: p.reshape(p.shape[0], -1).T)
+  return Transform(f"heads_in({n})", transpose=True, split=(1, n))
 
 
 def heads_bias(n: int) -> Transform:
   """q/k/v_proj bias [n*D] <-> [n, D]."""
-  return Transform(f"heads_bias({n})", lambda w: w.reshape(n, -1), lambda p: p.reshape(-1))
+  return Transform(f"heads_bias({n})", split=(0, n))
 
 
 def heads_out(n: int) -> Transform:
   """o_proj weight [H, n*D] <-> [n, D, H]."""
-  return Transform(f"heads_out({n})",
-                   lambda w: w.T.reshape(n, w.shape[1] // n, w.shape[0]),
-                   lambda p: p.reshape(-1, p.shape[-1]).T)
+  return Transform(f"heads_out({n})", transpose=True, split=(0, n))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,8 @@ nothing is allocated. Examples:
   qwen2-jax compile --preset qwen2-7b --topology v5p:1x1x1 --target prefill --batch 1 \\
       --seq-len 131072 --param-dtype bfloat16 --attention-impl pallas --dca --no-cost
 
-Exit status: 0 when the step fits (with --search-batch: when some batch fits), 2 when it does
-not, 1 on errors.
+Exit status: 0 when the step fits (with --search-batch: when some batch fits), 3 when it does
+not, 2 on a bad setting (one line naming it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ import importlib.util
 import json
 import os
 import sys
+
+from qwen2_jax.errors import UserError
+
+# The planner, model and sharding modules import jax: they are imported when the command runs
+# (`_run`), so that `qwen2-jax --help` stays fast.
 
 _GIB = float(1 << 30)
 
@@ -80,10 +85,14 @@ def register(subparsers) -> None:
   p.set_defaults(func=run)
 
 
+class CompileSettingError(UserError, ValueError):
+  """A `qwen2-jax compile` flag is invalid; the message names it."""
+
+
 def _model_config(args):
-  from qwen2_jax import presets  # pylint: disable=import-outside-toplevel
-  from qwen2_jax.config import (Qwen2Config,  # pylint: disable=import-outside-toplevel
-                                enable_dual_chunk_attention)
+  from qwen2_jax import presets  # pylint: disable=import-outside-toplevel  (--help speed)
+  from qwen2_jax.config import (  # pylint: disable=import-outside-toplevel
+      Qwen2Config, enable_dual_chunk_attention)
   overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
   if args.attention_impl:
     overrides["attention_impl"] = args.attention_impl
@@ -101,15 +110,24 @@ def _model_config(args):
   return config
 
 
+def compile_targets(new_tokens: int = 128) -> dict:
+  """Every `--target`, by name: the training jobs' (`qwen2_jax.train.targets`) and the
+  generation engine's (`qwen2_jax.infer.targets`, with `new_tokens` cache slots)."""
+  # Imported when the command runs: the targets pull in the training and generation stacks,
+  # which `qwen2-jax --help` does not need.
+  from qwen2_jax.infer import targets as infer_targets  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.train import targets as train_targets  # pylint: disable=import-outside-toplevel
+  return {**train_targets.TARGETS, **{p: infer_targets.generation_target(p, new_tokens)
+                                      for p in ("prefill", "decode")}}
+
+
 def run(args: argparse.Namespace) -> int:
   # Compile on the CPU host for a described TPU; the local backend never needs a TPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if importlib.util.find_spec("libtpu") is None:
-    print("qwen2-jax compile needs libtpu, the TPU compiler: pip install 'jax[tpu]' "
-          "(same version as jax)", file=sys.stderr)
-    return 1
-  from qwen2_jax import aot, sharding  # pylint: disable=import-outside-toplevel
-
+    raise CompileSettingError("needs libtpu, the TPU compiler: pip install 'jax[tpu]' "
+                              "(the same version as jax)")
+  from qwen2_jax import aot, sharding  # pylint: disable=import-outside-toplevel  (--help speed)
   try:
     config = _model_config(args)
     topology = aot.parse_topology(args.topology, args.num_slices)
@@ -119,14 +137,17 @@ def run(args: argparse.Namespace) -> int:
     rules = sharding.get_rules(args.rules)
     if args.target in ("prefill", "decode"):
       if args.new_tokens < 1:
-        raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
-      target = aot.generation_target(args.target, args.new_tokens)
+        raise CompileSettingError(f"--new-tokens: must be >= 1, got {args.new_tokens}")
       config = config.replace(remat_policy="none")  # generation never rematerialises
-    else:
-      target = aot.get_target(args.target)
-  except (ValueError, OSError) as e:
-    print(f"qwen2-jax compile: {e}", file=sys.stderr)
-    return 1
+    targets = compile_targets(args.new_tokens)
+    if args.target not in targets:
+      raise CompileSettingError(f"--target: unknown target {args.target!r}; known: "
+                                f"{sorted(targets)}")
+    target = targets[args.target]
+  except UserError:
+    raise
+  except (ValueError, OSError) as e:  # e.g. a topology or mesh string the parser refuses
+    raise CompileSettingError(str(e)) from None
   rules_name = os.path.basename(str(args.rules))
   common = dict(target=target, hbm_margin=args.hbm_margin)
   probes = []
@@ -164,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2, sort_keys=True))
   else:
     print(format_report(report))
-  return 0 if report["fits"] else 2
+  return 0 if report["fits"] else 3
 
 
 def _dca_text(model: dict) -> str:
@@ -174,6 +195,7 @@ def _dca_text(model: dict) -> str:
 
 def format_report(r: dict) -> str:
   """The human-readable form of an `aot.plan` report."""
+  from qwen2_jax.flops import dpo_flops_factor  # pylint: disable=import-outside-toplevel
   topo, mem, model = r["topology"], r["memory_per_device"], r["model"]
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [
@@ -205,9 +227,10 @@ def format_report(r: dict) -> str:
     lines.append(f"  WARNING: large params replicated on every device: {big}")
   flops = r["flops_per_device"]
   if "xla" in flops:
-    factor = {"train": 6, "sft": 6, "dpo": 8, "dpo_precomputed": 6}.get(r["target"], 2)
-    lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic {factor}*N*tokens + "
-                 f"attention {flops['analytic_model']:.3e} (XLA/analytic "
+    factor = 6 * dpo_flops_factor(r["target"] == "dpo_precomputed") \
+        if r["target"].startswith("dpo") else 6 if r["target"] in ("train", "sft") else 2
+    lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic {factor:g}*N*tokens"
+                 f" + attention {flops['analytic_model']:.3e} (XLA/analytic "
                  f"{flops['xla'] / flops['analytic_model']:.2f})")
   if "estimate" in r:
     e = r["estimate"]

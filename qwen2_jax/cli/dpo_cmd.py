@@ -14,4 +14,4 @@ def register(subparsers) -> None:
                    "output_dir already holds checkpoints, the run resumes from the latest "
                    "committed step."),
       example="--set steps=50 --set data.seq_len=4096",
-      module="qwen2_jax.train.dpo", run="dpo")
+      job="qwen2_jax.train.dpo:DPOJob")

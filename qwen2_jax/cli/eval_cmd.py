@@ -6,15 +6,20 @@
 
 MODEL is an HF directory (config.json + safetensors) or an Orbax directory; the tokenizer
 defaults to MODEL's own files. Prompts are exactly --lengths tokens (`qwen2_jax.infer.needle`);
-answers are greedy. Prints the exact-retrieval table (rows depths, columns lengths); --output
-writes one JSON record per case. Exit codes: 0 ok, 2 bad arguments, 1 other failures.
+answers are greedy, over the tokenizer's ids only. Prints the exact-retrieval table (rows
+depths, columns lengths); --output writes one JSON record per case. Exit codes: 0 ok, 2 bad
+arguments or files (one line naming the flag or file), 1 other failures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from qwen2_jax import cli
+from qwen2_jax.errors import UserError
 
 
 def _numbers(kind):
@@ -64,55 +69,73 @@ def register(subparsers) -> None:
   n.set_defaults(func=_run_needle)
 
 
-def _fail(error: Exception, code: int) -> int:
-  print(f"qwen2-jax eval needle: error: {error}", file=sys.stderr)
-  return code
+# The flag of each parameter named by `qwen2_jax.infer` validation errors.
+FLAGS = {"max_new_tokens": "--max-new-tokens", "max_batch_size": "--batch-size",
+         "lengths": "--lengths", "depths": "--depths", "haystack": "--haystack"}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+  """Validates the flags that need no model; errors name the flag."""
+  # pylint: disable-next=import-outside-toplevel  # jax-heavy: keeps `qwen2-jax --help` fast
+  from qwen2_jax.infer import validation
+  bad = validation.InvalidParameterError
+  if not args.lengths or any(n < 1 for n in args.lengths):
+    raise bad("--lengths", f"needs at least one length, each >= 1, got {args.lengths}")
+  if not args.depths or any(not 0.0 <= d <= 1.0 for d in args.depths):
+    raise bad("--depths", f"needs at least one depth, each in [0, 1], got {args.depths}")
+  if args.trials < 1:
+    raise bad("--trials", f"must be >= 1, got {args.trials}")
+  if not 1 <= args.key_digits <= 18:
+    raise bad("--key-digits", f"must be in [1, 18], got {args.key_digits}")
+  if args.seed < 0:
+    raise bad("--seed", f"must be >= 0, got {args.seed}")
+  try:
+    validation.check_engine_settings(max_batch_size=args.batch_size)
+    if args.max_new_tokens < 1:
+      raise bad("max_new_tokens", f"must be a positive integer, got {args.max_new_tokens}")
+  except validation.GenerationInputError as e:
+    raise e.renamed(FLAGS.get(e.param, e.param)) from None
 
 
 def _run_needle(args: argparse.Namespace) -> int:
-  # pylint: disable=import-outside-toplevel
-  import os
-
-  from qwen2_jax.config import ConfigError, enable_dual_chunk_attention
+  # pylint: disable=import-outside-toplevel  # jax-heavy: keeps `qwen2-jax --help` fast
+  from qwen2_jax.config import enable_dual_chunk_attention
   from qwen2_jax.infer import needle as needle_lib
   from qwen2_jax.infer.api import load_model
   from qwen2_jax.infer.engine import Engine
+  from qwen2_jax.infer.validation import GenerationInputError
   from qwen2_jax.tokenizer import load_tokenizer
 
-  if not args.lengths or not args.depths or args.trials < 1 or args.max_new_tokens < 1:
-    return _fail(ValueError("need at least one length and depth, --trials >= 1 and "
-                            "--max-new-tokens >= 1"), 2)
-  if any(not 0.0 <= d <= 1.0 for d in args.depths):
-    return _fail(ValueError(f"--depths must lie in [0, 1], got {args.depths}"), 2)
+  _check_flags(args)
   try:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    text = needle_lib.FILLER
-    if args.haystack:
-      with open(args.haystack, encoding="utf-8") as f:
-        text = f.read()
+  except ValueError as e:  # a malformed tokenizer file (its message names it)
+    raise UserError(f"--tokenizer: {e}") from None
+  text = needle_lib.FILLER
+  if args.haystack:
+    with open(args.haystack, encoding="utf-8") as f:
+      text = f.read()
+  try:
     haystack = needle_lib.Haystack(tokenizer, text)
     task = needle_lib.NeedleTask(key_digits=args.key_digits, chat=args.chat)
     cases = needle_lib.make_cases(tokenizer, haystack, task, args.lengths, args.depths,
                                   args.trials, args.seed)
-  except (OSError, ValueError) as e:
-    return _fail(e, 2)
-  try:
-    config, params = load_model(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype)
-    if args.attention_impl:
-      config = config.replace(attention_impl=args.attention_impl)
-    if (args.dca or args.dca_chunk_size or args.dca_local_size is not None
-        or args.dca_original_length):
-      config = enable_dual_chunk_attention(
-          config, chunk_size=args.dca_chunk_size, local_size=args.dca_local_size,
-          original_max_position_embeddings=args.dca_original_length)
-    eos = config.eos_token_id
-    stops = {*(() if eos is None else (eos,) if isinstance(eos, int) else eos),
-             tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")} - {None}
-    engine = Engine(config, params, max_batch_size=args.batch_size,
-                    max_context=max(args.lengths) + args.max_new_tokens,
-                    eos_token_ids=sorted(stops))
-  except (FileNotFoundError, ValueError, ConfigError) as e:
-    return _fail(e, 1)
+  except GenerationInputError as e:
+    raise e.renamed(FLAGS.get(e.param, e.param)) from None
+  config, params = load_model(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype)
+  if args.attention_impl:
+    config = config.replace(attention_impl=args.attention_impl)
+  if (args.dca or args.dca_chunk_size or args.dca_local_size is not None
+      or args.dca_original_length):
+    config = enable_dual_chunk_attention(
+        config, chunk_size=args.dca_chunk_size, local_size=args.dca_local_size,
+        original_max_position_embeddings=args.dca_original_length)
+  eos = config.eos_token_id
+  stops = {*(() if eos is None else (eos,) if isinstance(eos, int) else eos),
+           tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")} - {None}
+  engine = Engine(config, params, max_batch_size=args.batch_size,
+                  max_context=max(args.lengths) + args.max_new_tokens,
+                  eos_token_ids=sorted(stops), vocab_limit=tokenizer.vocab_size)
   del params
   print(f"needle: {len(cases)} prompts, lengths {args.lengths}, depths {args.depths}, "
         f"{args.trials} trial(s); attention {config.attention_impl}"
@@ -120,10 +143,7 @@ def _run_needle(args: argparse.Namespace) -> int:
            if config.dual_chunk_attention_config else ""), file=sys.stderr, flush=True)
   report = needle_lib.run_needle(engine, tokenizer, cases, max_new_tokens=args.max_new_tokens)
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      for record in report["records"]:
-        f.write(json.dumps(record) + "\n")
+    _write_records(args.output, report["records"])
   if args.json:
     print(json.dumps({**report["table"], "model": os.fspath(args.model),
                       "dual_chunk_attention": None if config.dual_chunk_attention_config is None
@@ -133,12 +153,19 @@ def _run_needle(args: argparse.Namespace) -> int:
   return 0
 
 
+def _write_records(path: str, records) -> None:
+  """One JSON line per case, written beside `path` and renamed: never a half-written file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "x", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
-  """Runs the subcommand alone (for tests)."""
-  parser = argparse.ArgumentParser(prog="qwen2-jax")
-  register(parser.add_subparsers(dest="command", required=True))
-  args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-  return args.func(args)
+  """Runs `qwen2-jax eval ARGV...` (for tests): errors are reported as the CLI reports them."""
+  return cli.main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

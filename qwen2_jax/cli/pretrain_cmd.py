@@ -12,4 +12,4 @@ def register(subparsers) -> None:
                   "checkpoints, the run resumes from the latest committed step (params, "
                   "optimizer, step, RNG and data position).",
       example="--set steps=50 --set optim.learning_rate=1e-3",
-      module="qwen2_jax.train.pretrain", run="pretrain")
+      job="qwen2_jax.train.pretrain:PretrainJob")

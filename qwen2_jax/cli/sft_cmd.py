@@ -13,4 +13,4 @@ def register(subparsers) -> None:
                    "assistant tokens only. If output_dir already holds checkpoints, the run "
                    "resumes from the latest committed step."),
       example="--set steps=50 --set data.seq_len=4096",
-      module="qwen2_jax.train.sft", run="sft")
+      job="qwen2_jax.train.sft:SFTJob")

@@ -16,6 +16,9 @@ import argparse
 import sys
 import time
 
+from qwen2_jax import cli, presets
+from qwen2_jax.errors import UserError
+
 _MOE_FLAGS = {  # flag dest -> moe_config keyword
     "num_experts": "num_experts", "experts_per_tok": "num_experts_per_tok",
     "expert_size": "moe_intermediate_size", "shared_expert_size": "shared_expert_intermediate_size",
@@ -51,7 +54,10 @@ def register(subparsers) -> None:
   p.add_argument("--dtype", default="keep", choices=("keep", "float32", "bfloat16", "float16"),
                  help="output dtype (default: the source checkpoint's)")
   p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (HF output)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the checkpoint in an existing output directory")
+  p.add_argument("--allow-nonfinite", action="store_true",
+                 help="accept a source whose weights hold NaN or Inf (reported as warnings)")
   p.set_defaults(func=run)
 
 
@@ -59,10 +65,9 @@ def moe_fields(args: argparse.Namespace) -> dict:
   """The `train.upcycle.moe_config` keywords from --preset and the explicit flags."""
   fields: dict = {}
   if args.preset:
-    from qwen2_jax import presets  # pylint: disable=import-outside-toplevel
     preset = presets.get_preset(args.preset)
     if not preset.is_moe:
-      raise ValueError(f"preset {args.preset!r} is not an MoE model")
+      raise UserError(f"--preset {args.preset}: not an MoE model")
     fields = {f: getattr(preset, f) for f in _PRESET_FIELDS}
   for dest, key in _MOE_FLAGS.items():
     if getattr(args, dest) is not None:
@@ -74,24 +79,23 @@ def moe_fields(args: argparse.Namespace) -> dict:
   missing = [f for f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
                          "shared_expert_intermediate_size") if f not in fields]
   if missing:
-    raise ValueError(f"missing MoE field(s) {missing}: pass --preset or the matching flags")
+    raise UserError(f"missing MoE field(s) {missing}: pass --preset or the matching flags")
   return fields
 
 
 def run(args: argparse.Namespace) -> int:
-  from qwen2_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  # Imported here, not at module top, so `qwen2-jax --help` does not load orbax.
   from qwen2_jax.train import upcycle  # pylint: disable=import-outside-toplevel
 
   start = time.time()
-  try:
-    fields = moe_fields(args)
-    config = upcycle.upcycle_checkpoint(
-        args.src, args.out, out_format=args.format, seed=args.seed,
-        reinit_fraction=args.reinit_fraction, dtype=None if args.dtype == "keep" else args.dtype,
-        overwrite=args.overwrite, max_shard_size=args.max_shard_size, **fields)
-  except (ValueError, ConfigError, FileNotFoundError, FileExistsError) as e:
-    print(f"qwen2-jax upcycle: {e}", file=sys.stderr)
-    return 1
+  fields = moe_fields(args)
+  if not 0 <= args.reinit_fraction <= 1:
+    raise UserError(f"--reinit-fraction: must be in [0, 1], got {args.reinit_fraction}")
+  config = upcycle.upcycle_checkpoint(
+      args.src, args.out, out_format=args.format, seed=args.seed,
+      reinit_fraction=args.reinit_fraction, dtype=None if args.dtype == "keep" else args.dtype,
+      overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+      allow_nonfinite=args.allow_nonfinite, **fields)
   copies = upcycle.num_copies(config.num_experts, config.moe_intermediate_size,
                               config.intermediate_size)
   print(f"upcycled in {time.time() - start:.1f}s: {config.num_experts} experts of width "
@@ -102,11 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the subcommand alone (for tests and before it is listed in `qwen2_jax.cli`)."""
-  parser = argparse.ArgumentParser(prog="qwen2-jax")
-  register(parser.add_subparsers(dest="command", required=True))
-  args = parser.parse_args(["upcycle", *(sys.argv[1:] if argv is None else argv)])
-  return args.func(args)
+  """`qwen2-jax upcycle ARGS` (errors reported and exit codes as `qwen2_jax.cli.main` does)."""
+  return cli.main(["upcycle", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from qwen2_jax.kernels import on_platform
+
 Array = jax.Array
 
 MASK_LSE = -0.7 * float(np.finfo(np.float32).max)  # lse of a query that sees no key
@@ -445,9 +447,16 @@ def _flash(q, k, v, q_seg, kv_seg, c: _Static):
   return _flash_fwd(q, k, v, q_seg, kv_seg, c)[0]
 
 
+def _call(kernel_call, c: _Static, *args):
+  """`kernel_call(c, *args)`, with `c.interpret` None chosen when lowering (`on_platform`)."""
+  def call(*a, interpret):
+    return kernel_call(dataclasses.replace(c, interpret=interpret), *a)
+  return on_platform(call, *args, interpret=c.interpret)
+
+
 def _flash_fwd(q, k, v, q_seg, kv_seg, c):
-  o, lse = _fwd_call(c, _heads_first(q, c.t_pad), _heads_first(k, c.s_pad),
-                     _heads_first(v, c.s_pad), *_pad_segments(c, q_seg, kv_seg))
+  o, lse = _call(_fwd_call, c, _heads_first(q, c.t_pad), _heads_first(k, c.s_pad),
+                 _heads_first(v, c.s_pad), *_pad_segments(c, q_seg, kv_seg))
   out = _tokens_first(o, c.t)
   # Residuals are the caller's own q, k, v, out (kept by autodiff around us anyway) + lse.
   return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
@@ -462,8 +471,8 @@ def _flash_bwd(c, res, cts):
   lse = jnp.where(jnp.arange(c.t_pad) < c.t, lse, _NO_GRAD_LSE)  # padded rows: p = 0
   args = (_heads_first(q, c.t_pad), _heads_first(k, c.s_pad), _heads_first(v, c.s_pad),
           _heads_first(dout, c.t_pad), lse, di, *_pad_segments(c, q_seg, kv_seg))
-  dq = _dq_call(c, *args)
-  dk, dv = _dkv_call(c, *args)
+  dq = _call(_dq_call, c, *args)
+  dk, dv = _call(_dkv_call, c, *args)
   return _tokens_first(dq, c.t), _tokens_first(dk, c.s), _tokens_first(dv, c.s), None, None
 
 
@@ -518,7 +527,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, segment_ids=None, causal: b
       (MASK_LSE for a query that sees no key). Differentiable.
     q_offset: token index of query 0 (static int); default S - T (queries are the last T keys).
     block_sizes: `BlockSizes` (or (block_q, block_k)); default 512 x 512, clipped.
-    interpret: run the kernels in the Pallas TPU interpreter (bool or `pltpu.InterpretParams`).
+    interpret: False: the Mosaic TPU kernels; True (or `pltpu.InterpretParams`): the Pallas
+      interpreter, on any backend; None: chosen when lowering (Mosaic for TPU, else interpreter).
 
   Returns:
     out [B, T, N, D] in q's dtype (and lse [B, T, N] f32 when return_lse).

@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from qwen2_jax.kernels import on_platform
+
 Array = jax.Array
 
 _FIRST, _LAST = 1, 2  # visit flags: first / last visit of its output block
@@ -181,20 +183,11 @@ def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, flags_ref, lhs_ref, dout_r
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _on_platform(call, *args, interpret):
-  """Runs `call(*args, interpret=...)`; interpret=None picks at lowering time: the Mosaic kernel
-  when lowering for TPU, the Pallas interpreter for any other platform."""
-  if interpret is not None:
-    return call(*args, interpret=interpret)
-  return lax.platform_dependent(*args, tpu=functools.partial(call, interpret=False),
-                                default=functools.partial(call, interpret=True))
-
-
 def _gmm_call(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, out_dtype,
               interpret, rows_hint: int | None = None) -> Array:
   call = functools.partial(_gmm_pallas, transpose_rhs=transpose_rhs, tiling=tiling,
                            out_dtype=out_dtype, rows_hint=rows_hint)
-  return _on_platform(call, lhs, rhs, group_sizes, interpret=interpret)
+  return on_platform(call, lhs, rhs, group_sizes, interpret=interpret)
 
 
 def _gmm_pallas(lhs, rhs, group_sizes, *, transpose_rhs: bool, tiling: Tiling, out_dtype,
@@ -241,7 +234,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *, tiling: Tiling = Tiling
   """
   call = functools.partial(_tgmm_pallas, tiling=tiling, out_dtype=out_dtype or lhs.dtype,
                            rows_hint=rows_hint)
-  return _on_platform(call, lhs, dout, group_sizes.astype(jnp.int32), interpret=interpret)
+  return on_platform(call, lhs, dout, group_sizes.astype(jnp.int32), interpret=interpret)
 
 
 def _tgmm_pallas(lhs, dout, group_sizes, *, tiling: Tiling, out_dtype, interpret,
