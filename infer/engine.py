@@ -37,7 +37,9 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
+from qwen2_jax import api, sharding
 from qwen2_jax import model as model_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.infer import sampling as sampling_lib
@@ -186,8 +188,6 @@ PROGRAMS = ("prefill", "decode")
 
 
 def _named(mesh, rules, names, shape):
-  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
-  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
   return NamedSharding(mesh, sharding.logical_to_spec(names, rules, mesh, shape))
 
 
@@ -218,7 +218,6 @@ def jit_program(config: Qwen2Config, program: str, batch: int, cache_len: int, m
     raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate)
-  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
   traced = fn
 
   def fn_sharded(*args):
@@ -233,7 +232,6 @@ def abstract_program_args(config: Qwen2Config, program: str, batch: int, prompt_
                           max_new: int, mesh, rules, stop_width: int = 4) -> tuple[Any, ...]:
   """Sharded `ShapeDtypeStruct` arguments of `jit_program(...)` for ahead-of-time compiles
   (`qwen2-jax compile --target prefill|decode`): nothing is allocated."""
-  from qwen2_jax import api, sharding  # pylint: disable=import-outside-toplevel
   struct = lambda shape, dtype, names: jax.ShapeDtypeStruct(
       shape, dtype, sharding=_named(mesh, rules, names, shape))
   params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -300,7 +298,6 @@ class Engine:
     self._compiled: dict[tuple, Any] = {}
     self.compile_seconds: dict[tuple, float] = {}
     if mesh is not None:
-      from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
       self.rules = sharding.get_rules(rules)
       sharding.check_mesh_uses_rules(mesh, self.rules)
       params = jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))

@@ -45,10 +45,6 @@ class SamplingParams:
     object.__setattr__(self, "stop_token_ids", validation.stop_id_tuple(self.stop_token_ids))
     validation.check_sampling(self)
 
-  @property
-  def is_greedy(self) -> bool:
-    return self.temperature == 0.0 or self.top_k == 1
-
 
 class RowParams(NamedTuple):
   """SamplingParams of a batch as arrays, one entry per row (leaves are [B] or [B, W])."""

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from qwen2_jax.errors import UserError
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -29,6 +31,10 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 PathLike = str | os.PathLike
+
+
+class TokenizerError(UserError, ValueError):
+  """A tokenizer file is missing, unreadable or inconsistent; the message names the file."""
 
 
 class Tokenizer(abc.ABC):
@@ -136,13 +142,13 @@ class HFTokenizer(Tokenizer):
     try:
       self._tok = HFBackend.from_file(str(self._path))
     except Exception as e:  # The Rust side raises plain Exception on malformed files.
-      raise ValueError(f"could not load HF tokenizer file {self._path}: {e}") from e
+      raise TokenizerError(f"could not load HF tokenizer file {self._path}: {e}") from e
     config: dict[str, Any] = {}
     if config_file is not None:
       try:
         config = json.loads(pathlib.Path(config_file).read_text(encoding="utf-8"))
       except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"could not read tokenizer config {config_file}: {e}") from e
+        raise TokenizerError(f"could not read tokenizer config {config_file}: {e}") from e
     self._add_config_tokens(config, config_file)
     self._literal = None  # Lazily built twin that encodes special strings as plain text.
     vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -170,7 +176,7 @@ class HFTokenizer(Tokenizer):
         (self._tok.add_special_tokens if special else self._tok.add_tokens)([token])
       # Ids are baked into checkpoints, so a silent renumbering would be a real bug.
       if self._tok.token_to_id(content) != int(id_str):
-        raise ValueError(f"{config_file}: token {content!r} is declared with id {id_str} but "
+        raise TokenizerError(f"{config_file}: token {content!r} is declared with id {id_str} but "
                          f"{self._path} gives it id {self._tok.token_to_id(content)}")
     named = [config.get(k) for k in ("eos_token", "pad_token", "bos_token", "unk_token")]
     for value in [*config.get("additional_special_tokens", []), *named]:
@@ -185,7 +191,7 @@ class HFTokenizer(Tokenizer):
       return None
     token_id = self._tok.token_to_id(content)
     if token_id is None:
-      raise ValueError(f"{config_file or self._path}: {key} {content!r} is not in the vocabulary")
+      raise TokenizerError(f"{config_file or self._path}: {key} {content!r} is not in the vocabulary")
     return token_id
 
   def _literal_tokenizer(self):
@@ -241,7 +247,7 @@ class SentencePieceTokenizer(Tokenizer):
     try:
       self._sp = spm.SentencePieceProcessor(model_file=str(self._path))
     except (OSError, RuntimeError) as e:
-      raise ValueError(f"could not load SentencePiece model {self._path}: {e}") from e
+      raise TokenizerError(f"could not load SentencePiece model {self._path}: {e}") from e
     sp = self._sp
     user = self._user_defined_ids()
     self._special = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
@@ -362,7 +368,7 @@ def tokenizer_files(path: PathLike) -> dict[str, pathlib.Path]:
     return {"tokenizer.json": p, **({"tokenizer_config.json": config} if use_config else {})}
   if p.suffix == ".model":
     return {"tokenizer.model": p}
-  raise ValueError(f"unrecognised tokenizer file {p}: expected a tokenizer.json or a "
+  raise TokenizerError(f"unrecognised tokenizer file {p}: expected a tokenizer.json or a "
                    "SentencePiece .model file")
 
 

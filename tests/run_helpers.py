@@ -66,7 +66,7 @@ def final_state(output_dir, cfg, steps: int | None = None) -> tuple[int, Any]:
   ckpt = checkpointing.Checkpointer(os.path.join(output_dir, "checkpoints"))
   try:
     step = ckpt.latest_step()
-    state, _, _, _ = ckpt.restore(step, abstract, fingerprint=cfg.fingerprint(steps))
+    state, _, _ = ckpt.restore(step, abstract, fingerprint=cfg.fingerprint(steps))
     return step, jax.device_get(state)
   finally:
     ckpt.close()

@@ -1,8 +1,8 @@
-"""Training checkpoints on Orbax: train state + data-iterator state + RNG, async, keep-last-n.
+"""Training checkpoints on Orbax: train state + data-iterator state + settings, async, keep-last-n.
 
 One step directory holds three items: `state` (the `TrainState` pytree, restored straight into
-its shardings), `data` (the grain iterator state as JSON) and `meta` (RNG key data, the config
-fingerprint, counters). Orbax writes each step into a temporary directory and renames it only
+its shardings), `data` (the grain iterator state as JSON) and `meta` (the settings
+fingerprint). Orbax writes each step into a temporary directory and renames it only
 when complete, so a step that was being written when the process died is never listed or
 restored (`cleanup_tmp_directories` removes the leftovers on the next start). Async saves copy
 device arrays to host before returning, so the next (donating) train step is safe.
@@ -32,8 +32,6 @@ import signal
 import time
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from qwen2_jax.errors import UserError
@@ -136,14 +134,9 @@ class Checkpointer:
     return self._error
 
   def save(self, step: int, state: Any, data_state: dict[str, Any] | None, *,
-           fingerprint: dict[str, Any], rng: jax.Array | None = None,
-           extra: dict[str, Any] | None = None, force: bool = False) -> bool:
-    """Starts saving `step` (async); returns whether a save was started. `rng`: a key to
-    store with it, for a run that draws random numbers during training."""
-    meta = {"fingerprint": fingerprint, **(extra or {})}
-    if rng is not None:
-      meta.update(rng=np.asarray(jax.random.key_data(rng)).tolist(),
-                  rng_impl=str(jax.random.key_impl(rng)))
+           fingerprint: dict[str, Any], force: bool = False) -> bool:
+    """Starts saving `step` (async); returns whether a save was started."""
+    meta = {"fingerprint": fingerprint}
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state if data_state is not None else {}),
@@ -158,8 +151,8 @@ class Checkpointer:
     return started
 
   def restore(self, step: int, abstract_state: Any, *, fingerprint: dict[str, Any]
-              ) -> tuple[Any, dict[str, Any], jax.Array, dict[str, Any]]:
-    """(state, data_state, rng or None, meta) of `step`; the state lands in `abstract_state`'s
+              ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(state, data_state, meta) of `step`; the state lands in `abstract_state`'s
     shardings.
 
     Raises CheckpointMismatchError if the checkpoint's fingerprint differs from `fingerprint`.
@@ -172,11 +165,7 @@ class Checkpointer:
           f"new output_dir or restore the settings")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    rng = None
-    if "rng" in meta:
-      key_data = np.asarray(meta["rng"], dtype=np.uint32)
-      rng = jax.random.wrap_key_data(key_data, impl=meta.get("rng_impl", "threefry2x32"))
-    return restored["state"], restored["data"], rng, meta
+    return restored["state"], restored["data"], meta
 
   def wait(self) -> None:
     """Blocks until the save in flight has committed; raises its failure."""

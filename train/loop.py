@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from typing import Any, Callable, Iterable
 
@@ -188,15 +187,13 @@ def finish(cfg, run: RunLog, result: LoopResult, steps: int, summary: dict[str, 
     params = host_params(state.params)
     if run.is_main:
       path = os.path.join(cfg.output_dir, "hf")
-      written = False
-      try:  # save_hf_checkpoint is all-or-nothing; the tokenizer copy after it is undone here
+      # save_hf_checkpoint is all-or-nothing, and each tokenizer file is copied whole then
+      # renamed; a failure is reported (one line for disk errors) and nothing is deleted.
+      try:
         save_hf_checkpoint(path, cfg.model, params, overwrite=True, show_progress=cfg.progress)
-        written = True
         if tokenizer is not None:
           copy_tokenizer_files(tokenizer, path)
       except BaseException as e:
-        if written:
-          shutil.rmtree(path, ignore_errors=True)
         error = checkpointing.write_error(f"exporting the HF model to {path}", e)
         if error is None:
           raise

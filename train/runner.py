@@ -296,7 +296,7 @@ def run(job: Job) -> dict[str, Any]:
   start = ckpt.latest_step() or 0
   if start:
     abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
-    state, data_state, _, _ = ckpt.restore(start, abstract, fingerprint=fingerprint)
+    state, data_state, _ = ckpt.restore(start, abstract, fingerprint=fingerprint)
     data.iterator.set_state(data_state)
     initial_params = (load_initial if cfg.init_from else
                       lambda: sharding.init_params_sharded(cfg.model, init_rng, mesh, rules))
@@ -313,7 +313,13 @@ def run(job: Job) -> dict[str, Any]:
     evaluate_fn = lambda s: evaluate(job, data, eval_step, s, mesh, rules)
 
   def next_batch():
-    return sharding.host_local_batch(job.host_batch(next(data.iterator)), mesh, rules)
+    try:
+      host = next(data.iterator)
+    except StopIteration:
+      raise ConfigError(f"steps={steps} runs past the data (data.num_epochs="
+                        f"{getattr(cfg.data, 'num_epochs', None)}); lower steps or raise "
+                        f"data.num_epochs") from None
+    return sharding.host_local_batch(job.host_batch(host), mesh, rules)
 
   log = loop.RunLog(cfg, ckpt, steps=steps, start=start)
   try:

@@ -61,7 +61,12 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  # A command that parses its own options (`bench NAME`) sets `passes_extra_args`; for any other,
+  # an unknown argument is an error, as with `parse_args`.
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, "passes_extra_args", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.extra_args = extra
   debug = args.debug or os.environ.get("QWEN2_JAX_DEBUG", "") not in ("", "0")
   try:
     return int(args.func(args) or 0)

@@ -51,8 +51,10 @@ def register(subparsers) -> None:
   n.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
   n.add_argument("--max-new-tokens", type=int, default=16, help="answer length (default 16)")
   m = n.add_argument_group("model")
-  m.add_argument("--dtype", default="float32", help="param dtype (float32, bfloat16)")
-  m.add_argument("--compute-dtype", default=None, help="activation dtype (default: as saved)")
+  m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                 help="param dtype")
+  m.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                 help="activation dtype (default: as saved)")
   m.add_argument("--attention-impl", choices=("xla", "pallas"), default=None,
                  help="attention kernel (pallas needs a TPU); default: the config's")
   m.add_argument("--dca", action="store_true",

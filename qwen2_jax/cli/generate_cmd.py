@@ -31,6 +31,8 @@ import sys
 
 from qwen2_jax.errors import UserError
 
+_DTYPES = ("float32", "bfloat16", "float16")
+
 # The flag of each setting, for errors found by `qwen2_jax.infer.validation` (which names the
 # field: the same checks run on JSONL records, whose errors name the record's field).
 FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
@@ -77,8 +79,9 @@ def register(subparsers) -> None:
   e.add_argument("--no-vocab-mask", action="store_true",
                  help="let the model generate ids the tokenizer does not have (they decode to "
                       "nothing); by default their logits are masked")
-  e.add_argument("--dtype", default="float32", help="param dtype (float32, bfloat16)")
-  e.add_argument("--compute-dtype", default=None, help="activation dtype (default: as saved)")
+  e.add_argument("--dtype", default="float32", choices=_DTYPES, help="param dtype")
+  e.add_argument("--compute-dtype", default=None, choices=_DTYPES,
+                 help="activation dtype (default: as saved)")
   e.add_argument("--allow-nonfinite", action="store_true",
                  help="load weights holding NaN or Inf (reported as warnings)")
   e.add_argument("--no-progress", action="store_true", help="no progress bar (batch mode)")

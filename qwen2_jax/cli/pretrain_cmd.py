@@ -10,6 +10,6 @@ def register(subparsers) -> None:
       subparsers, "pretrain", help="pretrain (or resume) a Qwen2 model from a YAML recipe",
       description="Runs the training loop of a recipe in configs/. If output_dir already holds "
                   "checkpoints, the run resumes from the latest committed step (params, "
-                  "optimizer, step, RNG and data position).",
+                  "optimizer, step and data position).",
       example="--set steps=50 --set optim.learning_rate=1e-3",
       job="qwen2_jax.train.pretrain:PretrainJob")
