@@ -424,9 +424,14 @@ class _ResultFile:
     if ordered != self.spans:
       name, final = self._create(f"{self.path}.{os.getpid()}", ".sorted.tmp")
       self.file.flush()
-      for _, offset, size in ordered:
-        self.file.seek(offset)
-        final.write(self.file.read(size))
+      try:
+        for _, offset, size in ordered:
+          self.file.seek(offset)
+          final.write(self.file.read(size))
+      except BaseException:
+        final.close()
+        os.unlink(name)  # the unsorted results stay in self.tmp for keep_partial
+        raise
       self.file.close()
       os.unlink(self.tmp)
       self.tmp, self.file = name, final
@@ -434,7 +439,8 @@ class _ResultFile:
     os.replace(self.tmp, self.path)
 
   def keep_partial(self) -> str | None:
-    """Renames what was written to `OUT.partial` (never onto the input); None if nothing was."""
+    """Renames what was written to `OUT.partial` (or `OUT.<pid>.partial` when that name is taken,
+    by the input or by an earlier interrupted run's results); None if nothing was written."""
     if not os.path.exists(self.tmp):  # committed already
       return None
     if not self.file.closed:
@@ -443,7 +449,7 @@ class _ResultFile:
       os.unlink(self.tmp)
       return None
     partial = f"{self.path}.partial"
-    if os.path.exists(partial) and os.path.samefile(partial, self.input_path):
+    if os.path.lexists(partial):  # never overwrite earlier results (or the input)
       partial = self.tmp[:-len(".tmp")] + ".partial"
     os.replace(self.tmp, partial)
     return partial

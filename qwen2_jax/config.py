@@ -39,7 +39,7 @@ class Qwen2Config:
   Frozen and hashable, so it can be a static argument of `jax.jit`.
   """
   # --- architecture (names and meaning as in HF config.json) ---
-  vocab_size: Int                    # embedding rows; >= tokenizer size (Qwen2 pads to 151936/152064)
+  vocab_size: Int                    # embedding rows, >= tokenizer ids (Qwen2: 151936 / 152064)
   hidden_size: Int                   # model width H
   intermediate_size: Int             # dense SwiGLU width F (unused by MoE layers)
   num_hidden_layers: Int             # decoder layers L
@@ -73,7 +73,7 @@ class Qwen2Config:
   dual_chunk_attention_config: Mapping[str, Any] | None = None
   # --- implementation settings (not part of HF config.json) ---
   param_dtype: str = _runtime("float32")       # storage dtype of params
-  dtype: str = _runtime("float32")             # compute dtype of activations (bfloat16 for training)
+  dtype: str = _runtime("float32")             # activations' dtype (bfloat16 for training)
   logits_dtype: str | None = _runtime(None)    # None: logits in `dtype`, like the reference
   scan_layers: Bool = _runtime(True)           # nn.scan over layers: params stacked on a layer axis
   remat_policy: str = _runtime("none")         # activation checkpointing per layer: REMAT_POLICIES
@@ -276,7 +276,8 @@ class Qwen2Config:
     kwargs: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in d.items():
-      if key in ("rope_parameters", "rope_scaling") and not isinstance(value, (Mapping, type(None))):
+      if key in ("rope_parameters", "rope_scaling") and not isinstance(value,
+                                                                      (Mapping, type(None))):
         raise ConfigError(f"{where}: {key}: expected a JSON object or null, got {value!r}")
       if key == "rope_parameters" and value is not None:
         params = dict(value)

@@ -288,38 +288,42 @@ def run(job: Job) -> dict[str, Any]:
   os.makedirs(cfg.output_dir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
                                     keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-  init_rng = jax.random.split(jax.random.key(cfg.seed))[1]
+  try:  # until RunLog owns the checkpointer: close it if setting up fails
+    init_rng = jax.random.split(jax.random.key(cfg.seed))[1]
 
-  def load_initial():
-    return load_params(cfg.model, cfg.init_from, mesh, rules, progress=cfg.progress)
+    def load_initial():
+      return load_params(cfg.model, cfg.init_from, mesh, rules, progress=cfg.progress)
 
-  start = ckpt.latest_step() or 0
-  if start:
-    abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
-    state, data_state, _ = ckpt.restore(start, abstract, fingerprint=fingerprint)
-    data.iterator.set_state(data_state)
-    initial_params = (load_initial if cfg.init_from else
-                      lambda: sharding.init_params_sharded(cfg.model, init_rng, mesh, rules))
-  else:
-    state = step_lib.init_train_state_sharded(
-        cfg.model, optimizer, init_rng, mesh, rules,
-        params=load_initial() if cfg.init_from else None)
-    initial_params = lambda params=state.params: params
-  job.prepare(mesh, rules, initial_params, resumed=bool(start))
-  train_step = job.make_step(optimizer, mesh, rules)
-  evaluate_fn = None
-  if cfg.eval_every:
-    eval_step = job.make_eval_step(mesh, rules)
-    evaluate_fn = lambda s: evaluate(job, data, eval_step, s, mesh, rules)
+    start = ckpt.latest_step() or 0
+    if start:
+      abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
+      state, data_state, _ = ckpt.restore(start, abstract, fingerprint=fingerprint)
+      data.iterator.set_state(data_state)
+      initial_params = (load_initial if cfg.init_from else
+                        lambda: sharding.init_params_sharded(cfg.model, init_rng, mesh, rules))
+    else:
+      state = step_lib.init_train_state_sharded(
+          cfg.model, optimizer, init_rng, mesh, rules,
+          params=load_initial() if cfg.init_from else None)
+      initial_params = lambda params=state.params: params
+    job.prepare(mesh, rules, initial_params, resumed=bool(start))
+    train_step = job.make_step(optimizer, mesh, rules)
+    evaluate_fn = None
+    if cfg.eval_every:
+      eval_step = job.make_eval_step(mesh, rules)
+      evaluate_fn = lambda s: evaluate(job, data, eval_step, s, mesh, rules)
 
-  def next_batch():
-    try:
-      host = next(data.iterator)
-    except StopIteration:
-      raise ConfigError(f"steps={steps} runs past the data (data.num_epochs="
-                        f"{getattr(cfg.data, 'num_epochs', None)}); lower steps or raise "
-                        f"data.num_epochs") from None
-    return sharding.host_local_batch(job.host_batch(host), mesh, rules)
+    def next_batch():
+      try:
+        host = next(data.iterator)
+      except StopIteration:
+        raise ConfigError(f"steps={steps} runs past the data (data.num_epochs="
+                          f"{getattr(cfg.data, 'num_epochs', None)}); lower steps or raise "
+                          f"data.num_epochs") from None
+      return sharding.host_local_batch(job.host_batch(host), mesh, rules)
+  except BaseException:
+    ckpt.close()
+    raise
 
   log = loop.RunLog(cfg, ckpt, steps=steps, start=start)
   try:

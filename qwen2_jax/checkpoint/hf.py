@@ -164,7 +164,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
     if key == "lm_head.weight" and config.tie_word_embeddings:
       tied_head = f  # accepted only if it equals the embedding (checked below)
       continue
-    problems.append(f"{f.path}: unexpected tensor {key!r} (not part of a {config.to_hf_dict()['architectures'][0]} "
+    architecture = config.to_hf_dict()["architectures"][0]
+    problems.append(f"{f.path}: unexpected tensor {key!r} (not part of a {architecture} "
                     f"with this config.json)")
   if problems:
     raise CheckpointError(f"{len(problems)} problem(s) in checkpoint {directory}:\n  "
