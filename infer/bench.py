@@ -30,7 +30,7 @@ import numpy as np
 import qwen2_jax as q
 from qwen2_jax import flops
 from qwen2_jax.checkpoint.hf import save_hf_checkpoint
-from qwen2_jax.infer.engine import Engine
+from qwen2_jax.infer.static_engine import StaticEngine as Engine
 from qwen2_jax.infer.sampling import SamplingParams
 
 

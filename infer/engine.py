@@ -1,366 +1,272 @@
-"""The generation engine: KV cache, jit-compiled prefill and an in-program decode loop.
+"""The generation engine: continuous batching over a paged KV cache.
 
-Layout. The cache is `model.KVCache`: k, v [L, B, S, K, D] in the compute dtype plus `lengths`
-[B]; slot j of row b holds row b's token j (so kv indices are slot numbers and a row's RoPE
-position is its token index). Prompts are right-padded to a bucket P; row b's real tokens are
-[0, len_b), the padded slots are written but stay invalid and are overwritten by the row's own
-generated tokens. S = P + N, where N is the bucket of max_new_tokens.
+Cache. Two pools, k and v [L, P, page_size, K, D] in the compute dtype, live on the device for
+the engine's lifetime (`model.PagedKVCache`). Sequences own pages through block tables; the host
+side (page pool, prefix cache, scheduler) is `qwen2_jax.infer.paged`.
 
-Programs. `prefill` (one jit) runs the prompts against an empty cache, computes logits only at
-each row's last prompt token, samples the first token and returns a `DecodeState`. `decode`
-(one jit, state donated so the cache is updated in place) runs a `lax.while_loop` over steps
-until every row is done or a step limit is reached: feed the last token at position
-lengths[b], scatter the new k/v into slot lengths[b], sample, record token and logprob, and
-mark rows that emit a stop token (finish "stop") or reach their max_new_tokens ("length").
-Finished rows keep stepping with the batch (their outputs are frozen) until the loop ends.
+Steps. Each engine step is one call of one jit-compiled program: a flat batch of T tokens from up
+to S = max_num_seqs sequences (decode tokens and prefill chunks mixed) runs through the model;
+every layer writes its new keys / values into the pools and attends over each sequence's pages
+(`attention.paged_attention`); logits are computed only at each sequence's last token of the
+step, and a token is sampled per sequence. The pools are donated, so they are updated in place.
+The host reads back the S sampled tokens, records them for the sequences whose chunk ended at
+their last token, finishes sequences (stop id, EOS, max_new_tokens), and plans the next step.
 
-Compilations. Shapes are bucketed: batch to a power of two up to `max_batch_size`, prompt to a
-power of two >= `min_prompt_bucket`, max_new_tokens to a power of two >= 16, stop-id lists to a
-power of two >= 4. Sampling settings, per-row max_new_tokens and stop ids are arrays, so they
-never recompile. `Engine.stats` reports the compilations and their time.
+Compilations. T is one of two buckets: S (a step of decode tokens only) or
+`max_num_batched_tokens`; the block-table width is the power of two of pages that covers the
+longest request seen so far (at least 256 tokens' worth): it only grows, so a call with shorter
+requests never recompiles. Admitting, finishing, chunking and sampling settings never
+recompile. `Engine.stats` reports compilations, steps, preemptions and prefix-cache hits.
 
-Sharding. Pass `mesh` and `rules` (see `qwen2_jax.sharding`): params are placed with their
-logical shardings (FSDP and/or tensor parallel), the batch and the cache are split over the
-batch axes, and the cache's KV-head axis follows "activation_kv_heads".
+Sampling. Per request: the key of its t-th generated token is fold_in(key(seed), t) (as in the
+static engine), so a request's samples depend neither on the other requests nor on when it was
+admitted or preempted.
 
-CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, [H, V] head): about 3x
-faster decode steps than a layer scan there. XLA:CPU then still copies the whole cache a few
-times per step unless XLA_FLAGS has --xla_cpu_copy_insertion_use_region_analysis=true.
+Sharding. With `mesh` and `rules` the params are placed with their logical shardings and the
+pools' KV-head axis follows "activation_kv_heads" (tensor parallel); step inputs are replicated.
+
+CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, [H, V] head), as the
+static engine does.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from qwen2_jax import api, sharding
-from qwen2_jax import model as model_lib
+from qwen2_jax import sharding
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.infer import paged
 from qwen2_jax.infer import sampling as sampling_lib
 from qwen2_jax.infer import validation
+from qwen2_jax.infer.paged import KVCacheTooSmallError
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
+from qwen2_jax.infer.static_engine import (DecodeState, GenerationResult, StaticEngine,
+                                           decode_layout, init_cache, write_kv)
 from qwen2_jax.layers import dtype_of
-from qwen2_jax.model import KVCache, Qwen2ForCausalLM
+from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
+
+__all__ = ["Engine", "GenerationResult", "KVCacheTooSmallError", "StaticEngine", "DecodeState",
+           "decode_layout", "init_cache", "write_kv", "paged_step", "POOL_AXES"]
 
 Array = jax.Array
 
-# Logical axis names of the cache arrays (the rules of `qwen2_jax.sharding` map them).
-CACHE_AXES = ("layers", "activation_batch", None, "activation_kv_heads", "activation_kv")
-ROW_AXES = ("activation_batch",)
+# Logical axis names of the pools [L, P, page_size, K, D] (the rules of `qwen2_jax.sharding`).
+POOL_AXES = ("layers", None, None, "activation_kv_heads", "activation_kv")
 
-FINISH_REASONS = {0: None, 1: "stop", 2: "length"}
-_STOP, _LENGTH = 1, 2
-
-
-class DecodeState(NamedTuple):
-  """Everything the decode loop carries. B rows, N = capacity of generated tokens."""
-  cache: KVCache
-  tokens: Array      # [B, N] i32 generated ids (0 after a row's end)
-  logprobs: Array    # [B, N] f32 raw-model logprob of each generated id
-  num_tokens: Array  # [B] i32 tokens generated per row
-  done: Array        # [B] bool
-  finish: Array      # [B] i32: 0 running, 1 stop token, 2 max_new_tokens
-  step: Array        # [] i32 tokens generated by the batch so far (= num_tokens of live rows)
+# Default share of memory for the pools when neither num_pages nor kv_cache_memory is given.
+_CPU_MEMORY_FRACTION = 0.1
+_DEVICE_MEMORY_FRACTION = 0.5
+# Smallest block-table width, in tokens.
+_MIN_TABLE_TOKENS = 256
 
 
-@dataclasses.dataclass
-class GenerationResult:
-  """One request's output. `output_ids` include the stop token when finish_reason is "stop"."""
-  prompt_ids: list[int]
-  output_ids: list[int]
-  logprobs: list[float]
-  finish_reason: str
+def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_ids: Array,
+               positions: Array, slot_mapping: Array, kv_lens: Array, page_indices: Array,
+               cu_q_lens: Array, num_seqs: Array, logits_index: Array, rp: RowParams,
+               out_index: Array) -> tuple[Array, Array, Array, Array]:
+  """One continuous-batching step: the model over a ragged token batch [T] against the pools,
+  then a sample per sequence row. Returns (token [S], logprob [S], k_pool, v_pool)."""
+  cache = PagedKVCache(k_pool, v_pool, slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs)
+  logits, (k_pool, v_pool) = Qwen2ForCausalLM(config).apply(
+      {"params": params}, token_ids[None], positions[None], None, cache, logits_index[None])
+  token, logprob = sampling_lib.sample(logits[0], rp, out_index)
+  return token, logprob, k_pool, v_pool
 
 
-# --------------------------------------------------------------------------- pure functions
-
-def init_cache(config: Qwen2Config, batch: int, length: int) -> KVCache:
-  """An empty cache of `length` slots per row, in the compute dtype."""
-  shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads,
-           config.head_size)
-  dt = dtype_of(config.dtype)
-  return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
+def _bucket(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
 
 
-def write_kv(cache: KVCache, new_kv: tuple[Array, Array], num_new: Array) -> KVCache:
-  """Writes new k/v [L, B, T, K, D] into slots lengths[b] + 0..T-1; lengths += num_new [B]."""
-  k_new, v_new = new_kv
-  L, B, T = k_new.shape[:3]
-  # Index all three of (layer, row, slot), so the scatter's window is just (K, D): indexing only
-  # (row, slot) makes the layer a window dim, and the TPU compiler then keeps the loop-carried
-  # cache in a layer-minor layout and copies the whole cache to layer-major for the layer scan
-  # on every decode step (seen in the compiled HLO: the cache then crosses HBM 3x per step).
-  layers = jnp.arange(L)[:, None, None]  # [L, 1, 1]
-  rows = jnp.arange(B)[None, :, None]  # [1, B, 1]
-  slots = (cache.lengths[:, None] + jnp.arange(T)[None, :])[None]  # [1, B, T]
-  k = cache.k.at[layers, rows, slots].set(k_new.astype(cache.k.dtype), mode="drop")
-  v = cache.v.at[layers, rows, slots].set(v_new.astype(cache.v.dtype), mode="drop")
-  return KVCache(k, v, cache.lengths + num_new.astype(jnp.int32))
+def _memory_bytes() -> int | None:
+  """Free memory for the pools on the default device: accelerator limit minus use, or the host's
+  physical memory on CPU; None if unknown."""
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    stats = dev.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int((stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+                 * _DEVICE_MEMORY_FRACTION)
+    return None
+  try:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _CPU_MEMORY_FRACTION)
+  except (ValueError, OSError, AttributeError):
+    return None
 
-
-def _model(config, params, ids, positions, cache, logits_index=None):
-  return Qwen2ForCausalLM(config).apply({"params": params}, ids, positions, None, cache,
-                                        logits_index)
-
-
-def _record(state: DecodeState, token: Array, logprob: Array, rp: RowParams) -> DecodeState:
-  """Appends this step's token to live rows and updates done / finish."""
-  alive = ~state.done
-  col = state.step
-  tokens = jax.lax.dynamic_update_slice(state.tokens, jnp.where(alive, token, 0)[:, None],
-                                        (0, col))
-  logprobs = jax.lax.dynamic_update_slice(state.logprobs,
-                                          jnp.where(alive, logprob, 0.0)[:, None], (0, col))
-  num = state.num_tokens + alive.astype(jnp.int32)
-  stopped = alive & jnp.any(token[:, None] == rp.stop_ids, axis=-1)
-  at_length = alive & ~stopped & (num >= rp.max_new_tokens)
-  finish = jnp.where(stopped, _STOP, jnp.where(at_length, _LENGTH, state.finish))
-  return DecodeState(state.cache, tokens, logprobs, num, state.done | stopped | at_length,
-                     finish, state.step + 1)
-
-
-def prefill(config: Qwen2Config, params, prompts: Array, prompt_lengths: Array, rp: RowParams,
-            *, cache_len: int, max_new: int) -> DecodeState:
-  """Runs right-padded prompts [B, P] (real lengths [B]) and samples each row's first token."""
-  B, P = prompts.shape
-  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  empty = init_cache(config, B, 0)
-  logits, new_kv = _model(config, params, prompts, positions, empty,
-                          (prompt_lengths - 1)[:, None])  # logits [B, 1, V]
-  cache = init_cache(config, B, cache_len)
-  k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), (0, 0, 0, 0, 0))
-  v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), (0, 0, 0, 0, 0))
-  cache = KVCache(k, v, prompt_lengths.astype(jnp.int32))
-  state = DecodeState(cache, jnp.zeros((B, max_new), jnp.int32),
-                      jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), jnp.int32),
-                      jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), jnp.int32(0))
-  token, logprob = sampling_lib.sample(logits[:, 0], rp, jnp.int32(0))
-  return _record(state, token, logprob, rp)
-
-
-def decode(config: Qwen2Config, params, state: DecodeState, rp: RowParams,
-           step_limit: Array) -> DecodeState:
-  """Generates until every row is done or `step` reaches `step_limit` (a traced scalar)."""
-  N = state.tokens.shape[1]
-  limit = jnp.minimum(step_limit, N)
-
-  def cond(s: DecodeState):
-    return (s.step < limit) & ~jnp.all(s.done)
-
-  def body(s: DecodeState):
-    last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
-    positions = s.cache.lengths[:, None]  # [B, 1]
-    logits, new_kv = _model(config, params, last, positions, s.cache)  # [B, 1, V]
-    cache = write_kv(s.cache, new_kv, jnp.ones_like(s.cache.lengths))
-    token, logprob = sampling_lib.sample(logits[:, 0], rp, s.step)
-    return _record(s._replace(cache=cache), token, logprob, rp)
-
-  return jax.lax.while_loop(cond, body, state)
-
-
-def decode_layout(config: Qwen2Config, params) -> tuple[Qwen2Config, Any]:
-  """The same model laid out for fast decoding on CPU: one param subtree per layer (unrolled)
-  and, for tied models, an explicit [H, V] `lm_head` copy of the embedding.
-
-  XLA:CPU copies each layer's weight slice out of a stacked [L, ...] array inside a layer scan,
-  and multiplies by a [V, H] matrix slower than by [H, V]; both cost ~2-3x in decode step time.
-  Costs extra host memory while the caller keeps the original params (and V * H for the head).
-  """
-  out = model_lib.unstack_layers(params, config)
-  if config.tie_word_embeddings:
-    out["lm_head"] = jnp.asarray(params["embed_tokens"]["embedding"].T)
-  return config.replace(scan_layers=False, tie_word_embeddings=False), out
-
-
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
-# --------------------------------------------------------------------------- compiled programs
-
-PROGRAMS = ("prefill", "decode")
-
-
-def _named(mesh, rules, names, shape):
-  return NamedSharding(mesh, sharding.logical_to_spec(names, rules, mesh, shape))
-
-
-def state_shardings(config: Qwen2Config, mesh, rules, B: int, S: int, N: int) -> DecodeState:
-  """Shardings of the decode state: batch axes on rows, KV heads as the rules say."""
-  c = config
-  kv = _named(mesh, rules, CACHE_AXES,
-              (c.num_hidden_layers, B, S, c.num_key_value_heads, c.head_size))
-  rows = _named(mesh, rules, ROW_AXES, (B,))
-  table = _named(mesh, rules, ROW_AXES + (None,), (B, N))
-  return DecodeState(KVCache(kv, kv, rows), table, table, rows, rows, rows,
-                     _named(mesh, rules, (), ()))
-
-
-def jit_program(config: Qwen2Config, program: str, batch: int, cache_len: int, max_new: int,
-                mesh=None, rules=None):
-  """The jitted `prefill` (params, prompts [B, P], lengths [B], rows) -> state, or `decode`
-  (params, state, rows, step_limit) -> state with the state donated; with `mesh` and `rules`
-  the activations follow the rules and the state comes out in `state_shardings`."""
-  if program == "prefill":
-    fn = lambda params, prompts, lengths, rp: prefill(config, params, prompts, lengths, rp,
-                                                      cache_len=cache_len, max_new=max_new)
-    donate = ()
-  elif program == "decode":
-    fn = lambda params, state, rp, limit: decode(config, params, state, rp, limit)
-    donate = (1,)
-  else:
-    raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
-  if mesh is None:
-    return jax.jit(fn, donate_argnums=donate)
-  traced = fn
-
-  def fn_sharded(*args):
-    with sharding.activation_rules(rules, mesh, config):
-      return traced(*args)
-
-  return jax.jit(fn_sharded, donate_argnums=donate,
-                 out_shardings=state_shardings(config, mesh, rules, batch, cache_len, max_new))
-
-
-def abstract_program_args(config: Qwen2Config, program: str, batch: int, prompt_len: int,
-                          max_new: int, mesh, rules, stop_width: int = 4) -> tuple[Any, ...]:
-  """Sharded `ShapeDtypeStruct` arguments of `jit_program(...)` for ahead-of-time compiles
-  (`qwen2-jax compile --target prefill|decode`): nothing is allocated."""
-  struct = lambda shape, dtype, names: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=_named(mesh, rules, names, shape))
-  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        api.abstract_params(config),
-                        sharding.param_shardings(config, mesh, rules))
-  row = lambda dtype: struct((batch,), dtype, ROW_AXES)
-  rp = RowParams(row(jnp.float32), row(jnp.int32), row(jnp.float32), row(jnp.uint32),
-                 row(jnp.int32), struct((batch, stop_width), jnp.int32, ROW_AXES + (None,)),
-                 row(jnp.int32))
-  if program == "prefill":
-    return (params, struct((batch, prompt_len), jnp.int32, ROW_AXES + (None,)), row(jnp.int32),
-            rp)
-  cache_len = prompt_len + max_new
-  shapes = jax.eval_shape(lambda: DecodeState(
-      init_cache(config, batch, cache_len), jnp.zeros((batch, max_new), jnp.int32),
-      jnp.zeros((batch, max_new), jnp.float32), jnp.zeros((batch,), jnp.int32),
-      jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), jnp.int32(0)))
-  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes,
-                       state_shardings(config, mesh, rules, batch, cache_len, max_new))
-  return params, state, rp, jax.ShapeDtypeStruct((), jnp.int32, sharding=_named(mesh, rules, (), ()))
-
-
-# --------------------------------------------------------------------------- the engine
 
 class Engine:
-  """Batch generation over token ids for one model; compiles per shape bucket and reports it.
+  """Continuous-batching generation over token ids for one model.
 
   Args:
     config, params: the model (any param dtype; compute in `config.dtype`).
-    max_batch_size: rows per compiled batch; larger requests lists are split.
+    max_num_seqs: sequences admitted at once (default `max_batch_size`).
+    max_batch_size: the older name of max_num_seqs (used when max_num_seqs is None).
+    max_num_batched_tokens: tokens computed per step at most (decode tokens first, then prefill
+      chunks); default max(256, max_num_seqs). Must be >= max_num_seqs.
+    page_size: tokens per KV-cache page.
+    num_pages: pages in the pool. Default: from `kv_cache_memory` bytes if given, else enough for
+      max_num_seqs requests of max_context tokens, capped at 10% of the host memory on CPU (50%
+      of the free device memory on accelerators).
+    kv_cache_memory: bytes for the k and v pools together (used when num_pages is None).
+    enable_prefix_caching: reuse the pages of full prompt blocks computed before.
     max_context: longest prompt + max_new_tokens accepted (default max_position_embeddings).
     eos_token_ids: ids that end a request unless `SamplingParams.ignore_eos`; default the
       config's `eos_token_id`.
-    mesh, rules: optional `jax.sharding.Mesh` and `qwen2_jax.sharding` rules (a preset name,
-      table or `Rules`) for sharded generation.
-    min_prompt_bucket: smallest prompt bucket.
+    mesh, rules: optional `jax.sharding.Mesh` and `qwen2_jax.sharding` rules for sharded
+      generation.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
       "unrolled" (always `decode_layout`) or "as_is".
-    vocab_limit: ids >= this are never generated (their logits are masked); None: every id of
-      the model. `Generator` sets it to the tokenizer's size. An attribute; changing it never
-      recompiles.
+    vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
+      changing it never recompiles.
+    min_prompt_bucket: accepted for compatibility with the static engine; unused.
   """
 
-  def __init__(self, config: Qwen2Config, params, *, max_batch_size: int = 8,
+  def __init__(self, config: Qwen2Config, params, *, max_num_seqs: int | None = None,
+               max_batch_size: int = 8, max_num_batched_tokens: int | None = None,
+               page_size: int = 16, num_pages: int | None = None,
+               kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
                max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
-               mesh=None, rules: Any = "fsdp_tp", min_prompt_bucket: int = 16,
-               layout: str = "auto", vocab_limit: int | None = None):
+               mesh=None, rules: Any = "fsdp_tp", layout: str = "auto",
+               vocab_limit: int | None = None, min_prompt_bucket: int | None = None):
+    del min_prompt_bucket
     if layout not in ("auto", "unrolled", "as_is"):
       raise ValueError(f"layout must be 'auto', 'unrolled' or 'as_is', got {layout!r}")
+    bad = validation.InvalidParameterError
+    S = int(max_num_seqs if max_num_seqs is not None else max_batch_size)
+    if S < 1:
+      raise bad("max_num_seqs", f"must be >= 1, got {S}")
+    T = int(max_num_batched_tokens if max_num_batched_tokens is not None else max(256, S))
+    if T < S:
+      raise bad("max_num_batched_tokens", f"{T} is less than max_num_seqs ({S})")
+    if page_size < 1:
+      raise bad("page_size", f"must be >= 1, got {page_size}")
     config = config.replace(remat_policy="none")
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
       config, params = decode_layout(config, params)
     self.config = config
-    self.max_batch_size = int(max_batch_size)
+    self.max_num_seqs = self.max_batch_size = S
+    self.max_num_batched_tokens = T
+    self.page_size = int(page_size)
     self.max_context = int(max_context or config.max_position_embeddings)
     if eos_token_ids is None:
       eos = config.eos_token_id
       eos_token_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
-    self.min_prompt_bucket = int(min_prompt_bucket)
     self.vocab_limit = vocab_limit
     self.mesh = mesh
     self.last_finish_reason: str | None = None
+    c = config
+    self.bytes_per_page = (2 * c.num_hidden_layers * self.page_size * c.num_key_value_heads
+                           * c.head_size * np.dtype(dtype_of(c.dtype)).itemsize)
+    if num_pages is None:
+      if kv_cache_memory is not None:
+        num_pages = int(kv_cache_memory) // self.bytes_per_page
+      else:
+        num_pages = S * paged.pages_for(self.max_context, self.page_size)
+        limit = _memory_bytes()
+        if limit is not None:
+          num_pages = min(num_pages, limit // self.bytes_per_page)
+    if num_pages < 1:
+      raise bad("num_pages", f"the KV cache needs at least one page of {self.bytes_per_page} "
+                "bytes")
+    self.num_pages = int(num_pages)
+    self.scheduler = paged.Scheduler(
+        num_pages=self.num_pages, page_size=self.page_size, max_num_seqs=S,
+        max_num_batched_tokens=T, enable_prefix_caching=enable_prefix_caching,
+        pages_per_seq=paged.pages_for(self.max_context, self.page_size))
     self._compiled: dict[tuple, Any] = {}
     self.compile_seconds: dict[tuple, float] = {}
+    self._pools: tuple[Array, Array] | None = None
+    self._table_width = 0
+    self._current: list[paged.Sequence_] = []  # the requests of the run in progress
+    self.num_steps = 0
+    self.num_step_tokens = 0
     if mesh is not None:
       self.rules = sharding.get_rules(rules)
       sharding.check_mesh_uses_rules(mesh, self.rules)
       params = jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))
-      self._row_multiple = sharding.num_batch_shards(mesh, self.rules)
     else:
-      self.rules, self._row_multiple = None, 1
+      self.rules = None
     self.params = params
 
   # ----- public API -----
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> list[GenerationResult]:
-    """Generates for every prompt (token ids); results in the order of `prompts`.
+    """Generates for every prompt (token ids) with continuous batching; results in the order of
+    `prompts`.
 
     Raises:
-      validation.GenerationInputError (a subclass naming the parameter, `.index` = the request)
-        before any computation if any request is invalid.
+      validation.GenerationInputError (a subclass naming the parameter, `.index` = the request;
+        `KVCacheTooSmallError` for a request the pool can never hold) before any computation.
     """
-    requests = self.validate(prompts, sampling)
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))  # less padding
+    return self.run_batch(self.validate(prompts, sampling))
+
+  def run_batch(self, requests: list[tuple[list[int], SamplingParams]], *,
+                check: Callable[[], None] | None = None, check_interval: int = 16
+                ) -> list[GenerationResult]:
+    """Runs validated requests (ids, params) through the scheduler; results in their order.
+
+    `check` (optional) is called before the first step and then every `check_interval` steps,
+    when no computation is in flight; an exception it raises ends the run (every page is
+    released)."""
     results: list[GenerationResult | None] = [None] * len(requests)
-    for start in range(0, len(order), self.max_batch_size):
-      idx = order[start:start + self.max_batch_size]
-      for i, r in zip(idx, self.run_batch([requests[i] for i in idx])):
-        results[i] = r
+    if check is not None:
+      check()
+    steps = self._steps(requests)
+    try:
+      for step, finished in enumerate(steps, 1):
+        for seq in finished:
+          results[seq.rid] = self._result(requests[seq.rid][0], seq)
+        if check is not None and step % check_interval == 0:
+          check()
+    finally:
+      steps.close()  # releases every page at once, also when `check` raised
     return results
 
   def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
              interval: int = 4) -> Iterator[list[int]]:
-    """Yields one request's new token ids in chunks of up to `interval` as they are generated.
-
-    The decode loop stays compiled: each chunk is one call of the same program with a larger
-    step limit. Finish reason: `self.last_finish_reason` after the iterator ends.
-    """
-    (ids, sp), = self.validate([prompt], sampling)
-    batch = self.prepare([(ids, sp)])
-    state = self.prefill(batch)
+    """Yields one request's new token ids as they are generated: the first token as soon as the
+    prompt is computed, then chunks of `interval` (the last one may be shorter). Finish reason:
+    `self.last_finish_reason` after the iterator ends."""
+    requests = self.validate([prompt], sampling)
+    self.last_finish_reason = None
+    steps = self._steps(requests)
     emitted = 0
-    while True:
-      num, done = int(state.num_tokens[0]), bool(state.done[0])
-      if num > emitted:
-        yield [int(t) for t in np.asarray(state.tokens[0, emitted:num])]
-        emitted = num
-      if done:
-        break
-      state = self.decode(batch, state, emitted + interval)
-    self.last_finish_reason = FINISH_REASONS[int(state.finish[0])]
-
-  def run_batch(self, requests: list[tuple[list[int], SamplingParams]]) -> list[GenerationResult]:
-    """Prefill + decode of up to max_batch_size validated requests (ids, params)."""
-    batch = self.prepare(requests)
-    state = self.prefill(batch)
-    state = self.decode(batch, state, batch["max_steps"])
-    return self.results(batch, state)
+    try:
+      for _ in steps:
+        seq = self._current[0]
+        n = len(seq.output)
+        if n - emitted >= interval or seq.finish_reason is not None or (n and not emitted):
+          while emitted < n:
+            yield seq.output[emitted:emitted + interval]
+            emitted = min(emitted + interval, n)
+        if seq.finish_reason is not None:
+          self.last_finish_reason = seq.finish_reason
+    finally:
+      steps.close()
 
   @property
   def stats(self) -> dict[str, Any]:
-    """Compilations so far: count, total seconds, and each (program, shape key) with its time."""
+    """Compilations (count, seconds, each program's key and time), steps, tokens computed,
+    preemptions and prefix-cache hits, since the engine was built."""
+    prefix = self.scheduler.prefix
     return {"num_compilations": len(self._compiled),
             "compile_seconds": round(sum(self.compile_seconds.values()), 3),
-            "programs": {f"{k[0]}{k[1:]}": round(v, 3) for k, v in self.compile_seconds.items()}}
+            "programs": {f"step(T={k[0]}, S={k[1]}, pages_per_seq={k[2]})": round(v, 3)
+                         for k, v in self.compile_seconds.items()},
+            "steps": self.num_steps, "step_tokens": self.num_step_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_query_tokens": 0 if prefix is None else prefix.query_tokens,
+            "prefix_cache_hit_tokens": 0 if prefix is None else prefix.hit_tokens,
+            "num_pages": self.num_pages, "page_size": self.page_size}
 
-  # ----- the steps of `run_batch`, also used by the benchmark -----
   def validate(self, prompts, sampling) -> list[tuple[list[int], SamplingParams]]:
     """Checks every request (typed errors carry the request index); returns (ids, params)."""
     if sampling is None or isinstance(sampling, SamplingParams):
@@ -372,78 +278,137 @@ class Engine:
       try:
         ids = validation.check_request(p, sp, vocab_size=self.config.vocab_size,
                                        max_context=self.max_context)
+        self._check_fits(len(ids), sp.max_new_tokens)
       except validation.GenerationInputError as e:
         raise e.at(i) from None
       out.append((ids, sp))
     return out
 
-  def prepare(self, requests) -> dict[str, Any]:
-    """Host-side padding and bucketing of a batch of validated requests."""
-    n = len(requests)
-    if not 0 < n <= self.max_batch_size:
-      raise ValueError(f"a batch holds 1..{self.max_batch_size} requests, got {n}")
-    B = _bucket(n, 1)
-    B = -(-max(B, self._row_multiple) // self._row_multiple) * self._row_multiple
-    P = _bucket(max(len(ids) for ids, _ in requests), self.min_prompt_bucket)
-    N = _bucket(max(sp.max_new_tokens for _, sp in requests), 16)
-    stops = [tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.eos_token_ids)
-             for _, sp in requests]
-    W = _bucket(max(len(s) for s in stops), 4)
-    # Pad rows: a 1-token prompt that is done after its first token.
-    pad = ([0], SamplingParams(max_new_tokens=1))
-    full = list(requests) + [pad] * (B - n)
-    stops += [()] * (B - n)
-    prompts = np.zeros((B, P), np.int32)
-    for i, (ids, _) in enumerate(full):
-      prompts[i, :len(ids)] = ids
-    return {"n": n, "B": B, "P": P, "N": N, "W": W, "requests": requests,
-            "prompts": prompts, "lengths": np.array([len(ids) for ids, _ in full], np.int32),
-            "rp": sampling_lib.row_params([sp for _, sp in full], stops, W,
-                                          self.vocab_limit or self.config.vocab_size),
-            "max_steps": max(sp.max_new_tokens for _, sp in requests)}
+  def reset_prefix_cache(self) -> None:
+    """Forgets every cached prompt block (no request may be running)."""
+    if self.scheduler.prefix is not None:
+      self.scheduler.prefix.clear()
 
-  def results(self, batch, state: DecodeState) -> list[GenerationResult]:
-    """The finished state of a batch as one `GenerationResult` per real request."""
-    tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
-    num, finish = np.asarray(state.num_tokens), np.asarray(state.finish)
-    return [GenerationResult(list(ids), tokens[i, :num[i]].tolist(),
-                             logprobs[i, :num[i]].tolist(), FINISH_REASONS[int(finish[i])])
-            for i, (ids, _) in enumerate(batch["requests"])]
+  # ----- the step loop -----
+  def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+    need = paged.pages_for(paged.tokens_to_cache(prompt_len, max_new_tokens), self.page_size)
+    if need > self.num_pages:
+      raise KVCacheTooSmallError(
+          "max_new_tokens", f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+          f"needs {need} KV-cache pages of {self.page_size} tokens; the pool has "
+          f"{self.num_pages} (raise num_pages or kv_cache_memory)")
 
-  def prefill(self, batch) -> DecodeState:
-    """Runs the compiled prefill of a `prepare`d batch (compiling it on first use)."""
-    return self._call("prefill", batch)
+  def _steps(self, requests) -> Iterator[list[paged.Sequence_]]:
+    """Runs the requests to completion, one engine step per iteration; yields the sequences that
+    finished in each step. The scheduler is emptied however the iteration ends."""
+    sched = self.scheduler
+    if sched.has_work:
+      raise RuntimeError("the engine is already running requests (one run at a time)")
+    if not requests:
+      return
+    longest = max(paged.tokens_to_cache(len(ids), sp.max_new_tokens) for ids, sp in requests)
+    # The block table only grows (no recompiles for shorter requests later), from a floor of
+    # _MIN_TABLE_TOKENS tokens.
+    floor = paged.pages_for(min(_MIN_TABLE_TOKENS, self.max_context), self.page_size)
+    self._table_width = max(self._table_width, floor,
+                            _bucket(paged.pages_for(longest, self.page_size)))
+    sched.pages_per_seq = self._table_width
+    table = self._request_table(requests)
+    self._current = []
+    try:
+      for i, (ids, sp) in enumerate(requests):
+        stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.eos_token_ids)
+        self._current.append(sched.add(i, ids, sp.max_new_tokens, stops))
+      while True:
+        plan = sched.schedule()
+        if plan is None:
+          return
+        tokens, logprobs = self._run_step(plan, table)
+        yield sched.complete(plan, tokens, logprobs)
+    finally:
+      self._abort()
 
-  def decode(self, batch, state: DecodeState, step_limit: int) -> DecodeState:
-    """Runs the compiled decode loop until all rows are done or `step_limit` tokens exist;
-    `state` is donated (its cache is updated in place)."""
-    return self._call("decode", batch, state, step_limit)
+  def _abort(self) -> None:
+    sched = self.scheduler
+    for seq in list(sched.running):
+      sched.running.remove(seq)
+      sched._release(seq)  # pylint: disable=protected-access
+    sched.waiting.clear()
 
-  def _call(self, program: str, batch, state: DecodeState | None = None, step_limit: int = 0):
-    B, P, N, W = batch["B"], batch["P"], batch["N"], batch["W"]
-    key = (program, B, P, N, W)
-    if program == "prefill":
-      args = (self.params, self._put(batch["prompts"], ("activation_batch", None)),
-              self._put(batch["lengths"], ROW_AXES), self._put_rows(batch["rp"]))
-    else:
-      args = (self.params, state, self._put_rows(batch["rp"]), jnp.int32(step_limit))
+  def _request_table(self, requests) -> dict[str, np.ndarray]:
+    sps = [sp for _, sp in requests]
+    return {"temperature": np.array([p.temperature for p in sps] + [0.0], np.float32),
+            "top_k": np.array([p.top_k for p in sps] + [0], np.int32),
+            "top_p": np.array([p.top_p for p in sps] + [1.0], np.float32),
+            "seed": np.array([p.seed % 2**32 for p in sps] + [0], np.uint32)}
+
+  def _run_step(self, plan: paged.StepPlan, table) -> tuple[np.ndarray, np.ndarray]:
+    S = self.max_num_seqs
+    T = S if plan.num_tokens <= S else self.max_num_batched_tokens
+    a = self.scheduler.arrays(plan, T, S)
+    rows = a.rids  # -1 picks the trailing greedy entry of the table
+    limit = self.vocab_limit or self.config.vocab_size
+    rp = RowParams(table["temperature"][rows], table["top_k"][rows], table["top_p"][rows],
+                   table["seed"][rows], np.zeros(S, np.int32), np.full((S, 1), -1, np.int32),
+                   np.full(S, limit, np.int32))
+    args = (a.token_ids, a.positions, a.slot_mapping, a.kv_lens, a.page_indices, a.cu_q_lens,
+            a.num_seqs, a.logits_index, rp, a.out_index)
+    if self.mesh is not None:
+      rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      args = jax.device_put(args, rep)
+    k, v = self._get_pools()
+    self._pools = None  # donated below
+    fn = self._program(T, S, self.scheduler.pages_per_seq, k, v, args)
+    token, logprob, k, v = fn(self.params, k, v, *args)
+    self._pools = (k, v)
+    self.num_steps += 1
+    self.num_step_tokens += plan.num_tokens
+    return np.asarray(token), np.asarray(logprob)
+
+  def _get_pools(self) -> tuple[Array, Array]:
+    if self._pools is None or any(p.is_deleted() for p in self._pools):
+      c = self.config
+      shape = (c.num_hidden_layers, self.num_pages, self.page_size, c.num_key_value_heads,
+               c.head_size)
+      dt = dtype_of(c.dtype)
+      if self.mesh is None:
+        self._pools = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+      else:
+        sh = self._pool_sharding(shape)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sh)
+        self._pools = (zeros(), zeros())
+      if self.scheduler.prefix is not None:
+        self.scheduler.prefix.clear()  # fresh pools hold no cached blocks
+    return self._pools
+
+  def _pool_sharding(self, shape):
+    return NamedSharding(self.mesh, sharding.logical_to_spec(POOL_AXES, self.rules, self.mesh,
+                                                             shape))
+
+  def _program(self, T: int, S: int, pps: int, k, v, args):
+    key = (T, S, pps)
     if key not in self._compiled:
+      config = self.config
+      fn = lambda params, k, v, *a: paged_step(config, params, k, v, *a)
+      if self.mesh is None:
+        jitted = jax.jit(fn, donate_argnums=(1, 2))
+      else:
+        rules, mesh = self.rules, self.mesh
+
+        def fn_sharded(*a):
+          with sharding.activation_rules(rules, mesh, config):
+            return fn(*a)
+
+        pool_sh = self._pool_sharding(k.shape)
+        rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        jitted = jax.jit(fn_sharded, donate_argnums=(1, 2),
+                         out_shardings=(rep, rep, pool_sh, pool_sh))
       t0 = time.perf_counter()
-      self._compiled[key] = self._jit(program, B, P + N, N).lower(*args).compile()
+      self._compiled[key] = jitted.lower(self.params, k, v, *args).compile()
       self.compile_seconds[key] = time.perf_counter() - t0
-    return self._compiled[key](*args)
+    return self._compiled[key]
 
-  def _jit(self, program: str, batch: int, cache_len: int, max_new: int):
-    return jit_program(self.config, program, batch, cache_len, max_new, self.mesh, self.rules)
-
-  # ----- sharding helpers -----
-  def _spec(self, names, shape):
-    return _named(self.mesh, self.rules, names, shape)
-
-  def _put(self, x, names):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(np.asarray(x), self._spec(names, np.shape(x)))
-
-  def _put_rows(self, rp: RowParams) -> RowParams:
-    return RowParams(*(self._put(x, ROW_AXES + (None,) * (np.ndim(x) - 1)) for x in rp))
+  @staticmethod
+  def _result(prompt: list[int], seq: paged.Sequence_) -> GenerationResult:
+    return GenerationResult(list(prompt), list(seq.output), list(seq.logprobs),
+                            seq.finish_reason)

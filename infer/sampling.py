@@ -113,13 +113,15 @@ def processed_logits(logits: Array, rp: RowParams) -> Array:
 
 
 def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
-  """Next token [B] and its raw logprob [B] from logits [B, V] for the step-th generated token."""
+  """Next token [B] and its raw logprob [B] from logits [B, V]; `step` (a scalar, or [B] per
+  row) is the index of the token being generated within its request."""
   logits = mask_vocab(logits.astype(jnp.float32), rp.vocab_limit)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def draw(_):
     x = processed_logits(logits, rp)
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(rp.seed)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), rp.seed.shape)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(rp.seed, steps)
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 
   sampling = (rp.temperature > 0) & (rp.top_k != 1)

@@ -1,18 +1,18 @@
 """The generation engine's compile targets for the AOT planner (`qwen2_jax.aot`,
-`qwen2-jax compile --target prefill|decode`).
+`qwen2-jax compile --target prefill|decode`): those of the static engine.
 
   prefill  a [B, T] prompt batch into a cache of T + new_tokens slots
   decode   the decode loop against that cache: one token per row per step (XLA's cost analysis
            counts the loop body, i.e. one step)
 
-Both are the programs `infer.engine.Engine` runs, with the params as given (layers scanned) and
-no remat.
+Both are the programs `infer.static_engine.StaticEngine` runs, with the params as given (layers
+scanned) and no remat.
 """
 
 from __future__ import annotations
 
 from qwen2_jax import aot, flops
-from qwen2_jax.infer import engine
+from qwen2_jax.infer import static_engine as engine
 
 
 def generation_target(program: str, new_tokens: int = 128) -> aot.Target:

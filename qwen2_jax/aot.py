@@ -259,6 +259,7 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
                 "param_dtype": config.param_dtype, "dtype": config.dtype,
                 "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
                 "attention_impl": config.attention_impl,
+                "loss_chunk_size": config.loss_chunk_size,
                 "dual_chunk_attention": None if config.dual_chunk_attention_config is None
                 else dict(config.dual_chunk_attention_config)},
       "topology": {"name": topology.name, "generation": topology.chip.generation,

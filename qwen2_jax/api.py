@@ -1,5 +1,5 @@
-"""The stable functional API: `init_params`, `forward`, `forward_with_aux`, `param_logical_axes`,
-`count_params`.
+"""The stable functional API: `init_params`, `forward`, `forward_with_aux`, `forward_hidden`,
+`param_logical_axes`, `count_params`.
 
 Params are a plain nested dict of arrays (no Flax boxing), so they can be saved, converted and
 sharded without Flax. `forward` is a pure function of (config, params, inputs); jit it with the
@@ -22,8 +22,8 @@ from qwen2_jax.model import Qwen2ForCausalLM
 Params = dict[str, Any]
 
 
-def _model(config: Qwen2Config) -> Qwen2ForCausalLM:
-  return Qwen2ForCausalLM(config)
+def _model(config: Qwen2Config, apply_head: bool = True) -> Qwen2ForCausalLM:
+  return Qwen2ForCausalLM(config, apply_head=apply_head)
 
 
 def _dummy_inputs(config: Qwen2Config):
@@ -109,3 +109,19 @@ def forward_with_aux(config: Qwen2Config, params: Params, input_ids: jax.Array, 
                                        mutable=["intermediates"])
   stats = model_lib.sparse_layer_stats(state.get("intermediates", {}), config)
   return logits, moe.moe_aux(config, stats)
+
+
+def forward_hidden(config: Qwen2Config, params: Params, input_ids: jax.Array, *,
+                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`forward_with_aux` without the LM head: (hidden [B, T, H], aux), the final norm's output
+  in the compute dtype; `qwen2_jax.model.head_logits(params, config, hidden)` gives the logits.
+
+  For losses that apply the head a chunk at a time (`Qwen2Config.loss_chunk_size`), so that the
+  [B, T, V] logits never exist at once.
+  """
+  hidden, state = _model(config, apply_head=False).apply(
+      {"params": params}, *_check_inputs(input_ids, positions, segment_ids),
+      mutable=["intermediates"])
+  stats = model_lib.sparse_layer_stats(state.get("intermediates", {}), config)
+  return hidden, moe.moe_aux(config, stats)

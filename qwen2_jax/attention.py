@@ -13,11 +13,15 @@ Indices are token indices in the sequence (not RoPE positions, which restart per
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qwen2_jax.kernels import flash_attention as flash_lib
+from qwen2_jax.kernels import ragged_paged_attention as rpa
 
 Array = jax.Array
 
@@ -110,6 +114,18 @@ def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Arra
       xla_attention(q, k, v, new_mask, scale=scale, return_lse=True)])
 
 
+def resolve_impl(impl: str, sliding_window=None) -> str:
+  """`Qwen2Config.attention_impl` as run: "auto" is "pallas" when lowering for TPU without a
+  sliding window, else "xla". The platform is the traced mesh's (`jax.sharding.
+  get_abstract_mesh`, so an ahead-of-time compile for a TPU topology picks the kernel on a CPU
+  host); with no mesh, JAX's default backend."""
+  if impl != "auto":
+    return impl
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  return "pallas" if platform == "tpu" and sliding_window is None else "xla"
+
+
 def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_ids: Array | None,
                           *, impl: str, scale: float, sliding_window=None) -> Array:
   """Causal self-attention of a whole sequence: the one place that picks the implementation.
@@ -119,8 +135,9 @@ def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_
   axes the rules give "activation_batch" and heads over those of "activation_heads". The kernel
   uses token indices 0..T-1 (what `q_index` is on this path) and has no sliding window. It runs
   as the Mosaic TPU kernel when lowered for TPU and in the Pallas interpreter on any other
-  backend (correct, slow: for CPU tests and debugging).
+  backend (correct, slow: for CPU tests and debugging). impl "auto": `resolve_impl`.
   """
+  impl = resolve_impl(impl, sliding_window)
   if impl == "xla":
     mask = attention_mask(q_index, q_index, segment_ids, segment_ids,
                           sliding_window=sliding_window)
@@ -134,3 +151,68 @@ def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_
                                            head_axes=head_axes, causal=True, scale=scale,
                                            interpret=None)
 
+
+
+def write_pages(k: Array, v: Array, k_pages: Array, v_pages: Array, slot_mapping: Array,
+                layer: int | None = None) -> tuple[Array, Array]:
+  """Scatters new keys / values k, v [T, K, D] into page pools at flat slots [T]
+  (page * page_size + offset); slots past the pool are dropped. Pools are [P, ps, K, D], or
+  [L, P, ps, K, D] with `layer` naming the one written."""
+  def put(pool, new):
+    if layer is None:
+      P, ps, K, D = pool.shape
+      flat = pool.reshape(P * ps, K, D).at[slot_mapping].set(new.astype(pool.dtype), mode="drop")
+    else:
+      L, P, ps, K, D = pool.shape
+      flat = pool.reshape(L, P * ps, K, D).at[layer, slot_mapping].set(new.astype(pool.dtype),
+                                                                       mode="drop")
+    return flat.reshape(pool.shape)
+  return put(k_pages, k), put(v_pages, v)
+
+
+def layer_pages(k_pages: Array, v_pages: Array, page_indices: Array, layer: int | None
+                ) -> tuple[Array, Array, Array]:
+  """(k, v, page table) of one layer: full pools [L, P, ...] are viewed as [L * P, ...] pages
+  and the table offset by layer * P (a free reshape; slicing the layer out would copy it)."""
+  if layer is None:
+    return k_pages, v_pages, page_indices
+  L, P = k_pages.shape[:2]
+  flat = lambda x: x.reshape(L * P, *x.shape[2:])
+  return flat(k_pages), flat(v_pages), page_indices + jnp.int32(layer * P)
+
+
+def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, meta, *,
+                    scale: float, sliding_window=None) -> tuple[Array, tuple[Array, Array]]:
+  """One layer of a ragged paged step (`model.PagedKVCache`): writes the T new keys / values
+  into the pools, then attends each query over its sequence's pages.
+
+  Args:
+    q: [T, N, D] rotated queries; k, v: [T, K, D] rotated keys / values.
+    k_pages, v_pages: the pools, [P, ps, K, D] or [L, P, ps, K, D] (then `meta.layer` says which).
+    meta: `model.PagedMeta` (slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs, layer).
+    scale: logit multiplier; sliding_window: optional window (int or scalar array).
+
+  Returns:
+    (out [T, N, D], (k_pages, v_pages) updated). The attention is
+    `kernels.ragged_paged_attention`: the Pallas kernel on TPU, its jnp reference elsewhere.
+  """
+  k_pages, v_pages = write_pages(k, v, k_pages, v_pages, meta.slot_mapping, meta.layer)
+  kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
+  args = (q, kl, vl, meta.kv_lens, table, meta.cu_q_lens, meta.num_seqs)
+  if jax.default_backend() == "tpu":
+    kernel = functools.partial(rpa.ragged_paged_attention, scale=scale,
+                               sliding_window=sliding_window, interpret=False)
+    mesh = jax.sharding.get_abstract_mesh()
+    heads = None if mesh.empty else nn.logical_to_mesh_axes(("activation_kv_heads",))[0]
+    ways = 1 if heads is None else math.prod(
+        mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads))
+    if heads is None or kl.shape[2] % ways:
+      out = kernel(*args)
+    else:  # each device attends with its own kv heads (the pools are split the same way)
+      P = jax.sharding.PartitionSpec
+      q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
+      out = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (P(),) * 4,
+                          out_specs=q_spec, check_vma=False)(*args)
+  else:
+    out = rpa.ragged_paged_attention_reference(*args, scale=scale, sliding_window=sliding_window)
+  return out, (k_pages, v_pages)

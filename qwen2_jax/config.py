@@ -20,8 +20,12 @@ from typing import Any, Mapping
 
 from qwen2_jax.typed_config import Bool, ConfigError, Float, Int, Recipe, structure
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
-ATTENTION_IMPLS = ("xla", "pallas")
+# `qwen2_jax.remat` defines them (what each saves, in the order listed here).
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj",
+                  "save_out_proj", "save_dot_except_mlp", "save_dot_with_context_except_mlp",
+                  "save_dot_except_mlpwi", "minimal", "minimal_with_context",
+                  "offload_layer_input", "qkv_proj_offloaded", "minimal_offloaded")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("dense", "ragged_dot", "pallas")
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_TYPES = ("default", "yarn", "linear")
@@ -77,7 +81,11 @@ class Qwen2Config:
   logits_dtype: str | None = _runtime(None)    # None: logits in `dtype`, like the reference
   scan_layers: Bool = _runtime(True)           # nn.scan over layers: params stacked on a layer axis
   remat_policy: str = _runtime("none")         # activation checkpointing per layer: REMAT_POLICIES
-  attention_impl: str = _runtime("xla")        # "xla" | "pallas"
+  # "auto": the Pallas flash kernel when lowering for TPU (without a sliding window), else XLA.
+  attention_impl: str = _runtime("auto")       # "auto" | "xla" | "pallas"
+  # Training loss: LM head + cross entropy over chunks of this many sequence positions, each
+  # chunk's logits recomputed in the backward pass; None: whole [B, T, V] logits at once.
+  loss_chunk_size: Int | None = _runtime(None)
   moe_impl: str = _runtime("dense")            # "dense" | "ragged_dot" | "pallas"
   # None: dropless; else each expert takes at most ceil(factor * assignments / num_experts).
   moe_capacity_factor: Float | None = _runtime(None)
@@ -143,6 +151,8 @@ class Qwen2Config:
       self._check_dual_chunk(fail)
     if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
       fail("moe_capacity_factor", f"must be None (dropless) or > 0, got {self.moe_capacity_factor}")
+    if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+      fail("loss_chunk_size", f"must be None (whole logits) or > 0, got {self.loss_chunk_size}")
     if self.logits_dtype is not None and self.logits_dtype not in _DTYPES:
       fail("logits_dtype", f"{self.logits_dtype!r} is not one of {_DTYPES}")
     # Normalise containers so the config stays hashable and comparable.

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qwen2_jax.attention import merge_attention
+from qwen2_jax.attention import layer_pages, merge_attention, resolve_impl, write_pages
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kernels import flash_attention as flash_lib
 from qwen2_jax.layers import rope_cos_sin, rope_inv_freq
@@ -200,9 +200,9 @@ def dual_chunk_self_attention(qs, k: Array, v: Array, *, impl: str, chunk_len: i
   impl "xla": the reference (T x T scores in memory). impl "pallas": `dual_chunk_flash_attention`
   with each kernel call under `shard_map` (batch over the mesh axes of "activation_batch",
   heads over those of "activation_heads"), as `attention.causal_self_attention` does (Mosaic
-  when lowered for TPU, the Pallas interpreter elsewhere).
+  when lowered for TPU, the Pallas interpreter elsewhere). impl "auto": `attention.resolve_impl`.
   """
-  if impl == "xla":
+  if resolve_impl(impl) == "xla":
     B, T = qs[0].shape[:2]
     index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     return dual_chunk_attention_reference(qs, k, v, index, index, chunk_len=chunk_len,
@@ -232,3 +232,46 @@ def cached_dual_chunk_attention(qs, k: Array, v: Array, k_cache: Array, v_cache:
                           return_lse=True)
   return merge_attention([ref(qs, k_cache, v_cache, q_index, kv_index, cache_valid),
                           ref(qs, k, v, q_index, q_index)])
+
+
+def paged_dual_chunk_attention(qs, k: Array, v: Array, k_pages: Array, v_pages: Array, meta, *,
+                               chunk_len: int, scale: float):
+  """DCA of a ragged paged step (`model.PagedKVCache`): writes the new keys / values k, v
+  [T, K, D] (rotated at index mod s) into the pools, then runs the reference for each query
+  token over its sequence's pages, gathered for a chunk of tokens at a time (about 4M elements
+  of keys per chunk, so memory stays bounded for long caches).
+
+  qs: the three rotated queries, [T, N, D] each. Returns (out [T, N, D], updated pools).
+  """
+  k_pages, v_pages = write_pages(k, v, k_pages, v_pages, meta.slot_mapping, meta.layer)
+  kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
+  T, N, D = qs[0].shape
+  S, pps = table.shape
+  ps, K = kl.shape[1], kl.shape[2]
+  C = pps * ps
+  n = jnp.reshape(meta.num_seqs, (-1,))[0]
+  tok = jnp.arange(T, dtype=jnp.int32)
+  live = jnp.arange(S, dtype=jnp.int32) < n
+  seq = jnp.sum(live[None, :] & (meta.cu_q_lens[1:][None, :] <= tok[:, None]), axis=1)
+  valid = tok < meta.cu_q_lens[n]
+  seq = jnp.where(valid, seq, 0).astype(jnp.int32)
+  q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+  pos = meta.kv_lens[seq] - q_lens[seq] + tok - meta.cu_q_lens[seq]  # [T] token index
+  chunk = max(1, min(T, (1 << 22) // (C * K * D)))
+  n_chunks = -(-T // chunk)
+  fold = lambda x: jnp.pad(x, ((0, n_chunks * chunk - T),) + ((0, 0),) * (x.ndim - 1)).reshape(
+      n_chunks, chunk, *x.shape[1:])
+  kv_index = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (chunk, C))
+
+  def one_chunk(xs):
+    q3, sc, pc, vc = xs
+    pages = table[sc]  # [chunk, pps]
+    kg = kl[pages].reshape(chunk, C, K, D)
+    vg = vl[pages].reshape(chunk, C, K, D)
+    out = dual_chunk_attention_reference(tuple(q[:, None] for q in q3), kg, vg, pc[:, None],
+                                         kv_index, jnp.broadcast_to(vc[:, None], (chunk, C)),
+                                         chunk_len=chunk_len, scale=scale)
+    return out[:, 0]
+
+  out = lax.map(one_chunk, (tuple(fold(q) for q in qs), fold(seq), fold(pos), fold(valid)))
+  return out.reshape(n_chunks * chunk, N, D)[:T], (k_pages, v_pages)

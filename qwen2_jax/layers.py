@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from qwen2_jax.config import Qwen2Config
 
@@ -128,8 +129,9 @@ class SwiGLU(nn.Module):
     up = self.param("up_proj", nn.with_logical_partitioning(init, ("embed", "mlp")), (H, F), pdt)
     down = self.param("down_proj", nn.with_logical_partitioning(init, ("mlp", "embed")), (F, H), pdt)
     x = x.astype(dt)
-    g = jnp.einsum("BTH,HF->BTF", x, gate.astype(dt))
-    u = jnp.einsum("BTH,HF->BTF", x, up.astype(dt))
+    # Names for the remat policies (`qwen2_jax.remat`).
+    g = checkpoint_name(jnp.einsum("BTH,HF->BTF", x, gate.astype(dt)), "mlpwi_0")  # [B, T, F]
+    u = checkpoint_name(jnp.einsum("BTH,HF->BTF", x, up.astype(dt)), "mlpwi_1")    # [B, T, F]
     h = nn.with_logical_constraint(jax.nn.silu(g) * u,
                                    ("activation_batch", "activation_length", "activation_mlp"))
-    return jnp.einsum("BTF,FH->BTH", h, down.astype(dt))
+    return checkpoint_name(jnp.einsum("BTF,FH->BTH", h, down.astype(dt)), "mlpwo")

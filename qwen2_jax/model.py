@@ -22,8 +22,8 @@ scan_layers=False names them "layers_0", "layers_1", ...):
 
 Code outside the model reads this layout only through the functions at the end of this file:
 `split_layers` / `join_layers` / `layer_params` / `unstack_layers` (stacked <-> per-layer
-params), `layer_intermediates` / `sparse_layer_stats` (what the layers sowed) and
-`weight_decay_mask`.
+params), `layer_intermediates` / `sparse_layer_stats` (what the layers sowed),
+`weight_decay_mask`, `head_params` / `head_logits` (the LM head outside the module).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from qwen2_jax import attention as attn_lib
 from qwen2_jax import dca as dca_lib
 from qwen2_jax import moe
+from qwen2_jax import remat as remat_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
 from qwen2_jax.layers import weight_init
@@ -59,6 +60,37 @@ class KVCache(NamedTuple):
   k: Array        # [L, B, S, K, D]
   v: Array        # [L, B, S, K, D]
   lengths: Array  # [B] int32, tokens already cached per row
+
+
+class PagedKVCache(NamedTuple):
+  """A paged KV cache and one step's ragged token batch (continuous batching, `qwen2_jax.infer`).
+
+  The model runs a flat batch of T tokens from S sequences (input_ids / positions [1, T], the
+  positions being each token's index in its sequence); sequence i's tokens are
+  [cu_q_lens[i], cu_q_lens[i + 1]), its last ones. Page j of sequence i (page_indices[i, j])
+  holds its tokens [j * page_size, (j + 1) * page_size). Each layer writes its new keys / values
+  to `slot_mapping` (page * page_size + offset; out-of-range slots, e.g. of padding tokens, are
+  dropped), then attends (`attention.paged_attention`). The model returns (logits, (k, v)) with
+  the updated pools.
+  """
+  k: Array             # [L, P, page_size, K, D] in the compute dtype
+  v: Array             # [L, P, page_size, K, D]
+  slot_mapping: Array  # [T] int32
+  kv_lens: Array       # [S] int32 cached tokens per sequence, this step's included
+  page_indices: Array  # [S, pages_per_seq] int32
+  cu_q_lens: Array     # [S + 1] int32
+  num_seqs: Array      # [1] int32: rows >= num_seqs are unused
+
+
+class PagedMeta(NamedTuple):
+  """What one layer needs of a `PagedKVCache` besides its pools; `layer` is the layer's index
+  into full [L, ...] pools, or None when the layer is handed its own [P, ...] slice."""
+  slot_mapping: Array
+  kv_lens: Array
+  page_indices: Array
+  cu_q_lens: Array
+  num_seqs: Array
+  layer: int | None = None
 
 
 class Qwen2Attention(nn.Module):
@@ -95,11 +127,19 @@ class Qwen2Attention(nn.Module):
       qs = tuple(checkpoint_name(nn.with_logical_constraint(apply_rope(q, cos[i], sin[i]), BTND),
                                  "query_proj") for i in (1, 2, 3))
       out = self._dual_chunk(qs, k, v, q_index, segment_ids, cache)
-      out = jnp.einsum("BTND,NDH->BTH", nn.with_logical_constraint(out, BTND), wo)
+      if cache is not None and isinstance(cache[2], PagedMeta):
+        out, pages = out
+        return jnp.einsum("BTND,NDH->BTH", out[None], wo), pages
+      out = checkpoint_name(nn.with_logical_constraint(out, BTND), "context")
+      out = checkpoint_name(jnp.einsum("BTND,NDH->BTH", out, wo), "out_proj")
       return out if cache is None else (out, (k, v))
     q = checkpoint_name(nn.with_logical_constraint(apply_rope(q, cos, sin), BTND), "query_proj")
     k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos, sin), BTKD), "key_proj")
 
+    if cache is not None and isinstance(cache[2], PagedMeta):
+      out, pages = attn_lib.paged_attention(q[0], k[0], v[0], *cache, scale=D ** -0.5,
+                                            sliding_window=sliding_window)
+      return jnp.einsum("BTND,NDH->BTH", out[None], wo), pages
     if cache is None:
       out = attn_lib.causal_self_attention(q, k, v, q_index, segment_ids, impl=cfg.attention_impl,
                                            scale=D ** -0.5, sliding_window=sliding_window)
@@ -107,8 +147,8 @@ class Qwen2Attention(nn.Module):
       k_cache, v_cache, cache_valid = cache
       out = attn_lib.cached_attention(q, k, v, k_cache, v_cache, q_index, cache_valid,
                                       scale=D ** -0.5, sliding_window=sliding_window)
-    out = nn.with_logical_constraint(out, BTND)
-    out = jnp.einsum("BTND,NDH->BTH", out, wo)
+    out = checkpoint_name(nn.with_logical_constraint(out, BTND), "context")
+    out = checkpoint_name(jnp.einsum("BTND,NDH->BTH", out, wo), "out_proj")
     return out if cache is None else (out, (k, v))
 
   def _dual_chunk(self, qs, k, v, q_index, segment_ids, cache):
@@ -120,6 +160,10 @@ class Qwen2Attention(nn.Module):
                   scale=cfg.head_size ** -0.5)
     if cache is None:
       return dca_lib.dual_chunk_self_attention(qs, k, v, **common)
+    if isinstance(cache[2], PagedMeta):
+      return dca_lib.paged_dual_chunk_attention(tuple(q[0] for q in qs), k[0], v[0], *cache,
+                                                chunk_len=common["chunk_len"],
+                                                scale=common["scale"])
     return dca_lib.cached_dual_chunk_attention(qs, k, v, *cache[:2], q_index, cache[2], **common)
 
 
@@ -138,6 +182,7 @@ class Qwen2DecoderLayer(nn.Module):
     (x, (k, v)) with the new tokens' k, v [B, T, K, D]; otherwise (x, None).
     """
     cfg = self.config
+    x = checkpoint_name(x, "decoder_layer_input")  # remat policies may save or offload it
     h = RMSNorm(cfg, name="input_layernorm")(x)
     cache = None if cache_kv is None else (*cache_kv, cache_valid)
     h = Qwen2Attention(cfg, name="self_attn")(h, cos, sin, q_index, segment_ids, sliding_window,
@@ -157,15 +202,6 @@ class Qwen2DecoderLayer(nn.Module):
     return x, new_kv
 
 
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj"),
-}
-
-
 def _layers_scannable(cfg: Qwen2Config) -> bool:
   """nn.scan needs layers with identical params: no dense/MoE mix."""
   return len({cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers)}) == 1
@@ -183,6 +219,9 @@ def layer_windows(cfg: Qwen2Config) -> Array | None:
 class Qwen2ForCausalLM(nn.Module):
   """Embedding, L decoder layers, final norm, LM head (tied or untied)."""
   config: Qwen2Config
+  # False: stop after the final norm and return its hidden states [B, T, H] where logits would
+  # be (for a loss that applies the head itself, chunk by chunk: `head_logits`).
+  apply_head: bool = True
 
   @nn.compact
   def __call__(self, input_ids: Array, positions: Array, segment_ids: Array | None,
@@ -206,7 +245,13 @@ class Qwen2ForCausalLM(nn.Module):
     x = nn.with_logical_constraint(embed(input_ids), BTH)  # [B, T, H]
     q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cache_kv = cache_valid = None
-    if cache is not None:
+    paged = isinstance(cache, PagedKVCache)
+    if paged:  # a flat ragged batch [1, T]; positions are the token indices
+      q_index = positions.astype(jnp.int32)
+      cache_kv = (cache.k, cache.v)
+      cache_valid = PagedMeta(cache.slot_mapping, cache.kv_lens, cache.page_indices,
+                              cache.cu_q_lens, cache.num_seqs)
+    elif cache is not None:
       if segment_ids is not None:
         raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
       q_index = cache.lengths.astype(jnp.int32)[:, None] + q_index  # [B, T]
@@ -222,7 +267,7 @@ class Qwen2ForCausalLM(nn.Module):
     layer_cls = Qwen2DecoderLayer
     windows = layer_windows(cfg)
     if cfg.remat_policy != "none":
-      layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
+      layer_cls = nn.remat(layer_cls, policy=remat_lib.policy(cfg.remat_policy),
                            prevent_cse=not cfg.scan_layers)
     if stacks_layers(cfg):
       stack = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
@@ -238,13 +283,23 @@ class Qwen2ForCausalLM(nn.Module):
       for i in range(cfg.num_hidden_layers):
         window = None if windows is None else windows[i]
         layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+        layer_meta = cache_valid
+        if paged:  # every layer updates the full pools in place (no per-layer copies)
+          layer_kv, layer_meta = cache_kv, cache_valid._replace(layer=i)
         x, kv = layer_cls(cfg, sparse=cfg.is_sparse_layer(i), name=f"layers_{i}")(
-            x, cos, sin, q_index, segment_ids, window, layer_kv, cache_valid)
+            x, cos, sin, q_index, segment_ids, window, layer_kv, layer_meta)
+        if paged:
+          cache_kv = kv
         new_kvs.append(kv)
-      new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
+      if paged:
+        new_kv = cache_kv
+      else:
+        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[..., None].astype(jnp.int32), axis=1)  # [B, T', H]
     x = RMSNorm(cfg, name="norm")(x)
+    if not self.apply_head:
+      return x if cache is None else (x, new_kv)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)  # [B, T, V]
     else:
@@ -333,6 +388,27 @@ def sparse_layer_stats(intermediates: dict[str, Any], config: Qwen2Config
   """The router statistics (`moe.layer_stats`) every sparse layer sowed, in layer order."""
   return [layer["mlp"][moe.STATS_NAME] for layer in layer_intermediates(intermediates, config)
           if moe.STATS_NAME in layer.get("mlp", {})]
+
+
+def head_params(params: dict[str, Any], config: Qwen2Config) -> dict[str, Any]:
+  """The subtree of `params` the LM head reads (`lm_head`, or the embedding when tied); what
+  `head_logits` takes."""
+  if config.tie_word_embeddings:
+    return {"embed_tokens": {"embedding": params["embed_tokens"]["embedding"]}}
+  return {"lm_head": params["lm_head"]}
+
+
+def head_logits(params: dict[str, Any], config: Qwen2Config, x: Array) -> Array:
+  """Logits [..., V] of final-norm hidden states x [..., H], as `Qwen2ForCausalLM` makes them:
+  the compute dtype (then `logits_dtype`), the embedding as the head when tied. `params`: the
+  params or their `head_params`."""
+  dt = dtype_of(config.dtype)
+  if config.tie_word_embeddings:
+    w = params["embed_tokens"]["embedding"].astype(dt)  # [V, H]
+    logits = jnp.einsum("...H,VH->...V", x.astype(dt), w)
+  else:
+    logits = jnp.einsum("...H,HV->...V", x.astype(dt), params["lm_head"].astype(dt))
+  return logits if config.logits_dtype is None else logits.astype(config.logits_dtype)
 
 
 # The attention biases are 2-D ([N, D], [K, D]), but they are one bias vector per head.

@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project virtualenv at .venv and installs qwen2-jax with its test extras.
-# Idempotent: a second run only checks. Needs Python 3.11 or 3.12 and the package registry.
+# Idempotent: a second run only checks. Needs Python 3.12 or newer and the package registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
+# A candidate counts only if it runs and is new enough: pyenv's shims answer `command -v` for
+# versions that are installed but not selected, then fail when run.
+ok_python() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1; }
 if [ -z "$PY" ]; then
-  for cand in python3.11 python3.12 python3; do
-    if command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
+  cands="python3.12 python3.13 python3"
+  if command -v pyenv >/dev/null 2>&1; then
+    cands="$cands $(ls -d "$(pyenv root)"/versions/3.1[23]*/bin/python3 2>/dev/null | sort -V | tr '\n' ' ')"
+  fi
+  for cand in $cands; do
+    if ok_python "$cand"; then PY=$cand; break; fi
   done
 fi
+if [ -z "$PY" ]; then echo "[setup] error: needs Python 3.12 or newer (set PYTHON=...)" >&2; exit 2; fi
+if [ -x .venv/bin/python ] && ! ok_python .venv/bin/python; then
+  echo "[setup] .venv has $(.venv/bin/python --version 2>&1); moving it to .venv-old and starting again"
+  rm -rf .venv-old && mv .venv .venv-old
+fi
 if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $PY ($($PY --version))"
+  echo "[setup] creating .venv with $PY ($("$PY" --version))"
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
@@ -24,7 +36,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing qwen2-jax[test] into .venv (setup.py changed or first run)"
     python -m pip install -q --upgrade pip
-    # The CPU build of torch first (the test oracle); a bare `torch` would pull CUDA wheels.
+    # torch 2.13.0 first (the test oracle), pinned so that no newer release is pulled in; on
+    # Python 3.12 it is PyPI's CUDA build, which runs on the CPU.
     python -m pip install -q "torch==2.13.0"
     python -m pip install -q -e ".[test]"
     echo "$want" > "$stamp"

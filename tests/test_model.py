@@ -137,16 +137,19 @@ def test_pallas_attention_impl_matches_xla_logits_and_grads():
     return jnp.mean(jax.nn.log_softmax(logits)[..., 1] * (seg > 0))
 
   ref_logits = q.forward(config, params, ids, positions=pos, segment_ids=seg)
-  ref_grads = jax.grad(loss)(params, config)
-  pallas = config.replace(attention_impl="pallas")
+  ref_grads = model_lib.unstack_layers(jax.grad(loss)(params, config), config)
+  # Layers unrolled: the TPU interpret mode's callbacks are effects (jax 0.12), which flax's
+  # nn.scan refuses in its loop-invariance check.
+  pallas = config.replace(attention_impl="pallas", scan_layers=False)
+  unstacked = model_lib.unstack_layers(params, config)
   with pltpu.force_tpu_interpret_mode():
-    logits = q.forward(pallas, params, ids, positions=pos, segment_ids=seg)
-    grads = jax.grad(loss)(params, pallas)
+    logits = q.forward(pallas, unstacked, ids, positions=pos, segment_ids=seg)
+    grads = jax.grad(loss)(unstacked, pallas)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
   with pytest.raises(ValueError, match="no sliding window"):
     q.forward(pallas.replace(use_sliding_window=True, sliding_window=8, max_window_layers=0),
-              params, ids)
+              unstacked, ids)
 
 
 def test_pallas_attention_under_the_sharded_forward():
@@ -161,9 +164,13 @@ def test_pallas_attention_under_the_sharded_forward():
   mesh = sharding.make_mesh(sharding.MeshConfig.from_string("fsdp=2,tensor=2"), jax.devices()[:4])
   rules = sharding.get_rules("fsdp_tp")
   ref = q.forward(config, params, ids, positions=pos, segment_ids=seg)
-  fwd = sharding.make_forward(config.replace(attention_impl="pallas"), mesh, rules)
+  # Layers unrolled under the TPU interpret mode (see the test above).
+  pallas = config.replace(attention_impl="pallas", scan_layers=False)
+  unstacked = model_lib.unstack_layers(params, config)
+  fwd = sharding.make_forward(pallas, mesh, rules)
   with pltpu.force_tpu_interpret_mode():
-    out = fwd(jax.device_put(params, sharding.param_shardings(config, mesh, rules)), ids, pos, seg)
+    out = fwd(jax.device_put(unstacked, sharding.param_shardings(pallas, mesh, rules)), ids, pos,
+              seg)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4)
 
 

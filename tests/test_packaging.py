@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Import name -> source folder: the product layout that setup.py's package_dir installs.
 PACKAGE_DIR = {"qwen2_jax": "qwen2_jax", "qwen2_jax.train": "train", "qwen2_jax.infer": "infer"}
 # Not copied into the build: environments, outputs, caches, earlier build products.
-COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "out", "runs", "build", "dist", "*.egg-info",
+COPY_IGNORE = shutil.ignore_patterns(".venv*", ".git", "out", "runs", "build", "dist", "*.egg-info",
                                      "__pycache__", ".pytest_cache", "*.pyc")
 
 # Run by the venv's python: imports every module of the installed package (recursively, as

@@ -29,6 +29,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def _job_for(recipe: str):
   name = os.path.basename(recipe)
+  if name.startswith("rm_"):
+    from qwen2_jax.train.rm import RMJob  # pylint: disable=import-outside-toplevel
+    return RMJob
   return SFTJob if name.startswith("sft_") else DPOJob if name.startswith("dpo_") else PretrainJob
 
 
@@ -40,7 +43,7 @@ def test_every_recipe_in_configs_loads():
   loaded = {os.path.basename(p): _job_for(p).config.load(p) for p in recipes}
   assert len(loaded) == len(recipes) >= 10
   kinds = {type(c).__name__ for c in loaded.values()}
-  assert kinds == {"PretrainConfig", "SFTConfig", "DPOConfig"}
+  assert kinds == {"PretrainConfig", "SFTConfig", "DPOConfig", "RMConfig"}
   assert all(c.data.seq_len > 0 and c.data.batch_size > 0 for c in loaded.values())
   assert loaded["qwen2-57b-a14b_v5p-64.yaml"].model.is_moe
   assert loaded["qwen2-57b-a14b_v5p-64.yaml"].mesh.expert == 8

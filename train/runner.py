@@ -5,9 +5,10 @@ splits over them and that the model's vocabulary holds the tokenizer's ids; open
 make the optimizer and the checkpointer; resume from the latest committed checkpoint, or start
 from `init_from` (an HF or Orbax directory) or a random init (`seed`); step through
 `train.loop.train_loop`; export HF safetensors at the end. A job (`train.pretrain.PretrainJob`,
-`train.sft.SFTJob`, `train.dpo.DPOJob`) brings only what differs: its recipe dataclass
-(`RunSettings` plus its data and objective settings), its data, its jitted train and eval steps,
-and the metrics it logs.
+`train.sft.SFTJob`, `train.dpo.DPOJob`, `train.rm.RMJob`) brings only what differs: its recipe
+dataclass (`RunSettings` plus its data and objective settings), its data, its jitted train and
+eval steps, and the metrics it logs; a job whose params are not the causal LM's (the reward
+model's) also brings how to init, load and restore them (`Job.init_state` and its siblings).
 
 Recipes: `RunSettings.load(path, overrides)` reads YAML (`typed_config.read_recipe`, `--set
 a.b=v` overrides) and builds the job's dataclass with `typed_config.structure`: typed, strict,
@@ -17,11 +18,12 @@ holding only implementation settings (`config.RUNTIME_FIELDS`), it is read from 
 `tokenizer` defaults to `init_from` (its tokenizer files).
 
 Fingerprint, one rule for every job: each checkpoint stores the job's name, the model (all but
-`remat_policy`), the optimizer settings as applied (after `auto_decay`), `seed`, `init_from`,
-`accum_steps` and every setting the job's dataclass adds to `RunSettings` (its data, its
-objective); a run resumes from a checkpoint only when its own fingerprint is equal, so a changed
-seed, starting point, data or objective is refused instead of silently diverging. The other run
-settings (steps, mesh, rules, logging, checkpointing, evaluation, export) may change on resume.
+the memory levers `MEMORY_ONLY_FIELDS`), the optimizer settings as applied (after `auto_decay`),
+`seed`, `init_from`, `accum_steps` and every setting the job's dataclass adds to `RunSettings`
+(its data, its objective); a run resumes from a checkpoint only when its own fingerprint is
+equal, so a changed seed, starting point, data or objective is refused instead of silently
+diverging. The other run settings (steps, mesh, rules, logging, checkpointing, evaluation,
+export) may change on resume.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from qwen2_jax.train import checkpointing, loop, step as step_lib
 from qwen2_jax.train.loop import NONFINITE_MODES
 from qwen2_jax.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from qwen2_jax.typed_config import Bool, ConfigError, Float, Int, Recipe, read_recipe, structure
+
+# Model settings that change what is kept in memory, not the math: free to change on resume.
+MEMORY_ONLY_FIELDS = ("remat_policy", "loss_chunk_size")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,7 +111,7 @@ class RunSettings:
     shared = {f.name for f in dataclasses.fields(RunSettings)}
     own = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
            if f.name not in shared or f.name == "data"}
-    model = {k: v for k, v in self.model.to_dict().items() if k != "remat_policy"}
+    model = {k: v for k, v in self.model.to_dict().items() if k not in MEMORY_ONLY_FIELDS}
     return checkpointing.fingerprint_of(
         job=self.job_name, model=model, optim=dataclasses.asdict(self.run_optim(steps)),
         seed=self.seed, init_from=self.init_from, accum_steps=self.accum_steps, **own)
@@ -197,6 +202,25 @@ class Job:
 
   def open_data(self, tokenizer) -> Data:
     raise NotImplementedError
+
+  # The params: the causal LM's (`qwen2_jax.api`). A job training other params (the reward
+  # model's, `train.rm`) overrides these four.
+  def abstract_state(self, optimizer, mesh, rules) -> step_lib.TrainState:
+    """The train state as sharded `ShapeDtypeStruct`s (to restore a checkpoint into)."""
+    return step_lib.abstract_train_state(self.cfg.model, optimizer, mesh, rules)
+
+  def init_state(self, optimizer, rng, mesh, rules, params=None) -> step_lib.TrainState:
+    """A fresh train state in its shards: `params` (placed), or a random init from `rng`."""
+    return step_lib.init_train_state_sharded(self.cfg.model, optimizer, rng, mesh, rules,
+                                             params=params)
+
+  def random_params(self, rng, mesh, rules) -> Any:
+    """The random init from `rng` (what `init_state` starts from without `params`)."""
+    return sharding.init_params_sharded(self.cfg.model, rng, mesh, rules)
+
+  def load_params(self, path: str, mesh, rules) -> Any:
+    """The weights of the checkpoint at `path` (`init_from`), placed in their shardings."""
+    return load_params(self.cfg.model, path, mesh, rules, progress=self.cfg.progress)
 
   def flops_per_token(self) -> float:
     """Model FLOPs per batch token of one training step (for MFU)."""
@@ -292,19 +316,18 @@ def run(job: Job) -> dict[str, Any]:
     init_rng = jax.random.split(jax.random.key(cfg.seed))[1]
 
     def load_initial():
-      return load_params(cfg.model, cfg.init_from, mesh, rules, progress=cfg.progress)
+      return job.load_params(cfg.init_from, mesh, rules)
 
     start = ckpt.latest_step() or 0
     if start:
-      abstract = step_lib.abstract_train_state(cfg.model, optimizer, mesh, rules)
+      abstract = job.abstract_state(optimizer, mesh, rules)
       state, data_state, _ = ckpt.restore(start, abstract, fingerprint=fingerprint)
       data.iterator.set_state(data_state)
       initial_params = (load_initial if cfg.init_from else
-                        lambda: sharding.init_params_sharded(cfg.model, init_rng, mesh, rules))
+                        lambda: job.random_params(init_rng, mesh, rules))
     else:
-      state = step_lib.init_train_state_sharded(
-          cfg.model, optimizer, init_rng, mesh, rules,
-          params=load_initial() if cfg.init_from else None)
+      state = job.init_state(optimizer, init_rng, mesh, rules,
+                             params=load_initial() if cfg.init_from else None)
       initial_params = lambda params=state.params: params
     job.prepare(mesh, rules, initial_params, resumed=bool(start))
     train_step = job.make_step(optimizer, mesh, rules)

@@ -9,6 +9,11 @@ Batch (all [B, T]): `input_ids` int, `targets` int (the next token of each posit
 `loss_mask` (1 where the target counts), `positions` (RoPE positions, restarting per packed
 document) and `segment_ids` (document ids; None for one document per row).
 
+Memory: `config.loss_chunk_size` computes the LM head and cross entropy a chunk of positions at a
+time (`chunked_token_losses`), never the whole [B, T, V] logits; `config.remat_policy` (see
+`qwen2_jax.remat`) picks what the backward recomputes; `accum_steps` splits the batch into
+micro-batches whose activations live one at a time.
+
 Qwen2-MoE: the objective adds `config.router_aux_loss_coef` times the load-balancing loss and
 `router_z_loss` (the recipe setting of that name; ST-MoE, Zoph et al. 2022) times the router
 z-loss (`qwen2_jax.api.forward_with_aux`; padding, segment id 0, excluded). With
@@ -20,15 +25,18 @@ multiple of the balanced load 1/E).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from qwen2_jax import api, sharding
+from qwen2_jax import api, model, sharding
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.layers import dtype_of
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
@@ -49,24 +57,109 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
                     jnp.zeros((), jnp.int32))
 
 
+def _nll_lse(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(lse - logits[target], lse), f32, of logits [..., V] and int targets [...]."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [...]
+  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [...]
+  return lse - target, lse
+
+
+def _chunk_logits(config: Qwen2Config, head: Any, h: jax.Array) -> jax.Array:
+  """Logits [B, c, V] of one chunk h [B, c, H] (`model.head_logits`, batch-sharded)."""
+  logits = model.head_logits(head, config, h)
+  return nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                             "activation_vocab"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_nll_lse(config: Qwen2Config, head: Any, h: jax.Array, t: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(nll, lse) [n, B, c] of chunks h [n, B, c, H], targets t [n, B, c]; `head` in the compute
+  dtype. Forward and backward are each one `lax.scan` over the n chunks."""
+  def body(carry, x):
+    return carry, _nll_lse(_chunk_logits(config, head, x[0]), x[1])
+  return jax.lax.scan(body, None, (h, t))[1]
+
+
+def _chunked_fwd(config, head, h, t):
+  nll, lse = _chunked_nll_lse(config, head, h, t)
+  return (nll, lse), (head, h, t, lse)
+
+
+def _chunked_bwd(config, res, cotangents):
+  """Recomputes each chunk's logits: dz = (g_nll + g_lse) softmax(z) - g_nll onehot(target),
+  then the head's VJP; the head's gradient sums over chunks in f32."""
+  head, h, t, lse = res
+  g_nll, g_lse = cotangents  # [n, B, c] each
+
+  def body(acc, x):
+    h_i, t_i, lse_i, gn_i, gl_i = x
+    logits, vjp = jax.vjp(lambda hp, hi: _chunk_logits(config, hp, hi), head, h_i)
+    probs = jnp.exp(logits.astype(jnp.float32) - lse_i[..., None])  # [B, c, V]
+    onehot = jax.nn.one_hot(t_i, logits.shape[-1], dtype=jnp.float32)
+    dz = (gn_i + gl_i)[..., None] * probs - gn_i[..., None] * onehot
+    d_head, dh_i = vjp(dz.astype(logits.dtype))
+    return jax.tree.map(lambda a, d: a + d.astype(jnp.float32), acc, d_head), dh_i
+
+  zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), head)
+  d_head, dh = jax.lax.scan(body, zeros, (h, t, lse, g_nll, g_lse))
+  return jax.tree.map(lambda d, w: d.astype(w.dtype), d_head, head), dh, None
+
+
+_chunked_nll_lse.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_token_losses(config: Qwen2Config, params: Any, hidden: jax.Array,
+                         targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Per-token (nll, logsumexp), both [B, T] f32, of final-norm hidden states [B, T, H]
+  (`api.forward_hidden`) and targets [B, T], `chunk_size` sequence positions at a time.
+
+  Equal to the plain path's (`token_losses` with `loss_chunk_size` None) up to rounding: n =
+  ceil(T / chunk_size) chunks of c = ceil(T / n) positions (T padded to n * c), one
+  `lax.scan` over them forward and one backward (a `custom_vjp` that recomputes each chunk's
+  logits), so one chunk's [B, c, V] logits exist at a time instead of the whole [B, T, V]
+  logits and the f32 copy the plain backward keeps. The head's weight is cast to the compute
+  dtype once (as the plain path does) and its gradient sums over chunks in f32. Chunk i holds
+  the positions i, n + i, 2n + i, ...: every chunk spans the sequence, so a sequence-sharded T
+  stays in place.
+  """
+  B, T, H = hidden.shape
+  n = -(-T // min(chunk_size, T))
+  c = -(-T // n)
+  pad = n * c - T
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, c, n, H)  # [B, c, n, H]
+  h = jnp.moveaxis(h, 2, 0)                                              # [n, B, c, H]
+  t = jnp.moveaxis(jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, c, n), 2, 0)  # [n, B, c]
+  dt = dtype_of(config.dtype)
+  head = jax.tree.map(lambda w: w.astype(dt), model.head_params(params, config))
+  nll, lse = _chunked_nll_lse(config, head, h, t)  # [n, B, c] each
+  unchunk = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, c * n)[:, :T]  # [B, T]
+  return unchunk(nll), unchunk(lse)
+
+
 def _forward_losses(config: Qwen2Config, params: Any, batch: Batch
                     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array] | None]:
   """(nll, lse) as `token_losses`, plus the MoE aux dict (None for a dense model)."""
   kwargs = dict(positions=batch["positions"], segment_ids=batch.get("segment_ids"))
+  if config.loss_chunk_size is not None:
+    hidden, aux = api.forward_hidden(config, params, batch["input_ids"], **kwargs)  # [B, T, H]
+    nll, lse = chunked_token_losses(config, params, hidden, batch["targets"],
+                                    config.loss_chunk_size)
+    return nll, lse, aux if config.is_moe else None
   if config.is_moe:
     logits, aux = api.forward_with_aux(config, params, batch["input_ids"], **kwargs)
   else:
     logits, aux = api.forward(config, params, batch["input_ids"], **kwargs), None  # [B, T, V]
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-  target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
-  return lse - target, lse, aux
+  nll, lse = _nll_lse(logits, batch["targets"])  # [B, T]
+  return nll, lse, aux
 
 
 def token_losses(config: Qwen2Config, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """Per-token (nll, logsumexp), both [B, T] f32: nll = logsumexp(z) - z[target].
 
-  Log-softmax in f32 whatever the compute dtype.
+  Log-softmax in f32 whatever the compute dtype; over chunks of `config.loss_chunk_size`
+  positions (`chunked_token_losses`) when that is set.
   """
   nll, lse, _ = _forward_losses(config, params, batch)
   return nll, lse

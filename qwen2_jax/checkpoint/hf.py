@@ -29,7 +29,7 @@ from qwen2_jax.checkpoint import output_dir
 from qwen2_jax.checkpoint import safetensors_io as st
 from qwen2_jax.checkpoint.checks import (CheckpointError, CheckpointNotFoundError,
                                          OutputExistsError, check_finite, read_json)
-from qwen2_jax.checkpoint.keymap import Entry, checkpoint_entries
+from qwen2_jax.checkpoint.keymap import LM_HEAD, SCORE_HEAD, Entry, architecture, checkpoint_entries
 from qwen2_jax.config import Qwen2Config
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "OutputExistsError", "INDEX_FILE",
@@ -98,6 +98,14 @@ def _open_files(directory: str) -> dict[str, st.SafetensorsFile]:
   raise CheckpointNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
 
 
+def _param_shapes(config: Qwen2Config, head: str) -> Any:
+  """The abstract params of a model of `config` with `head` (the reward model's for "score")."""
+  if head == SCORE_HEAD:
+    from qwen2_jax import reward_model  # pylint: disable=import-outside-toplevel
+    return reward_model.abstract_params(config)
+  return abstract_params(config)
+
+
 def _declared_dtype(config: Qwen2Config) -> str | None:
   extra = dict(config.extra)
   value = extra.get("torch_dtype") or extra.get("dtype")
@@ -106,7 +114,7 @@ def _declared_dtype(config: Qwen2Config) -> str | None:
 
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32",
                        show_progress: bool = True, shardings: Any = None, mesh: Any = None,
-                       rules: Any = None, allow_nonfinite: bool = False,
+                       rules: Any = None, allow_nonfinite: bool = False, head: str = LM_HEAD,
                        **config_overrides) -> tuple[Qwen2Config, dict[str, Any]]:
   """Reads an HF Qwen2 directory into (config, params).
 
@@ -122,6 +130,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
       tensor's checkpoint dtype (bit-exact). Sets `config.param_dtype`.
     show_progress: a progress bar over tensors.
     allow_nonfinite: load tensors holding NaN or Inf (each is logged as a warning).
+    head: "lm" (a causal LM) or "score" (a reward model: `score.weight`, no `lm_head`; see
+      `qwen2_jax.reward_model`).
     **config_overrides: implementation settings for the returned config (e.g. `dtype` is not
       accepted here; pass `compute_dtype="bfloat16"` to set `config.dtype`, or `scan_layers`,
       `remat_policy`, `attention_impl`).
@@ -139,7 +149,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
     config_overrides["dtype"] = compute_dtype
   config = Qwen2Config.from_hf(directory, **config_overrides)
   by_key = _open_files(directory)
-  entries = checkpoint_entries(config)
+  entries = checkpoint_entries(config, head)
   expected = {e.hf_key: e for e in entries}
   declared = _declared_dtype(config)
   problems = []
@@ -161,17 +171,16 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str | None = "float32"
   for key, f in sorted(by_key.items()):
     if key in expected:
       continue
-    if key == "lm_head.weight" and config.tie_word_embeddings:
+    if key == "lm_head.weight" and config.tie_word_embeddings and head == LM_HEAD:
       tied_head = f  # accepted only if it equals the embedding (checked below)
       continue
-    architecture = config.to_hf_dict()["architectures"][0]
-    problems.append(f"{f.path}: unexpected tensor {key!r} (not part of a {architecture} "
-                    f"with this config.json)")
+    problems.append(f"{f.path}: unexpected tensor {key!r} (not part of a "
+                    f"{architecture(config, head)} with this config.json)")
   if problems:
     raise CheckpointError(f"{len(problems)} problem(s) in checkpoint {directory}:\n  "
                           + "\n  ".join(problems))
 
-  shapes = abstract_params(config)
+  shapes = _param_shapes(config, head)
   slots: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
   for e in entries:
     slots[e.path].append(e)
@@ -279,7 +288,8 @@ def _parse_size(size: int | str) -> int:
 
 def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dict[str, Any], *,
                        max_shard_size: int | str = "5GB", dtype: str | None = None,
-                       overwrite: bool = False, show_progress: bool = True) -> None:
+                       overwrite: bool = False, show_progress: bool = True,
+                       head: str | None = None) -> None:
   """Writes config.json + safetensors (sharded with an index when over `max_shard_size`).
 
   The checkpoint is written into a staging directory beside `path` and renamed onto it only when
@@ -296,6 +306,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
     max_shard_size: bytes per safetensors file, an int or a string like "5GB" / "500MiB".
     dtype: cast every tensor to this dtype; None keeps each param's dtype (bit-exact round trip).
     overwrite: replace the checkpoint in an existing, non-empty `path` (see above).
+    head: "lm" (a causal LM) or "score" (a reward model: `*ForSequenceClassification` with one
+      label, no generation_config.json); None: "score" when `params` hold a "score" head.
 
   Raises:
     OutputExistsError: `path` is not empty and `overwrite` is off, or holds other files.
@@ -305,8 +317,10 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
   output_dir.check_target(target, overwrite=overwrite, owned=owned_file,
                           writer="save_hf_checkpoint")
   limit = _parse_size(max_shard_size)
-  entries = checkpoint_entries(config)
-  shapes = abstract_params(config)
+  if head is None:
+    head = SCORE_HEAD if isinstance(params, dict) and SCORE_HEAD in params else LM_HEAD
+  entries = checkpoint_entries(config, head)
+  shapes = _param_shapes(config, head)
   problems = []
   flat_expected = {tuple(str(getattr(k, "key", k)) for k in kp): v.shape
                    for kp, v in jax.tree_util.tree_leaves_with_path(shapes)}
@@ -351,6 +365,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
     dtypes = {str(out_dtype(e)) for e in entries}
     hf_config.pop("torch_dtype", None)
     hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    if head == SCORE_HEAD:
+      _set_one_label(hf_config, architecture(config, head))
     _write_json(os.path.join(tmp, "config.json"), hf_config, sort_keys=True)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -366,7 +382,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params: dic
     if len(shards) > 1:
       _write_json(os.path.join(tmp, INDEX_FILE),
                   {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_generation_config(tmp, config)
+    if head == LM_HEAD:
+      _write_generation_config(tmp, config)
     output_dir.commit(tmp, target, owned=owned_file, keep=lambda n: n in TOKENIZER_FILES,
                       writer="save_hf_checkpoint")
   except BaseException:
@@ -378,6 +395,17 @@ def _write_json(path: str, value: Any, *, sort_keys: bool = False) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, sort_keys=sort_keys)
     f.write("\n")
+
+
+def _set_one_label(hf_config: dict[str, Any], name: str) -> None:
+  """A sequence classifier with one output (a scalar reward): `architectures` and the label
+  maps as transformers writes them (its own one-label maps are kept)."""
+  hf_config["architectures"] = [name]
+  hf_config.pop("num_labels", None)
+  labels = hf_config.get("id2label")
+  if not (isinstance(labels, dict) and len(labels) == 1 and "0" in labels):
+    hf_config["id2label"] = {"0": "LABEL_0"}
+  hf_config["label2id"] = {hf_config["id2label"]["0"]: 0}
 
 
 def _write_generation_config(directory: str, config: Qwen2Config) -> None:

@@ -5,6 +5,10 @@ when layers are scanned), converted by a `Transform` that has an exact inverse (
 reshapes only, so HF -> params -> HF is bit-exact). Qwen2-MoE's per-expert tensors
 (`mlp.experts.{e}.*`) are slots of stacked [E, ...] expert params: `index` = (layer, expert)
 when layers are scanned, (expert,) otherwise.
+
+The head: "lm" (the causal LM: `lm_head.weight`, absent when tied) or "score" (a reward model,
+HF `*ForSequenceClassification` with one label: `score.weight` [1, H] <-> params["score"]
+[H, 1]; `qwen2_jax.reward_model`).
 """
 
 from __future__ import annotations
@@ -153,8 +157,21 @@ def moe_layer_entries(config: Qwen2Config) -> list[tuple[str, tuple[str, ...], T
   return out
 
 
-def checkpoint_entries(config: Qwen2Config) -> list[Entry]:
-  """Every HF tensor of a checkpoint of `config`, in the order `save_pretrained` writes them."""
+LM_HEAD, SCORE_HEAD = "lm", "score"
+HEADS = (LM_HEAD, SCORE_HEAD)
+
+
+def architecture(config: Qwen2Config, head: str = LM_HEAD) -> str:
+  """The HF `architectures` name of a checkpoint of `config` with `head`."""
+  base = "Qwen2Moe" if config.is_moe else "Qwen2"
+  return base + ("ForSequenceClassification" if head == SCORE_HEAD else "ForCausalLM")
+
+
+def checkpoint_entries(config: Qwen2Config, head: str = LM_HEAD) -> list[Entry]:
+  """Every HF tensor of a checkpoint of `config` with `head` ("lm" or "score"), in the order
+  `save_pretrained` writes them."""
+  if head not in HEADS:
+    raise ValueError(f"head: {head!r} is not one of {HEADS}")
   V, H = config.vocab_size, config.hidden_size
   entries = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), (), IDENTITY,
                    (V, H))]
@@ -171,6 +188,8 @@ def checkpoint_entries(config: Qwen2Config) -> list[Entry]:
       entries.append(Entry(f"model.layers.{i}.{suffix}", root + sub, index + slot, transform,
                            shape))
   entries.append(Entry("model.norm.weight", ("norm", "weight"), (), IDENTITY, (H,)))
-  if not config.tie_word_embeddings:
+  if head == SCORE_HEAD:
+    entries.append(Entry("score.weight", ("score",), (), LINEAR, (1, H)))
+  elif not config.tie_word_embeddings:
     entries.append(Entry("lm_head.weight", ("lm_head",), (), LINEAR, (V, H)))
   return entries

@@ -25,8 +25,8 @@ _PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirector
                 NotADirectoryError)
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "sft", "dpo", "compile", "generate",
-               "bench", "upcycle", "eval")
+SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "sft", "dpo", "rm", "compile",
+               "generate", "bench", "upcycle", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,12 @@ import importlib
 BENCHES = {
     "generate": ("qwen2_jax.infer.bench",
                  "prefill / decode tokens/s of qwen2-jax vs transformers generate"),
+    "serve": ("qwen2_jax.infer.bench_serve",
+              "offline batch tokens/s + TTFT: qwen2-jax engines vs vLLM CPU"),
     "train": ("qwen2_jax.train.bench",
               "training tokens/s of qwen2-jax vs transformers + PyTorch AdamW"),
+    "data": ("qwen2_jax.train.pipeline.bench",
+             "data prepare documents/s and tokens/s: single process vs the Beam pipeline"),
 }
 
 

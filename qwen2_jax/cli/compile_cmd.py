@@ -4,6 +4,8 @@ Runs the real TPU compiler (libtpu) on this machine for a named topology; no TPU
 nothing is allocated. Examples:
 
   qwen2-jax compile --preset qwen2-7b --topology v5p-8 --batch 16 --seq-len 4096 --remat full
+  qwen2-jax compile --preset qwen2-7b --topology v5p-8 --batch 64 --seq-len 4096 \\
+      --set model.loss_chunk_size=512 --set optim.mu_dtype=bfloat16
   qwen2-jax compile --preset qwen2-72b --topology v6e-256 --mesh fsdp=-1,sequence=4 \\
       --search-batch --json
   qwen2-jax compile --preset qwen2-7b --topology v5p-8 --job dpo --batch 8 --seq-len 4096
@@ -62,7 +64,8 @@ def register(subparsers) -> None:
   p.add_argument("--rules", default="fsdp",
                  help="sharding rules: dp, fsdp, fsdp_tp, or a JSON file with a custom table")
   p.add_argument("--remat", default="full",
-                 help="remat policy: none, full, dots, dots_with_no_batch_dims, save_qkv_proj")
+                 help="remat policy (default full): none, full, dots, minimal, save_qkv_proj, "
+                      "offload_layer_input, ... (`qwen2_jax.remat`; docs/training.md)")
   p.add_argument("--attention-impl", default=None,
                  help="xla or pallas (flash attention kernel); default: the model config's")
   p.add_argument("--dca", action="store_true",
@@ -77,6 +80,10 @@ def register(subparsers) -> None:
                       "grouped-matmul kernel, 'ragged_dot' XLA's)")
   p.add_argument("--capacity-factor", type=float, default=None,
                  help="Qwen2-MoE capacity factor (default: dropless)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="a model or optimizer setting as a recipe spells it, applied after the "
+                      "other flags (repeatable): e.g. model.loss_chunk_size=512, "
+                      "model.remat_policy=minimal_offloaded, optim.mu_dtype=bfloat16")
   p.add_argument("--hbm-margin", type=float, default=0.05,
                  help="fraction of HBM kept free when deciding 'fits' (default 0.05)")
   p.add_argument("--no-cost", action="store_true",
@@ -110,14 +117,36 @@ def _model_config(args):
   return config
 
 
-def compile_targets(new_tokens: int = 128) -> dict:
-  """Every `--target`, by name: the training jobs' (`qwen2_jax.train.targets`) and the
-  generation engine's (`qwen2_jax.infer.targets`, with `new_tokens` cache slots)."""
+def _apply_sets(config, overrides):
+  """(config, OptimConfig or None) after the `--set model.X=V` / `optim.X=V` overrides, typed and
+  checked as in a recipe."""
+  # pylint: disable=import-outside-toplevel  (--help speed)
+  from qwen2_jax.config import Qwen2Config
+  from qwen2_jax.train.optim import OptimConfig
+  from qwen2_jax.typed_config import Recipe, apply_overrides, structure
+  recipe = apply_overrides(Recipe(data={}), overrides)
+  for key, value in recipe.data.items():
+    if key not in ("model", "optim") or not isinstance(value, dict):
+      raise CompileSettingError(f"{recipe.where((key,))}: only model.* and optim.* settings "
+                                f"apply to compile")
+  if "model" in recipe.data:
+    config = Qwen2Config.from_dict({**config.to_dict(), **recipe.data["model"]}, path="model",
+                                   recipe=recipe)
+  optim = None
+  if "optim" in recipe.data:
+    optim = structure(OptimConfig, recipe.data["optim"], path="optim", recipe=recipe)
+  return config, optim
+
+
+def compile_targets(new_tokens: int = 128, optim=None) -> dict:
+  """Every `--target`, by name: the training jobs' (`qwen2_jax.train.targets`, with the
+  `OptimConfig` `optim` when given) and the generation engine's (`qwen2_jax.infer.targets`,
+  with `new_tokens` cache slots)."""
   # Imported when the command runs: the targets pull in the training and generation stacks,
   # which `qwen2-jax --help` does not need.
   from qwen2_jax.infer import targets as infer_targets  # pylint: disable=import-outside-toplevel
   from qwen2_jax.train import targets as train_targets  # pylint: disable=import-outside-toplevel
-  return {**train_targets.TARGETS, **{p: infer_targets.generation_target(p, new_tokens)
+  return {**train_targets.targets(optim), **{p: infer_targets.generation_target(p, new_tokens)
                                       for p in ("prefill", "decode")}}
 
 
@@ -129,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                               "(the same version as jax)")
   from qwen2_jax import aot, sharding  # pylint: disable=import-outside-toplevel  (--help speed)
   try:
-    config = _model_config(args)
+    config, optim = _apply_sets(_model_config(args), args.overrides)
     topology = aot.parse_topology(args.topology, args.num_slices)
     mesh_config = sharding.MeshConfig.from_string(args.mesh)
     mesh_config = sharding.MeshConfig.from_dict(
@@ -139,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
       if args.new_tokens < 1:
         raise CompileSettingError(f"--new-tokens: must be >= 1, got {args.new_tokens}")
       config = config.replace(remat_policy="none")  # generation never rematerialises
-    targets = compile_targets(args.new_tokens)
+    targets = compile_targets(args.new_tokens, optim)
     if args.target not in targets:
       raise CompileSettingError(f"--target: unknown target {args.target!r}; known: "
                                 f"{sorted(targets)}")

@@ -39,7 +39,9 @@ FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed", "stop_token_ids": "--stop-id",
          "ignore_eos": "--ignore-eos", "max_batch_size": "--batch-size",
          "max_context": "--max-context", "input_path": "--input", "output_path": "--output",
-         "model_path": "MODEL"}
+         "model_path": "MODEL", "max_num_seqs": "--batch-size",
+         "max_num_batched_tokens": "--max-num-batched-tokens", "page_size": "--page-size",
+         "num_pages": "--num-pages"}
 
 
 def register(subparsers) -> None:
@@ -71,7 +73,17 @@ def register(subparsers) -> None:
                  help="extra stop token ids (EOS is always one unless --ignore-eos)")
   s.add_argument("--ignore-eos", action="store_true")
   e = p.add_argument_group("engine")
-  e.add_argument("--batch-size", type=int, default=8, help="rows per compiled batch (>= 1)")
+  e.add_argument("--batch-size", type=int, default=8,
+                 help="sequences generated at once (continuous batching; >= 1)")
+  e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                 help="tokens per engine step: decode tokens, then prefill chunks (default "
+                      "max(256, batch size))")
+  e.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+  e.add_argument("--num-pages", type=int, default=None,
+                 help="KV-cache pages (default: batch size x max context, at most 10%% of "
+                      "the host memory on CPU)")
+  e.add_argument("--no-prefix-caching", action="store_true",
+                 help="do not reuse the KV cache of prompt prefixes seen before")
   e.add_argument("--max-context", type=int, default=None,
                  help="longest prompt + new tokens, in [1, the model's context: "
                       "max_position_embeddings, times a YaRN factor] (default: "
@@ -196,7 +208,10 @@ def _run(args: argparse.Namespace) -> int:
                                         allow_nonfinite=args.allow_nonfinite,
                                         mask_vocab=not args.no_vocab_mask,
                                         max_batch_size=args.batch_size,
-                                        max_context=args.max_context)
+                                        max_context=args.max_context,
+                                        max_num_batched_tokens=args.max_num_batched_tokens,
+                                        page_size=args.page_size, num_pages=args.num_pages,
+                                        enable_prefix_caching=not args.no_prefix_caching)
         validation.check_engine_settings(max_batch_size=args.batch_size,
                                          max_context=gen.engine.max_context,
                                          max_new_tokens=args.max_new_tokens)

@@ -3,8 +3,11 @@
 flash_attention  blockwise online-softmax attention (causal / non-causal, GQA, packed segments,
                  optional logsumexp), forward and backward, plus a `shard_map` wrapper.
 gmm              grouped matmul (gmm, tgmm) for the MoE experts.
+ragged_paged_attention
+                 inference attention of one continuous-batching step (decodes and prefill
+                 chunks together) over a paged KV cache, plus a `shard_map` wrapper; forward only.
 
-Both take `interpret`: False runs the Mosaic TPU kernel, True the Pallas interpreter (any
+All take `interpret`: False runs the Mosaic TPU kernel, True the Pallas interpreter (any
 backend), None lets `on_platform` choose when the program is lowered, which is what the model
 passes: Mosaic when lowering for TPU (also ahead of time, from a CPU host), the interpreter on any
 other backend, so `attention_impl="pallas"` / `moe_impl="pallas"` give correct (slow) results on

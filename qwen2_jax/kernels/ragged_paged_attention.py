@@ -1,0 +1,441 @@
+"""Ragged paged attention for continuous batching: one step's queries against a paged KV cache.
+
+One call serves a mix of sequences: single-token decodes and prefill chunks, concatenated along
+the token axis, each reading its keys and values from a shared page pool through a block table.
+
+Shapes (S sequence slots, T query-token budget, H query heads, K kv heads, G = H // K, D head
+size, P pages in the pool, ps tokens per page, pps pages per sequence):
+  q             [T, H, D]        the step's query tokens, sequences concatenated; tokens at or
+                                 past cu_q_lens[num_seqs] are padding (their output rows are 0).
+  k_pages       [P, ps, K, D]    one layer's key pool (v_pages the same), compute dtype.
+  kv_lens       [S] int32        tokens in sequence i's cache, this step's tokens included.
+  page_indices  [S, pps] int32   block table: page j of seq i holds its tokens [j*ps, (j+1)*ps);
+                                 entries past a sequence's used pages are never read into results.
+  cu_q_lens     [S + 1] int32    seq i's queries are q[cu_q_lens[i]:cu_q_lens[i + 1]] (q_len_i of
+                                 them, possibly 0); they are its last q_len_i tokens.
+  num_seqs      [1] or [] int32  slots >= num_seqs are ignored.
+
+Masking: query t of seq i sits at position p = kv_lens[i] - q_len_i + t and sees cache positions
+j with j <= p (and p - j < sliding_window when a window is set). Query head h uses kv head h // G.
+
+The Pallas TPU kernel works on "items": one item is up to `block_q` consecutive queries of one
+sequence. The wrapper lists the items of this step (at most S + cdiv(T, block_q) of them; a
+one-token decode is one item) in scalar-prefetched tables and lays the queries out per item and
+kv head as [items, K, block_q * G, D] (rows are (token, query head) pairs, so a kv head's G query
+heads share one matmul and K/V are never repeated). The grid runs over items; inside an item a
+loop walks the kv blocks (`pages_per_block` pages) that hold a visible key, copying their pages
+from HBM with async copies, double-buffered across blocks and across items; pages wholly outside
+[first visible key, last query position] are never copied. Online softmax in f32, one running
+(max, sum, accumulator) per kv head. Results come back per item and are gathered to [T, H, D].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+from qwen2_jax.errors import UserError
+from qwen2_jax.kernels import on_platform
+
+Array = jax.Array
+
+# The reference gathers K and V for this many (token, cache position, kv head, D) elements at a
+# time: tokens are processed in chunks so memory stays bounded for long caches.
+_REF_CHUNK_ELEMENTS = 1 << 22
+
+
+def _token_seq_map(cu_q_lens: Array, num_seqs: Array, t: int) -> tuple[Array, Array, Array]:
+  """(seq id [T], index within its seq's queries [T], valid [T]) for every query token."""
+  s = cu_q_lens.shape[0] - 1
+  n = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
+  tok = jnp.arange(t, dtype=jnp.int32)
+  live = jnp.arange(s, dtype=jnp.int32) < n  # [S]
+  # seq of token t: how many live seqs end at or before t (empty seqs end where they start).
+  ends = cu_q_lens[1:]
+  seq = jnp.sum(live[None, :] & (ends[None, :] <= tok[:, None]), axis=1).astype(jnp.int32)
+  valid = tok < cu_q_lens[n]
+  seq = jnp.where(valid, seq, 0)
+  return seq, tok - cu_q_lens[seq], valid
+
+
+def ragged_paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, kv_lens: Array,
+                                     page_indices: Array, cu_q_lens: Array, num_seqs: Array, *,
+                                     scale: float,
+                                     sliding_window: int | Array | None = None) -> Array:
+  """Ragged paged attention in plain jnp (f32 math): the test oracle and the CPU path.
+
+  Each query token gathers its sequence's pages ([pps * ps, K, D]) and attends over them with the
+  causal / window mask; tokens are handled in chunks so at most about 4M elements of K (and of V)
+  are gathered at once. Shapes and masking as in the module docstring; `sliding_window` is None,
+  an int or an int32 scalar array.
+
+  Returns:
+    [T, H, D] in q's dtype; rows of padding tokens are 0.
+  """
+  t, h, d = q.shape
+  _, ps, kh, _ = k_pages.shape
+  pps = page_indices.shape[1]
+  g = h // kh
+  length = pps * ps
+  seq, idx, valid = _token_seq_map(cu_q_lens, num_seqs, t)
+  q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
+  pos = kv_lens[seq] - q_lens[seq] + idx  # [T] position of each query in its sequence
+  chunk = max(1, min(t, _REF_CHUNK_ELEMENTS // (length * kh * d)))
+  n_chunks = -(-t // chunk)
+  pad = n_chunks * chunk - t
+  qf = jnp.pad(q.astype(jnp.float32), ((0, pad), (0, 0), (0, 0)))
+  qf = qf.reshape(n_chunks, chunk, kh, g, d)  # [N, C, K, G, D]
+  seq_c = jnp.pad(seq, (0, pad)).reshape(n_chunks, chunk)
+  pos_c = jnp.pad(pos, (0, pad)).reshape(n_chunks, chunk)
+  valid_c = jnp.pad(valid, (0, pad)).reshape(n_chunks, chunk)
+  kv_pos = jnp.arange(length, dtype=jnp.int32)
+
+  def one_chunk(args):
+    qc, sc, pc, vc = args  # [C, K, G, D], [C], [C], [C]
+    pages = page_indices[sc]  # [C, pps]
+    k = k_pages[pages].reshape(chunk, length, kh, d).astype(jnp.float32)  # [C, L, K, D]
+    v = v_pages[pages].reshape(chunk, length, kh, d).astype(jnp.float32)
+    logits = jnp.einsum("CKGD,CLKD->CKGL", qc, k, precision=lax.Precision.HIGHEST) * scale
+    mask = (kv_pos[None, :] <= pc[:, None]) & vc[:, None]  # [C, L]
+    if sliding_window is not None:
+      mask &= pc[:, None] - kv_pos[None, :] < sliding_window
+    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+    v = jnp.where(mask[:, :, None, None], v, 0.0)  # unread cache slots may hold anything
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))  # masked keys: exactly 0
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("CKGL,CLKD->CKGD", p, v, precision=lax.Precision.HIGHEST)
+
+  out = lax.map(one_chunk, (qf, seq_c, pos_c, valid_c))  # [N, C, K, G, D]
+  return out.reshape(n_chunks * chunk, h, d)[:t].astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------ Pallas kernel
+
+_MASK = -0.7 * float(np.finfo(np.float32).max)  # initial running max: finite, so no inf - inf
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+# Per-item table rows (scalar-prefetched as one flat int32 array, row f at [f * N, (f + 1) * N)).
+_SEQ, _BASE, _LO, _HI, _B0, _NB, _OFF, _FIELDS = range(8)
+
+
+class RaggedPagedAttentionError(UserError, ValueError):
+  """Inconsistent shapes or block sizes; the message names the parameter."""
+
+
+def _check(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, sliding_window) -> None:
+  t, h, d = q.shape
+  _, _, kh, dk = k_pages.shape
+  s = page_indices.shape[0]
+  if k_pages.ndim != 4 or v_pages.shape != k_pages.shape or dk != d:
+    raise RaggedPagedAttentionError(
+        f"k_pages / v_pages must both be [P, page_size, K, D={d}], got {k_pages.shape} and "
+        f"{v_pages.shape}")
+  if h % kh:
+    raise RaggedPagedAttentionError(f"q heads {h} are not a multiple of kv heads {kh}")
+  if kv_lens.shape != (s,) or cu_q_lens.shape != (s + 1,):
+    raise RaggedPagedAttentionError(
+        f"kv_lens must be [S={s}] and cu_q_lens [S + 1], got {kv_lens.shape} and "
+        f"{cu_q_lens.shape}")
+  if isinstance(sliding_window, int) and sliding_window <= 0:
+    raise RaggedPagedAttentionError(f"sliding_window must be positive, got {sliding_window}")
+
+
+def _item_tables(cu_q_lens, kv_lens, num_seqs, *, n_items: int, block_q: int, block_kv: int,
+                 sliding_window: Array | None):
+  """(per-item table [_FIELDS * N] int32, live items [1], first item of each sequence [S])."""
+  s = kv_lens.shape[0]
+  n = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
+  live = jnp.arange(s) < n
+  q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S]
+  blocks = -(-q_lens // block_q)  # [S] items per sequence
+  ends = jnp.cumsum(blocks)  # [S] inclusive
+  starts = ends - blocks
+  n_live = ends[-1]
+  m = jnp.arange(n_items, dtype=jnp.int32)
+  seq = jnp.minimum(jnp.sum(ends[None, :] <= m[:, None], axis=1), s - 1).astype(jnp.int32)
+  item_live = m < n_live
+  qs = (m - starts[seq]) * block_q  # first query of the item within its sequence
+  nq = jnp.clip(q_lens[seq] - qs, 0, block_q)
+  base = kv_lens[seq] - q_lens[seq] + qs  # position of the item's first query
+  hi = base + nq  # keys at positions >= hi are seen by no query of the item
+  lo = jnp.zeros_like(base) if sliding_window is None else jnp.maximum(
+      base - sliding_window + 1, 0)
+  b0 = lo // block_kv
+  nb = jnp.where(item_live & (nq > 0), jnp.maximum(-(-hi // block_kv) - b0, 0), 0)
+  off = jnp.cumsum(nb) - nb  # kv blocks of all earlier items: the double-buffer slot parity
+  fields = [seq, base, lo, hi, b0, nb, off]
+  table = jnp.stack([jnp.where(item_live, f, 0) for f in fields]).astype(jnp.int32).reshape(-1)
+  return table, n_live.reshape(1).astype(jnp.int32), starts
+
+
+def _kernel(table_ref, pages_ref, scalars_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems,
+            m_scr, l_scr, acc_scr, *, scale: float, windowed: bool, groups: int,
+            page_size: int, pages_per_block: int, pages_per_seq: int, n_items: int):
+  """One item: q_ref / o_ref [K, R, D] (R >= block_q * G rows: row r = token r // G, head r % G)."""
+  item = pl.program_id(0)
+  n_live, window = scalars_ref[0], scalars_ref[1]  # live items; sliding window (if windowed)
+  kh = k_buf.shape[3]
+  rows = q_ref.shape[1]
+  block_kv = pages_per_block * page_size
+  field = lambda f, i: table_ref[f * n_items + i]
+
+  def page_copies(i, blk, slot, p):
+    """(needed, k copy, v copy) of page p of item i's kv block blk, into buffer `slot`."""
+    seq, lo, hi = field(_SEQ, i), field(_LO, i), field(_HI, i)
+    page = blk * pages_per_block + p
+    needed = (page < pages_per_seq) & (page * page_size < hi) & ((page + 1) * page_size > lo)
+    src = pages_ref[seq * pages_per_seq + jnp.minimum(page, pages_per_seq - 1)]
+    return (needed,
+            pltpu.make_async_copy(k_hbm.at[src], k_buf.at[slot, p], sems.at[slot, 0]),
+            pltpu.make_async_copy(v_hbm.at[src], v_buf.at[slot, p], sems.at[slot, 1]))
+
+  def for_pages(i, blk, slot, action):
+    """Starts or waits for the copies of the pages of a kv block that hold a needed key."""
+    def body(p, carry):
+      needed, kc, vc = page_copies(i, blk, slot, p)
+
+      @pl.when(needed)
+      def _():
+        getattr(kc, action)()
+        getattr(vc, action)()
+      return carry
+
+    lax.fori_loop(0, pages_per_block, body, 0)
+
+  start = lambda i, blk, slot: for_pages(i, blk, slot, "start")
+  wait = lambda i, blk, slot: for_pages(i, blk, slot, "wait")
+
+  @pl.when(item < n_live)
+  def _item():
+    base, lo, hi = field(_BASE, item), field(_LO, item), field(_HI, item)
+    b0, nb, off = field(_B0, item), field(_NB, item), field(_OFF, item)
+    m_scr[...] = jnp.full(m_scr.shape, _MASK, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    # The previous item prefetched this one's first block unless it had no blocks itself.
+    prefetched = (item > 0) & (field(_NB, jnp.maximum(item - 1, 0)) > 0)
+
+    @pl.when(jnp.logical_not(prefetched) & (nb > 0))
+    def _first():
+      start(item, b0, off & 1)
+
+    def block(j, carry):
+      blk, slot = b0 + j, (off + j) & 1  # (no // or % here: Mosaic's sign needs a TPU)
+      wait(item, blk, slot)
+
+      @pl.when(j + 1 < nb)
+      def _next_block():
+        start(item, blk + 1, 1 - slot)
+
+      @pl.when((j + 1 == nb) & (item + 1 < n_live) & (field(_NB, item + 1) > 0))
+      def _next_item():
+        start(item + 1, field(_B0, item + 1), 1 - slot)
+
+      c0 = blk * block_kv
+      # Blocks whose keys every query of the item sees (all in [lo, base], and within the
+      # window of the last query) skip the masks: padding rows then attend to real keys too, and
+      # are dropped. Other blocks mask logits and zero V rows outside [lo, hi), which may hold
+      # stale or never-written data.
+      full = (c0 >= lo) & (c0 + block_kv <= base + 1)
+      if windowed:
+        full &= hi - 1 - c0 < window
+
+      def update(masked: bool):
+        if masked:
+          shape = (rows, block_kv)
+          col = c0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+          pos = base + lax.div(lax.broadcasted_iota(jnp.int32, shape, 0), jnp.int32(groups))
+          visible = (col <= pos) & (col >= lo) & (col < hi)
+          if windowed:
+            visible &= pos - col < window
+          v_row = c0 + lax.broadcasted_iota(jnp.int32, (block_kv, v_buf.shape[-1]), 0)
+          v_ok = (v_row >= lo) & (v_row < hi)
+        for h in range(kh):
+          k = k_buf[slot, :, :, h, :].reshape(block_kv, -1)  # [B, D]
+          v = v_buf[slot, :, :, h, :].reshape(block_kv, -1)
+          s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32) * scale
+          if masked:
+            v = jnp.where(v_ok, v, jnp.zeros_like(v))
+            s = jnp.where(visible, s, -jnp.inf)  # [R, B]
+          m_prev = m_scr[h]  # [R, 1]
+          m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+          alpha = jnp.exp(m_prev - m_next)
+          p = jnp.exp(s - m_next)
+          l_scr[h] = alpha * l_scr[h] + jnp.sum(p, axis=1, keepdims=True)
+          m_scr[h] = m_next
+          acc_scr[h] = alpha * acc_scr[h] + jnp.dot(p.astype(v.dtype), v,
+                                                    preferred_element_type=jnp.float32)
+
+      pl.when(full)(lambda: update(False))
+      pl.when(jnp.logical_not(full))(lambda: update(True))
+      return carry
+
+    lax.fori_loop(0, nb, block, 0)
+    for h in range(kh):
+      l = l_scr[h]
+      o_ref[h] = (acc_scr[h] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def _vmem_limit(rows: int, block_kv: int, kh: int, d: int, itemsize: int) -> int:
+  """Scoped VMEM with headroom: double-buffered q / out blocks and K / V pages, f32 state and
+  score temporaries; at least 32 MiB, at most 60 MiB (every supported chip has >= 64 MiB)."""
+  blocks = 2 * 2 * kh * rows * d * itemsize + 2 * 2 * block_kv * kh * d * itemsize
+  state = kh * rows * (d + 2 * 128) * 4
+  temps = 6 * rows * block_kv * 4
+  return int(min(max(1.5 * (blocks + state + temps), 32 << 20), 60 << 20))
+
+
+def _default_block_q(groups: int, t: int) -> int:
+  """Queries per item: about 128 (token, head) rows per kv head, at most the token budget."""
+  return max(1, min(t, -(-128 // groups)))
+
+
+def ragged_paged_attention(q: Array, k_pages: Array, v_pages: Array, kv_lens: Array,
+                           page_indices: Array, cu_q_lens: Array, num_seqs: Array, *,
+                           scale: float, sliding_window: int | Array | None = None,
+                           interpret=False, block_q: int | None = None,
+                           pages_per_block: int | None = None) -> Array:
+  """Ragged paged attention as a Pallas TPU kernel (shapes and masking: the module docstring).
+
+  Args:
+    q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs: as in the module docstring.
+      q and the pages share one dtype (bf16 or f32); accumulation is f32.
+    scale: logit multiplier (typically D ** -0.5).
+    sliding_window: None, or a positive int or int32 scalar array (may be traced): a query at
+      position p sees keys at positions > p - sliding_window only.
+    interpret: False: the Mosaic TPU kernel; True (or `pltpu.InterpretParams`): the Pallas
+      interpreter on any backend; None: chosen when lowering (Mosaic for TPU, else interpreter).
+    block_q: queries of one sequence per kernel item; default ceil(128 / G), at most T.
+    pages_per_block: pages per kv block (one loop step); default 256 // page_size, at least 1,
+      at most pages_per_seq.
+
+  Returns:
+    [T, H, D] in q's dtype; rows of padding tokens are 0.
+  """
+  _check(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, sliding_window)
+  t, h, d = q.shape
+  _, page_size, kh, _ = k_pages.shape
+  s, pages_per_seq = page_indices.shape
+  g = h // kh
+  block_q = _default_block_q(g, t) if block_q is None else int(block_q)
+  if pages_per_block is None:
+    pages_per_block = max(1, 256 // page_size)
+  pages_per_block = min(int(pages_per_block), pages_per_seq)
+  if block_q < 1 or pages_per_block < 1:
+    raise RaggedPagedAttentionError(
+        f"block_q and pages_per_block must be >= 1, got {block_q} and {pages_per_block}")
+  block_kv = pages_per_block * page_size
+  n_items = s + -(-t // block_q)  # sum over seqs of cdiv(q_len, block_q) never exceeds this
+  rows = -(-block_q * g // 16) * 16  # (token, head) rows per kv head, padded to a bf16 tile
+  kv_lens = kv_lens.astype(jnp.int32)
+  cu_q_lens = cu_q_lens.astype(jnp.int32)
+  # A window may be a traced scalar (e.g. per layer under a scan): it reaches the kernel as data.
+  window = None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32).reshape(())
+  table, n_live, starts = _item_tables(cu_q_lens, kv_lens, num_seqs, n_items=n_items,
+                                       block_q=block_q, block_kv=block_kv, sliding_window=window)
+  scalars = jnp.stack([n_live[0], jnp.int32(0) if window is None else window])  # [2]
+  seq = table[_SEQ * n_items:(_SEQ + 1) * n_items]
+  first_q = cu_q_lens[seq] + (jnp.arange(n_items) - starts[seq]) * block_q  # [N] token index
+  tok = jnp.minimum(first_q[:, None] + jnp.arange(block_q)[None, :], t - 1)  # [N, bq]
+  q_items = q[tok].reshape(n_items, block_q, kh, g, d).transpose(0, 2, 1, 3, 4)  # [N,K,bq,G,D]
+  q_items = q_items.reshape(n_items, kh, block_q * g, d)
+  q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rows - block_q * g), (0, 0)))  # [N, K, R, D]
+
+  def item_block(i, table_ref, pages_ref, scalars_ref):
+    del table_ref, pages_ref
+    return jnp.minimum(i, jnp.maximum(scalars_ref[0] - 1, 0)), 0, 0, 0  # dead items: no copies
+
+  spec = pl.BlockSpec((None, kh, rows, d), item_block)
+  itemsize = jnp.dtype(q.dtype).itemsize
+
+  def call(table, pages, scalars, q_items, k_pages, v_pages, *, interpret):
+    kernel = functools.partial(
+        _kernel, scale=float(scale), windowed=window is not None, groups=g,
+        page_size=page_size, pages_per_block=pages_per_block, pages_per_seq=pages_per_seq,
+        n_items=n_items)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(n_items,),
+            in_specs=[spec, pl.BlockSpec(memory_space=pl.ANY),
+                      pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=spec,
+            scratch_shapes=[pltpu.VMEM((2, pages_per_block, page_size, kh, d), k_pages.dtype),
+                            pltpu.VMEM((2, pages_per_block, page_size, kh, d), v_pages.dtype),
+                            pltpu.SemaphoreType.DMA((2, 2)),
+                            pltpu.VMEM((kh, rows, 1), jnp.float32),
+                            pltpu.VMEM((kh, rows, 1), jnp.float32),
+                            pltpu.VMEM((kh, rows, d), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
+        # Sequential: each item prefetches the next one's first kv block.
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary",),
+            vmem_limit_bytes=_vmem_limit(rows, block_kv, kh, d, itemsize)),
+        interpret=interpret, name="ragged_paged_attention",
+    )(table, pages, scalars, q_items, k_pages, v_pages)
+
+  out = on_platform(call, table, page_indices.astype(jnp.int32).reshape(-1), scalars, q_items,
+                    k_pages, v_pages, interpret=interpret)  # [N, K, R, D]
+  out = out[:, :, :block_q * g].reshape(n_items, kh, block_q, g, d).transpose(0, 2, 1, 3, 4)
+  out = out.reshape(n_items * block_q, h, d)  # row item * block_q + i: i-th query of the item
+  tok_seq, idx, valid = _token_seq_map(cu_q_lens, num_seqs, t)
+  row = (starts[tok_seq] + idx // block_q) * block_q + idx % block_q
+  return jnp.where(valid[:, None, None], out[jnp.where(valid, row, 0)], 0).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------- shard_map
+
+def head_axes(mesh, rules, num_kv_heads: int) -> tuple[str, ...]:
+  """Mesh axes that split the kv heads (and with them the query heads) under `rules`: those of
+  the logical axis "activation_kv_heads" that divide `num_kv_heads` and are also what
+  "activation_heads" maps to; () when the heads stay whole on every device."""
+  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
+  rules = sharding.get_rules(rules)
+  kv = sharding.logical_to_spec(("activation_kv_heads",), rules, mesh, (num_kv_heads,))
+  heads = sharding.logical_to_spec(("activation_heads",), rules, mesh, (None,))
+  as_tuple = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  kv_axes = as_tuple(kv[0] if len(kv) else None)
+  return kv_axes if kv_axes == as_tuple(heads[0] if len(heads) else None) else ()
+
+
+def sharded_ragged_paged_attention(q: Array, k_pages: Array, v_pages: Array, kv_lens: Array,
+                                   page_indices: Array, cu_q_lens: Array, num_seqs: Array, *,
+                                   mesh, rules="fsdp_tp", **kwargs) -> Array:
+  """`ragged_paged_attention` under `jax.shard_map` with heads split over the mesh.
+
+  The kv heads of the page pools and the query heads of q are split over the axes the sharding
+  rules give "activation_kv_heads" (see `head_axes`); each device attends with its own heads, no
+  communication. Token and sequence arrays are replicated. When the kv heads do not divide over
+  those axes (e.g. 2 kv heads, tensor=4) the heads stay whole and every device computes all of
+  them, as the cache is then replicated too.
+
+  Args:
+    q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs: as `ragged_paged_attention`.
+    mesh: a `Mesh` or `AbstractMesh`.
+    rules: sharding rules (`qwen2_jax.sharding.get_rules` spec); default "fsdp_tp".
+    **kwargs: `ragged_paged_attention` keywords (scale, sliding_window, interpret, block sizes).
+
+  Returns:
+    [T, H, D] sharded on heads like q.
+  """
+  axes = head_axes(mesh, rules, k_pages.shape[2])
+  if not axes:
+    return ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens,
+                                  num_seqs, **kwargs)
+  heads = axes[0] if len(axes) == 1 else axes
+  num_seqs = jnp.asarray(num_seqs, jnp.int32)
+  q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
+  body = functools.partial(ragged_paged_attention, **kwargs)
+  return jax.shard_map(body, mesh=mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec, P(), P(), P(), P()),
+                       out_specs=q_spec, check_vma=False)(
+                           q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)

@@ -1,0 +1,398 @@
+"""Continuous batching: the host-side pages / prefix cache / scheduler (pure Python, property
+style over random request streams), the paged model step against `forward`, and the engine
+against `transformers` generate and the static engine."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwen2_jax as q
+from qwen2_jax.config import enable_dual_chunk_attention
+from qwen2_jax.infer import Engine, SamplingParams, StaticEngine, validation
+from qwen2_jax.infer import paged
+from qwen2_jax.infer.paged import KVCacheTooSmallError, PagePool, PoolExhaustedError, Scheduler
+from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
+from hf_reference import make_hf_qwen2
+
+
+# ------------------------------------------------------------------------- the host-side parts
+
+def test_page_pool_refcounts_and_named_error_when_empty():
+  """Pages are handed out once; shared pages need every release; an empty pool raises
+  PoolExhaustedError; cached unreferenced pages are reused least recently released first."""
+  pool = PagePool(3)
+  a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+  assert sorted([a, b, c]) == [0, 1, 2]
+  with pytest.raises(PoolExhaustedError):
+    pool.allocate()
+  pool.acquire(a)
+  pool.release(a, cached=False)
+  assert pool.num_available == 0  # still referenced once
+  pool.release(a, cached=False)
+  pool.release(b, cached=True)
+  pool.release(c, cached=True)
+  pool.check()
+  assert pool.allocate() == a  # free pages first
+  evicted = []
+  pool.on_evict = evicted.append
+  assert pool.allocate() == b and evicted == [b]  # then the least recently released cached page
+  with pytest.raises(RuntimeError):
+    pool.release(a, cached=False) or pool.release(a, cached=False)
+
+
+def _fake_token(rid: int, index: int) -> int:
+  """The 'model' of the scheduler tests: request rid's index-th output token."""
+  return (rid * 7919 + index * 104729) % 50 + 2
+
+
+def _drain(sched: Scheduler, requests, *, stop_id: int | None = None, max_steps: int = 10000):
+  """Runs `requests` [(prompt, max_new)] through `sched` with `_fake_token`; checks the page
+  invariants after every call and the plan's limits; returns {rid: (output, finish)}."""
+  for rid, (prompt, max_new) in enumerate(requests):
+    sched.add(rid, prompt, max_new, () if stop_id is None else (stop_id,))
+  out = {}
+  for _ in range(max_steps):
+    plan = sched.schedule()
+    sched.check()
+    if plan is None:
+      break
+    assert plan.num_tokens <= sched.max_num_batched_tokens
+    assert len(plan.seqs) <= sched.max_num_seqs
+    assert len(set(map(id, plan.seqs))) == len(plan.seqs)
+    ps = sched.page_size
+    for seq, start, n in zip(plan.seqs, plan.starts, plan.counts):
+      assert n >= 1 and start == seq.num_computed and start + n <= len(seq.tokens)
+      written = {seq.pages[p // ps] for p in range(start, start + n)}
+      assert all(sched.pool.refs[p] == 1 for p in written), "a shared page would be written"
+    # Every running sequence that is decoding gets its token (decode first).
+    for seq in sched.running:
+      if seq.num_left == 1:
+        assert seq in plan.seqs
+    arrays = sched.arrays(plan, sched.max_num_batched_tokens, sched.max_num_seqs)
+    assert arrays.cu_q_lens[len(plan.seqs)] == plan.num_tokens
+    sampled = [_fake_token(s.rid, len(s.output)) for s in plan.seqs]
+    for seq in sched.complete(plan, sampled, [0.0] * len(sampled)):
+      out[seq.rid] = (seq.output, seq.finish_reason)
+    sched.check()
+  else:
+    raise AssertionError("did not drain")
+  assert not sched.has_work
+  assert sched.pool.num_available == sched.pool.num_pages, "a page was not returned"
+  assert not sched.pool.refs.any()
+  return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scheduler_page_invariants_over_random_streams(seed):
+  """Random request streams (shared prefixes, tiny pools forcing preemption, small budgets): no
+  page is owned twice or written while shared, budgets and slots hold, every page is back when
+  the stream drains, and each request's output is what it would be alone."""
+  rng = np.random.default_rng(seed)
+  ps = int(rng.choice([1, 2, 4, 8]))
+  n = int(rng.integers(1, 25))
+  base = rng.integers(0, 50, 40).tolist()
+  requests = []
+  for _ in range(n):
+    shared = int(rng.integers(0, 40))
+    prompt = base[:shared] + rng.integers(0, 50, int(rng.integers(1 if shared == 0 else 0,
+                                                                  20))).tolist()
+    requests.append((prompt or [1], int(rng.integers(1, 20))))
+  need = max(paged.pages_for(paged.tokens_to_cache(len(p), m), ps) for p, m in requests)
+  num_pages = need + int(rng.integers(0, 3 * need))
+  S = int(rng.integers(1, 6))
+  sched = Scheduler(num_pages=num_pages, page_size=ps, max_num_seqs=S,
+                    max_num_batched_tokens=S + int(rng.integers(0, 30)), pages_per_seq=need,
+                    enable_prefix_caching=bool(rng.integers(0, 2)) or seed == 0)
+  stop = 7 if seed % 2 else None
+  out = _drain(sched, requests, stop_id=stop)
+  for rid, (prompt, max_new) in enumerate(requests):
+    expected = []
+    for i in range(max_new):
+      expected.append(_fake_token(rid, i))
+      if expected[-1] == stop:
+        break
+    assert out[rid][0] == expected
+    assert out[rid][1] == ("stop" if expected[-1] == stop else "length")
+  # A second stream through the same scheduler (cached pages from the first) drains as well.
+  _drain(sched, requests[::-1], stop_id=stop)
+
+
+def test_scheduler_preempts_the_latest_and_reuses_prefix_pages():
+  """A pool too small for all: the most recently admitted sequence is preempted and recomputed
+  later; a shared prompt prefix is computed once and hit by later requests."""
+  sched = Scheduler(num_pages=6, page_size=2, max_num_seqs=3, max_num_batched_tokens=64,
+                    pages_per_seq=8)
+  prompt = list(range(10, 18))  # 4 full blocks
+  out = _drain(sched, [(prompt, 4), (prompt, 4), (prompt + [3], 4)])
+  assert sched.num_preemptions > 0
+  assert sched.prefix.hit_tokens > 0
+  assert [len(out[i][0]) for i in range(3)] == [4, 4, 4]
+
+
+def test_request_too_big_for_the_pool_is_refused_by_name():
+  """check_fits: a request whose prompt + max_new_tokens can never fit raises
+  KVCacheTooSmallError naming max_new_tokens, in one line; one that just fits is accepted."""
+  sched = Scheduler(num_pages=4, page_size=4, max_num_seqs=2, max_num_batched_tokens=8,
+                    pages_per_seq=16)
+  sched.check_fits(10, 7)  # 16 slots = 4 pages
+  with pytest.raises(KVCacheTooSmallError) as info:
+    sched.check_fits(10, 8)
+  assert info.value.param == "max_new_tokens" and "\n" not in str(info.value)
+  assert isinstance(info.value, validation.GenerationInputError)
+
+
+# ------------------------------------------------------------------------- the paged model step
+
+def _paged_forward_chunks(config, params, seqs, chunks, page_size, num_pages, seed=0):
+  """Runs sequences through the paged model in steps; step j computes chunks[j][i] tokens of
+  sequence i (0: none), on randomly permuted pages. Returns each sequence's logits [len, V]."""
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(num_pages)
+  pps = max(paged.pages_for(len(s), page_size) for s in seqs)
+  tables = [perm[i * pps:(i + 1) * pps] for i in range(len(seqs))]
+  L, K, D = config.num_hidden_layers, config.num_key_value_heads, config.head_size
+  k = jnp.zeros((L, num_pages, page_size, K, D))
+  v = jnp.zeros_like(k)
+  model = Qwen2ForCausalLM(config)
+  apply = jax.jit(lambda p, ids, pos, cache, li: model.apply({"params": p}, ids, pos, None,
+                                                             cache, li))
+  done = [0] * len(seqs)
+  logits = [[] for _ in seqs]
+  for step in chunks:
+    ids, pos, slots, kv_lens, cu, rows = [], [], [], [], [0], []
+    for i, n in enumerate(step):
+      if n == 0:
+        continue
+      p = np.arange(done[i], done[i] + n)
+      ids += [seqs[i][j] for j in p]
+      pos += p.tolist()
+      slots += (tables[i][p // page_size] * page_size + p % page_size).tolist()
+      kv_lens.append(done[i] + n)
+      cu.append(cu[-1] + n)
+      rows.append(i)
+      done[i] += n
+    T = 16  # one shape for every step; the padding tokens' slots are dropped
+    pad = lambda x, val, m: np.array(list(x) + [val] * (m - len(x)), np.int32)
+    S = len(seqs)
+    cache = PagedKVCache(k, v, pad(slots, num_pages * page_size, T), pad(kv_lens, 0, S),
+                         np.stack([tables[i] for i in rows] + [tables[0]] * (S - len(rows))
+                                  ).astype(np.int32),
+                         pad(cu, cu[-1], S + 1), np.array([len(rows)], np.int32))
+    out, (k, v) = apply(params, pad(ids, 0, T)[None], pad(pos, 0, T)[None], cache,
+                        np.arange(T, dtype=np.int32)[None])
+    for r, i in enumerate(rows):
+      logits[i].append(np.asarray(out[0, cu[r]:cu[r + 1]]))
+  return [np.concatenate(x) for x in logits]
+
+
+@pytest.mark.parametrize("variant", ["scan", "unrolled_sliding_window", "dca"])
+def test_paged_step_logits_equal_full_forward(variant):
+  """Chunked prefill and decode steps over randomly placed pages (two sequences, interleaved,
+  ragged chunks) give the logits of `forward` over each whole sequence."""
+  overrides = {"initializer_range": 0.3, "scan_layers": variant == "scan"}
+  if variant == "unrolled_sliding_window":
+    overrides.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+  config = q.get_preset("qwen2-tiny", **overrides)
+  if variant == "dca":
+    config = enable_dual_chunk_attention(config, chunk_size=8, local_size=2)
+  params = q.init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(1)
+  seqs = [rng.integers(0, config.vocab_size, 17).tolist(),
+          rng.integers(0, config.vocab_size, 11).tolist()]
+  chunks = [(5, 0), (4, 3), (1, 6), (3, 1), (1, 1), (3, 0)]  # prefill chunks, then decodes
+  got = _paged_forward_chunks(config, params, seqs, chunks, page_size=4, num_pages=12)
+  for s, g in zip(seqs, got):
+    expected = np.asarray(q.forward(config, params, jnp.asarray([s]))[0])
+    np.testing.assert_allclose(g, expected, atol=2e-4, rtol=2e-4)
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+  """(torch model, config, params) of a tiny random untied Qwen2."""
+  path = tmp_path_factory.mktemp("paged_tiny")
+  model = make_hf_qwen2(path, seed=5)
+  config, params = q.load_hf_checkpoint(path, show_progress=False)
+  return model, config, params
+
+
+def _hf_greedy_each(model, prompts, new_tokens):
+  """transformers greedy generate, one request at a time (no padding)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  model.generation_config.eos_token_id = None
+  out = []
+  with torch.no_grad():
+    for p, n in zip(prompts, new_tokens):
+      ids = torch.tensor([p])
+      g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=n, pad_token_id=0)
+      out.append(g[0, len(p):].numpy().tolist())
+  return out
+
+
+def _stream(vocab, n, seed, max_prompt=20, max_new=9, prefix=None):
+  rng = np.random.default_rng(seed)
+  prompts = [rng.integers(0, vocab, int(rng.integers(1, max_prompt))).tolist() for _ in range(n)]
+  if prefix is not None:
+    prompts = [prefix + p for p in prompts]
+  news = [int(rng.integers(1, max_new)) for _ in range(n)]
+  return prompts, news
+
+
+def _assert_engine_equals_hf(model, eng, prompts, news, orders):
+  expected = _hf_greedy_each(model, prompts, news)
+  compiled = None
+  for order in orders:
+    res = eng.generate([prompts[i] for i in order],
+                       [SamplingParams(max_new_tokens=news[i]) for i in order])
+    for r, i in zip(res, order):
+      assert r.output_ids == expected[i], f"request {i} (order {order})"
+      assert r.finish_reason == "length"
+    eng.scheduler.check()
+    assert eng.scheduler.pool.num_available == eng.num_pages
+    if compiled is None:
+      compiled = eng.stats["num_compilations"]
+    assert eng.stats["num_compilations"] == compiled  # requests come and go: no recompiles
+    assert compiled <= 2
+
+
+def test_greedy_equals_transformers_for_a_stream_in_several_orders(hf_tiny):
+  """11 requests (mixed prompt and output lengths) through 3 slots with a 12-token budget and a
+  pool small enough to preempt: every request's greedy tokens equal transformers' generate of
+  that request alone, in three admission orders."""
+  model, config, params = hf_tiny
+  prompts, news = _stream(config.vocab_size, 11, 0)
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=3, max_num_batched_tokens=12,
+               page_size=4, num_pages=9)
+  rng = np.random.default_rng(0)
+  orders = [list(range(11)), list(range(11))[::-1], rng.permutation(11).tolist()]
+  _assert_engine_equals_hf(model, eng, prompts, news, orders)
+  assert eng.stats["preemptions"] > 0
+
+
+@pytest.mark.parametrize("impl", ["dense", "ragged_dot"])
+def test_moe_greedy_equals_transformers_for_a_stream(tmp_path, impl):
+  """Qwen2-MoE (shared expert, top-2 of 6, one dense layer) through the paged engine."""
+  from test_moe import make_hf_qwen2_moe  # pylint: disable=import-outside-toplevel
+  model = make_hf_qwen2_moe(tmp_path, seed=2, mlp_only_layers=[1])
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False, moe_impl=impl)
+  assert config.is_moe and config.moe_impl == impl
+  prompts, news = _stream(config.vocab_size, 6, 1, max_prompt=14, max_new=7)
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8,
+               page_size=4)
+  _assert_engine_equals_hf(model, eng, prompts, news, [list(range(6)), [5, 3, 1, 0, 2, 4]])
+
+
+def test_logprobs_equal_forward_with_preemption_and_prefix_hits(hf_tiny):
+  """With a shared prompt prefix (prefix-cache hits) and a pool that forces preemption and
+  recomputation, each token is the argmax of `forward` over the sequence so far and its
+  logprob is that of forward's log-softmax."""
+  _, config, params = hf_tiny
+  prefix = np.random.default_rng(7).integers(0, config.vocab_size, 13).tolist()
+  prompts, news = _stream(config.vocab_size, 7, 2, max_prompt=6, max_new=12, prefix=prefix)
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=4, max_num_batched_tokens=16,
+               page_size=4, num_pages=12)
+  res = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in news])
+  st = eng.stats
+  assert st["preemptions"] > 0 and st["prefix_cache_hit_tokens"] >= 12
+  forward = jax.jit(q.forward, static_argnums=0)
+  for p, n, r in zip(prompts, news, res):
+    seq = p + r.output_ids
+    logp = np.asarray(jax.nn.log_softmax(forward(config, params, jnp.asarray([seq]))[0]))
+    steps = logp[len(p) - 1:-1]
+    np.testing.assert_array_equal(np.argmax(steps, -1), r.output_ids)
+    np.testing.assert_allclose(r.logprobs, steps[np.arange(n), r.output_ids], atol=1e-4)
+
+
+def test_sampled_tokens_do_not_depend_on_neighbours_or_admission(hf_tiny):
+  """A sampled request's tokens equal those of the same request alone and those of the static
+  engine (same seed): the key of output t is fold_in(key(seed), t) everywhere."""
+  _, config, params = hf_tiny
+  prompts, news = _stream(config.vocab_size, 5, 3, max_new=10)
+  sps = [SamplingParams(max_new_tokens=n, temperature=1.0, top_k=0 if i % 2 else 20,
+                        top_p=1.0 if i % 3 else 0.9, seed=100 + i)
+         for i, n in enumerate(news)]
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8,
+               page_size=4)
+  batch = eng.generate(prompts, sps)
+  reversed_ = eng.generate(prompts[::-1], sps[::-1])[::-1]
+  static = StaticEngine(config, params, eos_token_ids=()).generate(prompts, sps)
+  for i in (0, 3):
+    alone, = eng.generate([prompts[i]], sps[i])
+    assert alone.output_ids == batch[i].output_ids
+  assert [r.output_ids for r in reversed_] == [r.output_ids for r in batch]
+  assert [r.output_ids for r in static] == [r.output_ids for r in batch]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in static]),
+                             np.concatenate([r.logprobs for r in batch]), atol=1e-4)
+
+
+def test_finish_reasons_and_a_pool_too_small(hf_tiny):
+  """Stop ids end a request with "stop" (the stop token included), EOS too unless ignore_eos,
+  max_new_tokens with "length"; a request the pool can never hold is refused before any step
+  with KVCacheTooSmallError naming the request."""
+  _, config, params = hf_tiny
+  prompts, _ = _stream(config.vocab_size, 3, 4)
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8,
+               page_size=4, num_pages=16)
+  base = eng.generate(prompts, SamplingParams(max_new_tokens=8))
+  stop = base[1].output_ids[4]
+  first = base[1].output_ids.index(stop)
+  out = eng.generate(prompts, [SamplingParams(max_new_tokens=8),
+                               SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)),
+                               SamplingParams(max_new_tokens=3)])
+  assert out[0].output_ids == base[0].output_ids and out[0].finish_reason == "length"
+  assert out[1].output_ids == base[1].output_ids[:first + 1] and out[1].finish_reason == "stop"
+  assert out[2].output_ids == base[2].output_ids[:3] and out[2].finish_reason == "length"
+  eng.eos_token_ids = (stop,)
+  try:
+    eos = eng.generate([prompts[1]], SamplingParams(max_new_tokens=8))[0]
+    ign = eng.generate([prompts[1]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+  finally:
+    eng.eos_token_ids = ()
+  assert eos.output_ids == out[1].output_ids and eos.finish_reason == "stop"
+  assert ign.output_ids == base[1].output_ids
+  steps = eng.stats["steps"]
+  with pytest.raises(KVCacheTooSmallError) as info:  # 16 pages of 4 = 64 slots
+    eng.generate([[1, 2], [3] * 40], [SamplingParams(max_new_tokens=5),
+                                       SamplingParams(max_new_tokens=26)])
+  assert info.value.index == 1 and info.value.param == "max_new_tokens"
+  assert str(info.value).startswith("request 1: max_new_tokens:") and "\n" not in str(info.value)
+  assert eng.stats["steps"] == steps
+
+
+def test_stream_yields_the_generated_tokens(hf_tiny):
+  """`stream` yields the first token alone, then chunks of `interval`: the tokens of generate."""
+  _, config, params = hf_tiny
+  prompt = list(range(3, 12))
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8,
+               page_size=4)
+  sp = SamplingParams(max_new_tokens=10)
+  chunks = list(eng.stream(prompt, sp, interval=3))
+  assert [len(c) for c in chunks] == [1, 3, 3, 3]
+  assert list(itertools.chain(*chunks)) == eng.generate([prompt], sp)[0].output_ids
+  assert eng.last_finish_reason == "length"
+
+
+@pytest.mark.parametrize("mesh_text,rules", [("data=2,fsdp=2,tensor=2", "fsdp_tp")])
+def test_sharded_engine_matches_one_device(hf_tiny, mesh_text, rules):
+  """On 8 CPU devices (weights FSDP + tensor parallel, pools split over KV heads) the tokens
+  equal the unsharded engine's."""
+  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
+  _, config, params = hf_tiny
+  mesh = sharding.make_mesh(sharding.MeshConfig.from_string(mesh_text))
+  prompts, news = _stream(config.vocab_size, 5, 6)
+  sps = [SamplingParams(max_new_tokens=n) for n in news]
+  kw = dict(eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8, page_size=4)
+  sharded = Engine(config, params, mesh=mesh, rules=rules, **kw)
+  got = sharded.generate(prompts, sps)
+  k_pool = sharded._pools[0]  # pylint: disable=protected-access
+  assert len(k_pool.sharding.device_set) == 8
+  assert k_pool.sharding.spec[3] is not None  # KV heads split
+  assert [r.output_ids for r in got] == \
+      [r.output_ids for r in Engine(config, params, **kw).generate(prompts, sps)]
