@@ -208,9 +208,14 @@ def test_wheel_holds_every_source_module(wheel):
 def test_installed_wheel_imports_every_module(wheel, venv):
   """The wheel, not the source tree, is imported, and every module in it imports."""
   venv_dir, report, _ = venv
-  assert not report["errors"], "\n".join(f"{k}:\n{v}" for k, v in report["errors"].items())
+  # The one module that needs an extra at import time (`[data]`: the Beam pipeline, whose DoFns
+  # subclass Beam's); `data prepare --recipe` says which extra to install instead of importing it.
+  needs_extra = {"qwen2_jax.train.pipeline.beam_prepare": "No module named 'apache_beam'"}
+  errors = {k: v for k, v in report["errors"].items()
+            if not (k in needs_extra and needs_extra[k] in v)}
+  assert not errors, "\n".join(f"{k}:\n{v}" for k, v in errors.items())
   assert Path(report["file"]).resolve().is_relative_to(venv_dir.resolve()), report["file"]
-  assert set(report["modules"]) == _wheel_modules(wheel) - {"qwen2_jax.__main__"}
+  assert set(report["modules"]) | set(needs_extra) == _wheel_modules(wheel) - {"qwen2_jax.__main__"}
 
 
 def test_every_third_party_import_is_declared(wheel):

@@ -77,6 +77,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _prepare_beam(args: argparse.Namespace) -> int:
   # pylint: disable=import-outside-toplevel
+  import importlib.util
+  if importlib.util.find_spec("apache_beam") is None:
+    raise UserError("the cleaning pipeline (--recipe / --runner) needs apache-beam and datasketch: "
+                    "pip install 'qwen2-jax[data]'")
   from qwen2_jax.train.pipeline import beam_prepare, outputs
   from qwen2_jax.train.pipeline.recipe import CleanRecipe
   from qwen2_jax.typed_config import Recipe, apply_overrides, read_recipe
