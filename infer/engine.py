@@ -269,20 +269,10 @@ class Engine:
 
   def validate(self, prompts, sampling) -> list[tuple[list[int], SamplingParams]]:
     """Checks every request (typed errors carry the request index); returns (ids, params)."""
-    if sampling is None or isinstance(sampling, SamplingParams):
-      sampling = [sampling or SamplingParams()] * len(prompts)
-    if len(sampling) != len(prompts):
-      raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
-    out = []
-    for i, (p, sp) in enumerate(zip(prompts, sampling)):
-      try:
-        ids = validation.check_request(p, sp, vocab_size=self.config.vocab_size,
-                                       max_context=self.max_context)
-        self._check_fits(len(ids), sp.max_new_tokens)
-      except validation.GenerationInputError as e:
-        raise e.at(i) from None
-      out.append((ids, sp))
-    return out
+    return validation.check_requests(prompts, sampling, vocab_size=self.config.vocab_size,
+                                     max_context=self.max_context,
+                                     check=lambda ids, sp: self._check_fits(len(ids),
+                                                                            sp.max_new_tokens))
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prompt block (no request may be running)."""

@@ -366,19 +366,8 @@ class StaticEngine:
   # ----- the steps of `run_batch`, also used by the benchmark -----
   def validate(self, prompts, sampling) -> list[tuple[list[int], SamplingParams]]:
     """Checks every request (typed errors carry the request index); returns (ids, params)."""
-    if sampling is None or isinstance(sampling, SamplingParams):
-      sampling = [sampling or SamplingParams()] * len(prompts)
-    if len(sampling) != len(prompts):
-      raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
-    out = []
-    for i, (p, sp) in enumerate(zip(prompts, sampling)):
-      try:
-        ids = validation.check_request(p, sp, vocab_size=self.config.vocab_size,
-                                       max_context=self.max_context)
-      except validation.GenerationInputError as e:
-        raise e.at(i) from None
-      out.append((ids, sp))
-    return out
+    return validation.check_requests(prompts, sampling, vocab_size=self.config.vocab_size,
+                                     max_context=self.max_context)
 
   def prepare(self, requests) -> dict[str, Any]:
     """Host-side padding and bucketing of a batch of validated requests."""

@@ -198,3 +198,26 @@ def check_request(prompt_ids: Sequence[Any], sampling, *, vocab_size: int,
     if t >= vocab_size:
       raise InvalidParameterError("stop_token_ids", f"id {t} is outside [0, {vocab_size})")
   return [int(t) for t in ids]
+
+
+def check_requests(prompts: Sequence[Sequence[Any]], sampling, *, vocab_size: int,
+                   max_context: int, check=None) -> list[tuple[list[int], Any]]:
+  """`check_request` over a batch: `sampling` is None, one `SamplingParams` for every prompt or
+  one per prompt; `check(ids, params)` may add an engine's own test. Returns (ids, params) per
+  request; an error carries the index of its request (`.at(i)`)."""
+  # sampling imports this module: a top-level import would be a cycle.
+  from qwen2_jax.infer.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
+  if sampling is None or isinstance(sampling, SamplingParams):
+    sampling = [sampling or SamplingParams()] * len(prompts)
+  if len(sampling) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
+  out = []
+  for i, (p, sp) in enumerate(zip(prompts, sampling)):
+    try:
+      ids = check_request(p, sp, vocab_size=vocab_size, max_context=max_context)
+      if check is not None:
+        check(ids, sp)
+    except GenerationInputError as e:
+      raise e.at(i) from None
+    out.append((ids, sp))
+  return out
