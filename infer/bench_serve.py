@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen2_jax.errors import UserError
+
 STACKS = ("jax-new", "vllm", "jax-static")
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SCRIPT = REPO / "scripts" / "vllm_serve_bench.py"
@@ -79,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- workload
 
+
+class WorkloadError(UserError, ValueError):
+  """Workload bounds that describe no requests (printed as one line by the CLI)."""
+
+
 def make_workload(num_requests: int, vocab_size: int, seed: int = 0,
                   prompt_len: tuple[int, int] = (16, 256),
                   output_len: tuple[int, int] = (16, 256)) -> dict:
@@ -89,7 +96,7 @@ def make_workload(num_requests: int, vocab_size: int, seed: int = 0,
   """
   (p_lo, p_hi), (o_lo, o_hi) = prompt_len, output_len
   if not (1 <= p_lo <= p_hi and 1 <= o_lo <= o_hi and num_requests >= 1):
-    raise ValueError(f"bad workload bounds: prompt {prompt_len}, output {output_len}, "
+    raise WorkloadError(f"bad workload bounds: prompt {prompt_len}, output {output_len}, "
                      f"{num_requests} requests")
   rng = np.random.default_rng(seed)
   p_len = np.exp(rng.uniform(np.log(p_lo), np.log(p_hi + 1), num_requests)).astype(int)
