@@ -13,10 +13,15 @@ The host reads back the S sampled tokens, records them for the sequences whose c
 their last token, finishes sequences (stop id, EOS, max_new_tokens), and plans the next step.
 
 Compilations. T is one of two buckets: S (a step of decode tokens only) or
-`max_num_batched_tokens`; the block-table width is the power of two of pages that covers the
-longest request seen so far (at least 256 tokens' worth): it only grows, so a call with shorter
-requests never recompiles. Admitting, finishing, chunking and sampling settings never
-recompile. `Engine.stats` reports compilations, steps, preemptions and prefix-cache hits.
+`max_num_batched_tokens`. The engine's block-table width is the power of two of pages that
+covers the longest request seen so far (at least 256 tokens' worth): it only grows, so a call
+with shorter requests never recompiles. Off TPU each step's table is narrower where it can be:
+the power of two of pages covering the step's longest sequence (at least 256 tokens' worth, at
+most the engine's width), since the attention there costs in proportion to the width; so there
+are at most 2 x (1 + log2(width / floor)) programs, each compiled the first time a step needs
+it. Admitting, finishing, chunking and sampling settings never recompile beyond those.
+`Engine.stats` reports compilations (each program's key), steps, preemptions and prefix-cache
+hits.
 
 Sampling. Per request: the key of its t-th generated token is fold_in(key(seed), t) (as in the
 static engine), so a request's samples depend neither on the other requests nor on when it was
@@ -26,7 +31,10 @@ Sharding. With `mesh` and `rules` the params are placed with their logical shard
 pools' KV-head axis follows "activation_kv_heads" (tensor parallel); step inputs are replicated.
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, [H, V] head), as the
-static engine does.
+static engine does. Off TPU, attention is `kernels.ragged_paged_attention_blocked` (K/V gathered
+once per group of queries of one sequence, the step's own keys / values read from the layer's
+outputs), and the layers leave the pools alone: all layers' new keys / values are written in
+one scatter at the end of the step (`attention.write_pages_all_layers`), in place.
 """
 
 from __future__ import annotations
@@ -147,7 +155,9 @@ class Engine:
     if page_size < 1:
       raise bad("page_size", f"must be >= 1, got {page_size}")
     config = config.replace(remat_policy="none")
+    self._layout_source = None  # the config before decode_layout, when it was applied
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
+      self._layout_source = config
       config, params = decode_layout(config, params)
     self.config = config
     self.max_num_seqs = self.max_batch_size = S
@@ -184,6 +194,8 @@ class Engine:
     self.compile_seconds: dict[tuple, float] = {}
     self._pools: tuple[Array, Array] | None = None
     self._table_width = 0
+    self._table_floor = paged.pages_for(min(_MIN_TABLE_TOKENS, self.max_context), self.page_size)
+    self._bucket_tables = jax.default_backend() != "tpu"  # see _step_table_width
     self._current: list[paged.Sequence_] = []  # the requests of the run in progress
     self.num_steps = 0
     self.num_step_tokens = 0
@@ -279,6 +291,23 @@ class Engine:
     if self.scheduler.prefix is not None:
       self.scheduler.prefix.clear()
 
+  def update_params(self, params) -> None:
+    """Generates with new weights of the same model from now on (an online trainer's policy).
+
+    `params` has the layout the engine was built with (before `decode_layout`) and may be
+    sharded any way: on a mesh it is resharded in memory to the engine's shardings, with no
+    checkpoint round trip. Same shapes and dtypes: nothing recompiles. Cached prompt blocks
+    were computed with the old weights, so the prefix cache is cleared."""
+    if self.scheduler.has_work:
+      raise RuntimeError("update_params: the engine is running requests")
+    if self._layout_source is not None:
+      _, params = decode_layout(self._layout_source, params)
+    if self.mesh is not None:
+      params = jax.device_put(params, sharding.param_shardings(self.config, self.mesh,
+                                                               self.rules))
+    self.params = params
+    self.reset_prefix_cache()
+
   # ----- the step loop -----
   def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
     need = paged.pages_for(paged.tokens_to_cache(prompt_len, max_new_tokens), self.page_size)
@@ -299,7 +328,7 @@ class Engine:
     longest = max(paged.tokens_to_cache(len(ids), sp.max_new_tokens) for ids, sp in requests)
     # The block table only grows (no recompiles for shorter requests later), from a floor of
     # _MIN_TABLE_TOKENS tokens.
-    floor = paged.pages_for(min(_MIN_TABLE_TOKENS, self.max_context), self.page_size)
+    floor = self._table_floor
     self._table_width = max(self._table_width, floor,
                             _bucket(paged.pages_for(longest, self.page_size)))
     sched.pages_per_seq = self._table_width
@@ -335,7 +364,8 @@ class Engine:
   def _run_step(self, plan: paged.StepPlan, table) -> tuple[np.ndarray, np.ndarray]:
     S = self.max_num_seqs
     T = S if plan.num_tokens <= S else self.max_num_batched_tokens
-    a = self.scheduler.arrays(plan, T, S)
+    pps = self._step_table_width(plan)
+    a = self.scheduler.arrays(plan, T, S, pages_per_seq=pps)
     rows = a.rids  # -1 picks the trailing greedy entry of the table
     limit = self.vocab_limit or self.config.vocab_size
     rp = RowParams(table["temperature"][rows], table["top_k"][rows], table["top_p"][rows],
@@ -348,12 +378,22 @@ class Engine:
       args = jax.device_put(args, rep)
     k, v = self._get_pools()
     self._pools = None  # donated below
-    fn = self._program(T, S, self.scheduler.pages_per_seq, k, v, args)
+    fn = self._program(T, S, pps, k, v, args)
     token, logprob, k, v = fn(self.params, k, v, *args)
     self._pools = (k, v)
     self.num_steps += 1
     self.num_step_tokens += plan.num_tokens
     return np.asarray(token), np.asarray(logprob)
+
+  def _step_table_width(self, plan: paged.StepPlan) -> int:
+    """Block-table width of a step. Off TPU (where attention cost grows with the width): the
+    power of two of pages covering the step's longest sequence, at least the floor
+    (_MIN_TABLE_TOKENS) and at most the engine's width; on TPU always the engine's width."""
+    width = self.scheduler.pages_per_seq
+    if not self._bucket_tables:
+      return width
+    need = max(len(seq.pages) for seq in plan.seqs)
+    return min(width, max(self._table_floor, _bucket(need)))
 
   def _get_pools(self) -> tuple[Array, Array]:
     if self._pools is None or any(p.is_deleted() for p in self._pools):

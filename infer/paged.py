@@ -395,9 +395,13 @@ class Scheduler:
         finished.append(seq)
     return finished
 
-  def arrays(self, plan: StepPlan, num_tokens: int, num_rows: int) -> StepArrays:
-    """The plan as padded device inputs: T = num_tokens >= plan.num_tokens, S = num_rows."""
-    T, S, pps, ps = num_tokens, num_rows, self.pages_per_seq, self.page_size
+  def arrays(self, plan: StepPlan, num_tokens: int, num_rows: int,
+             pages_per_seq: int | None = None) -> StepArrays:
+    """The plan as padded device inputs: T = num_tokens >= plan.num_tokens, S = num_rows; the
+    block table is `pages_per_seq` wide (default `self.pages_per_seq`; it must hold every
+    planned sequence's pages)."""
+    T, S, ps = num_tokens, num_rows, self.page_size
+    pps = self.pages_per_seq if pages_per_seq is None else int(pages_per_seq)
     pad_slot = self.pool.num_pages * ps
     ids = np.zeros(T, np.int32)
     pos = np.zeros(T, np.int32)

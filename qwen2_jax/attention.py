@@ -170,6 +170,25 @@ def write_pages(k: Array, v: Array, k_pages: Array, v_pages: Array, slot_mapping
   return put(k_pages, k), put(v_pages, v)
 
 
+def write_pages_all_layers(k: Array, v: Array, k_pages: Array, v_pages: Array,
+                           slot_mapping: Array) -> tuple[Array, Array]:
+  """Scatters every layer's new keys / values k, v [L, T, K, D] into pools [L, P, ps, K, D] at
+  flat slots [T] (as `write_pages`, one scatter for all layers); slots past the pool are
+  dropped."""
+  def put(pool, new):
+    L, P, ps, K, D = pool.shape
+    flat = pool.reshape(L, P * ps, K, D).at[:, slot_mapping].set(new.astype(pool.dtype),
+                                                                 mode="drop")
+    return flat.reshape(pool.shape)
+  return put(k_pages, k), put(v_pages, v)
+
+
+def paged_writes_deferred() -> bool:
+  """Whether `paged_attention` may be called with `meta.write` False: on every backend but TPU
+  (the Pallas kernel reads the step's keys / values from the pools)."""
+  return jax.default_backend() != "tpu"
+
+
 def layer_pages(k_pages: Array, v_pages: Array, page_indices: Array, layer: int | None
                 ) -> tuple[Array, Array, Array]:
   """(k, v, page table) of one layer: full pools [L, P, ...] are viewed as [L * P, ...] pages
@@ -184,35 +203,47 @@ def layer_pages(k_pages: Array, v_pages: Array, page_indices: Array, layer: int 
 def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, meta, *,
                     scale: float, sliding_window=None) -> tuple[Array, tuple[Array, Array]]:
   """One layer of a ragged paged step (`model.PagedKVCache`): writes the T new keys / values
-  into the pools, then attends each query over its sequence's pages.
+  into the pools and attends each query over its sequence's pages.
 
   Args:
     q: [T, N, D] rotated queries; k, v: [T, K, D] rotated keys / values.
     k_pages, v_pages: the pools, [P, ps, K, D] or [L, P, ps, K, D] (then `meta.layer` says which).
-    meta: `model.PagedMeta` (slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs, layer).
+    meta: `model.PagedMeta` (slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
+      write). With `meta.write` False (only where `paged_writes_deferred()`) the pools are not
+      written and (k, v) come back in their place.
     scale: logit multiplier; sliding_window: optional window (int or scalar array).
 
   Returns:
-    (out [T, N, D], (k_pages, v_pages) updated). The attention is
-    `kernels.ragged_paged_attention`: the Pallas kernel on TPU, its jnp reference elsewhere.
+    (out [T, N, D], (k_pages, v_pages) updated, or (k, v) when not written). On TPU the pools
+    are written first and read by the Pallas kernel (`kernels.ragged_paged_attention`); on
+    other backends `ragged_paged_attention_blocked` reads the step's keys / values from k, v
+    and everything else from the pools as they were, so writing can come after (or later).
   """
+  if paged_writes_deferred():
+    kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
+    out = rpa.ragged_paged_attention_blocked(q, kl, vl, meta.kv_lens, table, meta.cu_q_lens,
+                                             meta.num_seqs, scale=scale,
+                                             sliding_window=sliding_window, k_new=k, v_new=v)
+    if not meta.write:
+      return out, (k, v)
+    return out, write_pages(k, v, k_pages, v_pages, meta.slot_mapping, meta.layer)
+  if not meta.write:
+    raise ValueError("paged_attention on TPU writes the pools itself (meta.write must be True)")
   k_pages, v_pages = write_pages(k, v, k_pages, v_pages, meta.slot_mapping, meta.layer)
   kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
   args = (q, kl, vl, meta.kv_lens, table, meta.cu_q_lens, meta.num_seqs)
-  if jax.default_backend() == "tpu":
-    kernel = functools.partial(rpa.ragged_paged_attention, scale=scale,
-                               sliding_window=sliding_window, interpret=False)
-    mesh = jax.sharding.get_abstract_mesh()
-    heads = None if mesh.empty else nn.logical_to_mesh_axes(("activation_kv_heads",))[0]
-    ways = 1 if heads is None else math.prod(
-        mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads))
-    if heads is None or kl.shape[2] % ways:
-      out = kernel(*args)
-    else:  # each device attends with its own kv heads (the pools are split the same way)
-      P = jax.sharding.PartitionSpec
-      q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
-      out = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (P(),) * 4,
-                          out_specs=q_spec, check_vma=False)(*args)
-  else:
-    out = rpa.ragged_paged_attention_reference(*args, scale=scale, sliding_window=sliding_window)
+  # TPU: the Pallas kernel, with each device's kv heads under a mesh.
+  kernel = functools.partial(rpa.ragged_paged_attention, scale=scale,
+                             sliding_window=sliding_window, interpret=False)
+  mesh = jax.sharding.get_abstract_mesh()
+  heads = None if mesh.empty else nn.logical_to_mesh_axes(("activation_kv_heads",))[0]
+  ways = 1 if heads is None else math.prod(
+      mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads))
+  if heads is None or kl.shape[2] % ways:
+    out = kernel(*args)
+  else:  # each device attends with its own kv heads (the pools are split the same way)
+    P = jax.sharding.PartitionSpec
+    q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
+    out = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (P(),) * 4,
+                        out_specs=q_spec, check_vma=False)(*args)
   return out, (k_pages, v_pages)

@@ -68,10 +68,11 @@ class PagedKVCache(NamedTuple):
   The model runs a flat batch of T tokens from S sequences (input_ids / positions [1, T], the
   positions being each token's index in its sequence); sequence i's tokens are
   [cu_q_lens[i], cu_q_lens[i + 1]), its last ones. Page j of sequence i (page_indices[i, j])
-  holds its tokens [j * page_size, (j + 1) * page_size). Each layer writes its new keys / values
-  to `slot_mapping` (page * page_size + offset; out-of-range slots, e.g. of padding tokens, are
-  dropped), then attends (`attention.paged_attention`). The model returns (logits, (k, v)) with
-  the updated pools.
+  holds its tokens [j * page_size, (j + 1) * page_size). Each layer's new keys / values go to
+  `slot_mapping` (page * page_size + offset; out-of-range slots, e.g. of padding tokens, are
+  dropped) and each layer attends (`attention.paged_attention`); off TPU, with unrolled layers
+  and no DCA, all layers' keys / values are written after the last layer, in one scatter. The
+  model returns (logits, (k, v)) with the updated pools.
   """
   k: Array             # [L, P, page_size, K, D] in the compute dtype
   v: Array             # [L, P, page_size, K, D]
@@ -84,13 +85,16 @@ class PagedKVCache(NamedTuple):
 
 class PagedMeta(NamedTuple):
   """What one layer needs of a `PagedKVCache` besides its pools; `layer` is the layer's index
-  into full [L, ...] pools, or None when the layer is handed its own [P, ...] slice."""
+  into full [L, ...] pools, or None when the layer is handed its own [P, ...] slice. With
+  `write` False the layer leaves the pools as they are and returns its new keys / values
+  [T, K, D] in their place (`attention.paged_attention`); the caller writes them."""
   slot_mapping: Array
   kv_lens: Array
   page_indices: Array
   cu_q_lens: Array
   num_seqs: Array
   layer: int | None = None
+  write: bool = True
 
 
 class Qwen2Attention(nn.Module):
@@ -280,18 +284,29 @@ class Qwen2ForCausalLM(nn.Module):
           x, cos, sin, q_index, segment_ids, windows, cache_kv, cache_valid)
     else:
       new_kvs = []
+      # Paged, where attention can read the step's keys / values without the pools holding them
+      # (`attention.paged_writes_deferred`): the layers leave the pools alone and all layers'
+      # keys / values are written at the end, in one scatter (per-layer scatters into the full
+      # pools cost XLA:CPU a copy of the pools each).
+      deferred = paged and cfg.dual_chunk is None and attn_lib.paged_writes_deferred()
       for i in range(cfg.num_hidden_layers):
         window = None if windows is None else windows[i]
         layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
         layer_meta = cache_valid
         if paged:  # every layer updates the full pools in place (no per-layer copies)
-          layer_kv, layer_meta = cache_kv, cache_valid._replace(layer=i)
+          layer_kv, layer_meta = cache_kv, cache_valid._replace(layer=i, write=not deferred)
         x, kv = layer_cls(cfg, sparse=cfg.is_sparse_layer(i), name=f"layers_{i}")(
             x, cos, sin, q_index, segment_ids, window, layer_kv, layer_meta)
-        if paged:
+        if paged and not deferred:
           cache_kv = kv
         new_kvs.append(kv)
-      if paged:
+      if deferred:
+        new_k, new_v = (jnp.stack(a) for a in zip(*new_kvs))  # [L, T, K, D]
+        # The scatter must follow every layer's reads of the pools, or XLA copies the pools to
+        # write them in place: tie the new keys / values to the last layer's output.
+        x, new_k, new_v = jax.lax.optimization_barrier((x, new_k, new_v))
+        new_kv = attn_lib.write_pages_all_layers(new_k, new_v, *cache_kv, cache.slot_mapping)
+      elif paged:
         new_kv = cache_kv
       else:
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)

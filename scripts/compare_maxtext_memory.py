@@ -7,7 +7,8 @@ own virtualenv (made by `compare_maxtext_memory.sh`, which also runs this file).
 the same settings: pure FSDP over every chip, bf16 compute, fp32 weights and Adam moments, full
 remat, scanned layers, one step on synthetic data. Printed as Markdown, per device:
 `memory_analysis()` arguments / outputs / temporaries and their total (arguments + outputs -
-aliases + temporaries + generated code), fitting when the total is <= 95% of the chip's HBM.
+aliases + temporaries + generated code), fitting when the total is <= 95% of the chip's HBM; a
+batch the TPU compiler itself cannot place in HBM is recorded as "compiler OOM" (does not fit).
 
   scripts/compare_maxtext_memory.sh --model qwen2-7b --topology v5p-8 --batch 44 \\
       --stack qwen2-jax --stack maxtext --attention kernel --attention xla
@@ -46,6 +47,8 @@ MAXTEXT_MODELS = {
                   "base_num_query_heads=64", "base_num_kv_heads=8", "base_mlp_dim=29568",
                   "base_num_decoder_layers=80", "head_dim=128", "vocab_size=152064"],
 }
+# qwen2-jax presets MaxText has no config for (Qwen2-MoE): compiled with `--stack qwen2-jax` only.
+QWEN2_JAX_ONLY = ("qwen2-57b-a14b",)
 ATTENTION = {"kernel": {"qwen2-jax": "pallas", "maxtext": "flash"},
              "xla": {"qwen2-jax": "xla", "maxtext": "dot_product"}}
 
@@ -53,7 +56,7 @@ ATTENTION = {"kernel": {"qwen2-jax": "pallas", "maxtext": "flash"},
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One configuration to compile."""
-  model: str          # qwen2-jax preset name: qwen2-7b, qwen2-72b
+  model: str          # qwen2-jax preset: qwen2-7b, qwen2-72b, qwen2-57b-a14b (no MaxText)
   topology: str       # e.g. v5p-8, v5p-128
   batch: int          # global batch (sequences per step)
   stack: str          # qwen2-jax | maxtext
@@ -99,7 +102,9 @@ def compile_qwen2_jax(case: Case, *, cost: bool, dump_dir: str | None, timeout: 
   cmd += [] if cost else ["--no-cost"]
   r = _run(cmd + ["--json"], _env(dump_dir, ".*jit_step.*"), timeout)
   out = {"memory_per_device": r["memory_per_device"], "compile_seconds": r["compile_seconds"]}
-  if "xla" in r["flops_per_device"]:
+  if r["memory_per_device"] is None:  # the TPU compiler ran out of HBM: no figures
+    out["error"] = r.get("error")
+  elif "xla" in r.get("flops_per_device", {}):
     out["xla"] = {"flops": r["flops_per_device"]["xla"],
                   "bytes_accessed": r["bytes_accessed_per_device"]["xla"]}
   return out
@@ -111,6 +116,8 @@ def _maxtext_settings(case: Case, chips: int, run_dir: str, layers: int | None =
   topo = case.topology if "-" in case.topology else None
   if topo is None:
     raise ValueError(f"topology {case.topology!r}: give MaxText's name, e.g. v5p-128")
+  if case.model not in MAXTEXT_MODELS:
+    raise ValueError(f"{case.model}: MaxText has no config for it; use --stack qwen2-jax")
   model = list(MAXTEXT_MODELS[case.model])
   if layers is not None:  # an unrolled few-layer copy, for the XLA cost extrapolation
     if "override_model_config=true" not in model:
@@ -136,6 +143,8 @@ def compile_maxtext(case: Case, *, python: str, cost: bool, dump_dir: str | None
            _env(dump_dir, ".*jit_train_step.*"), timeout)
   out = {"memory_per_device": r["memory_per_device"], "compile_seconds": r["compile_seconds"],
          "versions": r["versions"]}
+  if r["memory_per_device"] is None:  # the TPU compiler ran out of HBM: no figures
+    return {**out, "error": r.get("error")}
   if cost:
     from qwen2_jax import presets  # pylint: disable=import-outside-toplevel
     costs = [_run(worker + _maxtext_settings(case, chips, run_dir, layers), _env(None, ""),
@@ -158,7 +167,8 @@ def measure(case: Case, args) -> dict:
                         timeout=args.timeout)
   hbm = topology.chip.hbm_bytes
   record = {**dataclasses.asdict(case), **r, "chips": topology.num_chips, "hbm_bytes": hbm,
-            "fits": r["memory_per_device"]["total_bytes"] <= (1 - args.hbm_margin) * hbm,
+            "fits": r["memory_per_device"] is not None and
+                    r["memory_per_device"]["total_bytes"] <= (1 - args.hbm_margin) * hbm,
             "wall_seconds": round(time.perf_counter() - start, 1),
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
   if case.stack == "qwen2-jax":
@@ -212,7 +222,7 @@ def search_batch(template: Case, lo: int, hi: int, args) -> list[dict]:
       good = candidate
     else:
       bad = candidate
-    if len(probes) >= 2:
+    if len(probes) >= 2 and all(p["memory_per_device"] for p in probes[-2:]):
       (b0, m0), (b1, m1) = [(p["batch"] // unit, p["memory_per_device"]["total_bytes"])
                             for p in probes[-2:]]
       slope = max((m1 - m0) / (b1 - b0), 1.0)
@@ -230,8 +240,12 @@ _HEADER = ("| model | topology | stack | attention | settings | batch | argument
 
 def _row(r: dict) -> str:
   m = r["memory_per_device"]
-  gib = lambda k: f"{m[k] / _GIB:.2f}"
+  gib = lambda k: f"{m[k] / _GIB:.2f}" if m else "-"
   attention = ATTENTION[r["attention"]][r["stack"]]
+  if not m:  # the compiler ran out of HBM
+    return (f"| {r['model']} | {r['topology']} | {r['stack']} | {attention} | "
+            f"{', '.join(r['settings']) or '-'} | {r['batch']} | - | - | - | - | "
+            f"compiler OOM | no | {r['compile_seconds']:.0f} |")
   return (f"| {r['model']} | {r['topology']} | {r['stack']} | {attention} | "
           f"{', '.join(r['settings']) or '-'} | {r['batch']} | {gib('argument_bytes')} | "
           f"{gib('output_bytes')} | {gib('alias_bytes')} | {gib('temp_bytes')} | "
@@ -263,7 +277,8 @@ def format_tables(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-  p.add_argument("--model", default="qwen2-7b", choices=sorted(MAXTEXT_MODELS))
+  p.add_argument("--model", default="qwen2-7b",
+                 choices=sorted([*MAXTEXT_MODELS, *QWEN2_JAX_ONLY]))
   p.add_argument("--topology", default="v5p-8")
   p.add_argument("--batch", type=int, action="append", default=[], help="global batch (repeat)")
   p.add_argument("--search-batch", type=int, nargs=2, metavar=("LO", "HI"),

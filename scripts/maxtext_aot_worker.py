@@ -12,6 +12,7 @@ this file only reads the result:
 The last stdout line is one JSON object: per-device `memory_analysis()` fields in bytes, the
 total (arguments + outputs - aliases + temporaries + generated code), XLA's `cost_analysis()`
 FLOPs and bytes of the compiled program, compile seconds, and the jax / libtpu / MaxText versions.
+When the TPU compiler runs out of HBM, `memory_per_device` is null and `error` says why.
 """
 
 from __future__ import annotations
@@ -50,7 +51,19 @@ def main(settings: list[str]) -> int:
     return kept["compiled"]
 
   train_compile.jit_and_compile = keep
-  train_compile.main(["train_compile", base_yml, *settings])
+  start = time.perf_counter()
+  try:
+    train_compile.main(["train_compile", base_yml, *settings])
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+      raise
+    print(json.dumps({  # the TPU compiler could not place the step in HBM: it does not fit
+        "memory_per_device": None, "error": text.strip().splitlines()[0][:300],
+        "compile_seconds": round(time.perf_counter() - start, 2),
+        "versions": {p: _version(p) for p in ("maxtext", "jax", "jaxlib", "libtpu")},
+    }), flush=True)
+    return 0
   compiled = kept["compiled"]
   m = compiled.memory_analysis()
   memory = {"argument_bytes": int(m.argument_size_in_bytes),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 
 import pytest
 
@@ -147,3 +148,31 @@ def test_compile_sft_and_dpo_steps(capsys):
       == 2 * 4 * 64
   args = {job: r["memory_per_device"]["argument_bytes"] for job, r in reports.items()}
   assert args["dpo"] > args["dpo_precomputed"]
+
+
+@needs_libtpu
+def test_compile_grpo_update_with_reference_and_kv_pools(capsys):
+  """`--target grpo` compiles the GRPO update for v5e:2x2 with the reference params and the
+  rollout engine's KV pools as resident inputs: its argument memory exceeds the SFT step's by
+  at least the reference params' and the pools' bytes per device."""
+  reports = {}
+  for job in ("sft", "grpo"):
+    code = compile_cmd.main(["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--batch", "4",
+                             "--seq-len", "64", "--target", job, "--no-cost", "--json"])
+    reports[job] = json.loads(capsys.readouterr().out)
+    assert code == 0 and reports[job]["fits"] and reports[job]["target"] == job
+  config = presets.get_preset("qwen2-tiny")
+  params = sum(math.prod(s) for s in _param_shapes(config)) * 4 / 4  # f32 bytes / 4 chips
+  pages = 4 * -(-65 // 16)
+  pools = 2 * config.num_hidden_layers * pages * 16 * config.num_key_value_heads \
+      * config.head_size * 2                                           # bf16 k and v, replicated
+  extra = (reports["grpo"]["memory_per_device"]["argument_bytes"]
+           - reports["sft"]["memory_per_device"]["argument_bytes"])
+  assert extra >= 0.9 * params + pools, (extra, params, pools)
+  assert "resident" in compile_cmd.format_report(reports["grpo"])
+
+
+def _param_shapes(config):
+  import jax  # pylint: disable=import-outside-toplevel
+  from qwen2_jax import api  # pylint: disable=import-outside-toplevel
+  return [x.shape for x in jax.tree.leaves(api.abstract_params(config))]

@@ -93,6 +93,43 @@ def test_chunked_loss_and_grads_equal_the_plain_path(case):
   _close(lse2, lse1, rel / 10, "lse")
 
 
+def _reference_nll_lse(logits, targets):
+  """The textbook loss: f32 log_softmax, indexed at the targets."""
+  z = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(z, axis=-1)
+  return (-jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0],
+          jax.nn.logsumexp(z, axis=-1))
+
+
+@pytest.mark.parametrize("dtype,rel", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_plain_nll_lse_equals_log_softmax_and_index(dtype, rel):
+  """The plain loss `_nll_lse` (select-and-reduce target logit, custom_vjp backward that keeps
+  no f32 logits) equals log_softmax-and-index in value and in the gradient of an objective
+  weighting nll and lse by random cotangents, negative (from-the-end) targets included.
+  Tolerance, relative to each array's max: values 1e-5 (f32 math either way); gradients 1e-5
+  with f32 logits and 1e-2 with bf16 ones (both round to bf16, about one bf16 ulp apart)."""
+  V = 509
+  logits = (4 * jax.random.normal(jax.random.key(0), (3, 7, V))).astype(dtype)
+  targets = jax.random.randint(jax.random.key(1), (3, 7), -V, V)  # some from the end
+  g_nll, g_lse = (jax.random.normal(jax.random.key(i), (3, 7)) for i in (2, 3))
+
+  def objective(fn):
+    def f(z):
+      nll, lse = fn(z, targets)
+      return (g_nll * nll + g_lse * lse + 0.1 * lse * lse).sum()
+    return jax.jit(jax.value_and_grad(f))
+
+  for actual, expected, what in zip(jax.jit(step_lib._nll_lse)(logits, targets),  # pylint: disable=protected-access
+                                    _reference_nll_lse(logits, targets), ("nll", "lse")):
+    _close(actual, expected, 1e-5, what)
+  (value, grad), (ref_value, ref_grad) = (
+      objective(step_lib._nll_lse)(logits), objective(_reference_nll_lse)(logits))  # pylint: disable=protected-access
+  _close(value, ref_value, 1e-5, "objective")
+  assert grad.dtype == logits.dtype == ref_grad.dtype
+  _close(grad, ref_grad, rel, "d logits")
+  assert float(np.abs(np.asarray(grad, np.float32)).max()) > 0.1  # not vacuous
+
+
 def _largest_array(hlo_text: str) -> int:
   """Elements of the largest array shape in an HLO module's text."""
   sizes = [int(np.prod([int(d) for d in dims.split(",")]))

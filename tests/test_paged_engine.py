@@ -310,6 +310,35 @@ def test_logprobs_equal_forward_with_preemption_and_prefix_hits(hf_tiny):
     np.testing.assert_allclose(r.logprobs, steps[np.arange(n), r.output_ids], atol=1e-4)
 
 
+def test_step_table_widths_are_bucketed_without_changing_results(hf_tiny, monkeypatch):
+  """Off TPU each step's block table is the power of two of pages covering its longest sequence
+  (from a floor of 8 tokens here): short and long requests run under several widths, every
+  width is compiled once (the count in `stats`), and tokens / logprobs equal those of the same
+  engine with one fixed width (logprobs 1e-5)."""
+  import qwen2_jax.infer.engine as engine_lib  # pylint: disable=import-outside-toplevel
+  _, config, params = hf_tiny
+  monkeypatch.setattr(engine_lib, "_MIN_TABLE_TOKENS", 8)
+  prompts, news = _stream(config.vocab_size, 6, 11, max_prompt=30, max_new=12)
+  sps = [SamplingParams(max_new_tokens=n) for n in news]
+  eng = Engine(config, params, eos_token_ids=(), max_num_seqs=3, max_num_batched_tokens=16,
+               page_size=4, max_context=64)
+  got = eng.generate(prompts, sps)
+  widths = {int(k.split("pages_per_seq=")[1].rstrip(")")) for k in eng.stats["programs"]}
+  assert len(widths) > 1 and max(widths) <= eng.scheduler.pages_per_seq
+  assert eng.stats["num_compilations"] <= 2 * len(widths)
+  compiled = eng.stats["num_compilations"]
+  assert [r.output_ids for r in eng.generate(prompts, sps)] == [r.output_ids for r in got]
+  assert eng.stats["num_compilations"] == compiled  # a second run compiles nothing new
+  fixed = Engine(config, params, eos_token_ids=(), max_num_seqs=3, max_num_batched_tokens=16,
+                 page_size=4, max_context=64)
+  fixed._bucket_tables = False  # pylint: disable=protected-access
+  want = fixed.generate(prompts, sps)
+  assert len(fixed.stats["programs"]) <= 2
+  assert [r.output_ids for r in got] == [r.output_ids for r in want]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
+                             np.concatenate([r.logprobs for r in want]), atol=1e-5)
+
+
 def test_sampled_tokens_do_not_depend_on_neighbours_or_admission(hf_tiny):
   """A sampled request's tokens equal those of the same request alone and those of the static
   engine (same seed): the key of output t is fold_in(key(seed), t) everywhere."""

@@ -153,6 +153,74 @@ def test_reference_chunks_tokens(monkeypatch):
                              atol=1e-5, rtol=0)
 
 
+# ------------------------------------------------------------------ blocked path (the CPU path)
+
+BLOCKED_CASES = [
+    # (name, seqs, heads, kv_heads, page_size, pages_per_seq, t, block_q, window)
+    ("gqa2_mixed_bq4", MIXED, 4, 2, 8, 9, 24, 4, None),
+    ("gqa2_mixed_default", MIXED, 4, 2, 8, 9, 24, None, None),
+    ("mha_page5_window12", [(1, 11), (6, 6), (0, 3), (2, 23)], 2, 2, 5, 5, 12, 3, 12),
+    ("gqa4_window_bq1", MIXED, 8, 2, 4, 17, 24, 1, 6),
+    ("decode", [(1, 9), (1, 33), (1, 2), (1, 17)], 6, 2, 16, 3, 4, None, None),
+]
+
+
+def _new_kv_from_pools(args, seqs):
+  """(pools with NaN at each live sequence's new positions, k_new, v_new [T, K, D]): the step's
+  keys / values moved out of the pools (padding tokens' rows NaN)."""
+  q, kp, vp, kv_lens, table, cu, _ = args
+  kp, vp, table = np.array(kp), np.array(vp), np.asarray(table)
+  t, ps = q.shape[0], kp.shape[1]
+  k_new = np.full((t,) + kp.shape[2:], np.nan, kp.dtype)
+  v_new = np.full_like(k_new, np.nan)
+  for i, (q_len, kv_len) in enumerate(seqs):
+    for j in range(q_len):
+      p = kv_len - q_len + j
+      page, off = table[i, p // ps], p % ps
+      k_new[cu[i] + j], v_new[cu[i] + j] = kp[page, off], vp[page, off]
+      kp[page, off] = vp[page, off] = np.nan
+  return (q, jnp.asarray(kp), jnp.asarray(vp)) + tuple(args[3:]), k_new, v_new
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=[c[0] for c in BLOCKED_CASES])
+def test_blocked_matches_reference(case):
+  """Blocked path == reference and float64 attention (f32, 1e-5): several items per sequence,
+  empty slots, windows, NaN in unowned page slots, padding rows 0; with the step's keys /
+  values passed as k_new / v_new (and NaN in their pool slots) the result is the same."""
+  _, seqs, h, kh, ps, pps, t, bq, window = case
+  args, dense = _batch(8, seqs, slots=len(seqs) + 2, heads=h, kv_heads=kh, d=16, page_size=ps,
+                       pages_per_seq=pps, t=t)
+  run = jax.jit(lambda w, *a, **kw: rpa.ragged_paged_attention_blocked(
+      *a, scale=0.25, sliding_window=w, block_q=bq, **kw))
+  w = None if window is None else jnp.int32(window)
+  out = np.asarray(run(w, *args))
+  ref = np.asarray(rpa.ragged_paged_attention_reference(*args, scale=0.25,
+                                                        sliding_window=window))
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out, _dense_attention(args[0], dense, seqs, scale=0.25,
+                                                   window=window), atol=1e-5, rtol=0)
+  n = int(args[5][len(seqs)])
+  assert not np.isnan(out).any() and np.all(out[n:] == 0)
+  moved, k_new, v_new = _new_kv_from_pools(args, seqs)
+  out_new = np.asarray(run(w, *moved, k_new=k_new, v_new=v_new))
+  np.testing.assert_allclose(out_new, ref, atol=1e-5, rtol=0)
+  assert np.all(out_new[n:] == 0)
+
+
+def test_blocked_bf16_and_no_live_sequences():
+  """bf16 pools: blocked == reference within 2e-2 of the largest entry (dtype bf16);
+  num_seqs = 0 gives zeros."""
+  args, _ = _batch(9, MIXED, slots=8, heads=4, kv_heads=2, d=32, page_size=8,
+                   pages_per_seq=9, t=24, dtype=jnp.bfloat16)
+  out = rpa.ragged_paged_attention_blocked(*args, scale=32 ** -0.5)
+  ref = rpa.ragged_paged_attention_reference(*args, scale=32 ** -0.5)
+  assert out.dtype == jnp.bfloat16
+  assert _err(out, ref.astype(jnp.float32)) < 2e-2
+  args = args[:6] + (jnp.zeros((1,), jnp.int32),)
+  np.testing.assert_array_equal(np.asarray(rpa.ragged_paged_attention_blocked(*args, scale=1.0)),
+                                0.0)
+
+
 # ----------------------------------------------------------------------- kernel (interpret)
 
 KERNEL_CASES = [

@@ -2,7 +2,7 @@
 error names that field (its dotted path) and the `--set` it came from.
 
 The fields are found by walking the recipe dataclasses (`PretrainConfig`, `SFTConfig`,
-`DPOConfig` and everything nested in them: model, data, optimizer, mesh), so a field added later
+`DPOConfig`, `RMConfig`, `GRPOConfig` and everything nested in them: model, data, optimizer, mesh), so a field added later
 is covered without editing this test.
 """
 
@@ -18,14 +18,15 @@ import pytest
 
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.presets import config_from_dict
-from qwen2_jax.train import dpo, pretrain, rm, sft
+from qwen2_jax.train import dpo, grpo, pretrain, rm, sft
 from qwen2_jax.typed_config import ConfigError, apply_overrides, read_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = {"pretrain": (pretrain.PretrainConfig, "configs/cpu_demo.yaml"),
         "sft": (sft.SFTConfig, "configs/sft_cpu_demo.yaml"),
         "dpo": (dpo.DPOConfig, "configs/dpo_cpu_demo.yaml"),
-        "rm": (rm.RMConfig, "configs/rm_cpu_demo.yaml")}
+        "rm": (rm.RMConfig, "configs/rm_cpu_demo.yaml"),
+        "grpo": (grpo.GRPOConfig, "configs/grpo_cpu_demo.yaml")}
 # Fields whose type admits anything (a rules table, free-form mappings kept verbatim).
 OPEN = {"rules", "extra", "rope_scaling", "dual_chunk_attention_config", "model.rope_scaling",
         "model.dual_chunk_attention_config", "model.extra"}

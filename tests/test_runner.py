@@ -32,6 +32,9 @@ def _job_for(recipe: str):
   if name.startswith("rm_"):
     from qwen2_jax.train.rm import RMJob  # pylint: disable=import-outside-toplevel
     return RMJob
+  if name.startswith("grpo_"):
+    from qwen2_jax.train.grpo import GRPOJob  # pylint: disable=import-outside-toplevel
+    return GRPOJob
   return SFTJob if name.startswith("sft_") else DPOJob if name.startswith("dpo_") else PretrainJob
 
 
@@ -43,7 +46,7 @@ def test_every_recipe_in_configs_loads():
   loaded = {os.path.basename(p): _job_for(p).config.load(p) for p in recipes}
   assert len(loaded) == len(recipes) >= 10
   kinds = {type(c).__name__ for c in loaded.values()}
-  assert kinds == {"PretrainConfig", "SFTConfig", "DPOConfig", "RMConfig"}
+  assert kinds == {"PretrainConfig", "SFTConfig", "DPOConfig", "RMConfig", "GRPOConfig"}
   assert all(c.data.seq_len > 0 and c.data.batch_size > 0 for c in loaded.values())
   assert loaded["qwen2-57b-a14b_v5p-64.yaml"].model.is_moe
   assert loaded["qwen2-57b-a14b_v5p-64.yaml"].mesh.expert == 8
@@ -53,6 +56,8 @@ def test_every_recipe_in_configs_loads():
       (7e-6, 7e-7, 0.1, 1.0)
   assert report.data.num_epochs == 2 and report.data.seq_len == 32768 and report.auto_decay
   assert loaded["dpo_qwen2-report.yaml"].beta == 0.1
+  assert loaded["dpo_online_cpu_demo.yaml"].online.rewards[0].type == "reward_model"
+  assert loaded["grpo_qwen2-7b_v5p-8.yaml"].updates_per_round == 8
 
 
 def _dicts(tmp_path) -> dict[type, dict]:

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from qwen2_jax import flops, sharding
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.errors import UserError
-from qwen2_jax.train import chat_data, posttrain, runner, step as step_lib
+from qwen2_jax.train import chat_data, online, posttrain, runner, step as step_lib
 from qwen2_jax.train.step import Batch, TrainState
-from qwen2_jax.typed_config import ConfigError, Float
+from qwen2_jax.typed_config import ConfigError, Float, Int
 
 REFERENCE_MODES = ("on_the_fly", "precomputed")
 DPO_BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
@@ -221,6 +221,28 @@ EVAL_REFERENCE_FILE = "reference_logps_eval.npy"  # the held-out pairs', when th
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class OnlineDPOSettings:
+  """Online DPO (the Qwen2 report's second RLHF stage): each round samples
+  `rollout.num_generations` responses per prompt from the current policy, scores them with
+  `rewards` (usually the reward model), and the best and worst become the chosen and rejected
+  response of a pair; a prompt whose responses all score the same gives no pair. Then
+  `num_iterations` DPO updates on the round's pairs."""
+  rollout: online.RolloutConfig = dataclasses.field(
+      default_factory=lambda: online.RolloutConfig(num_generations=4))
+  rewards: tuple[online.RewardTerm, ...] = ()
+  num_iterations: Int = 1              # DPO updates per round on its pairs
+
+  def __post_init__(self):
+    online.check_rewards(self.rewards, "DPOConfig.online")
+    if self.rollout.num_generations < 2:
+      raise ConfigError(f"DPOConfig.online.rollout.num_generations: must be >= 2 (a best and "
+                        f"a worst response), got {self.rollout.num_generations}")
+    if self.num_iterations <= 0:
+      raise ConfigError(f"DPOConfig.online.num_iterations: must be positive, got "
+                        f"{self.num_iterations}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOConfig(posttrain.ChatRunSettings):
   job_name: ClassVar[str] = "dpo"
   path_fields: ClassVar[tuple[str, ...]] = (*runner.RunSettings.path_fields, "reference_from")
@@ -230,9 +252,16 @@ class DPOConfig(posttrain.ChatRunSettings):
   reference: str = "on_the_fly"        # "on_the_fly" (reference params on the mesh) or
                                        # "precomputed" (one pass before training; see README)
   reference_from: str | None = None    # reference weights; default: the initial policy
+  online: OnlineDPOSettings | None = None  # online DPO: pairs sampled and scored each round
+                                       # (`train.online_dpo`); data are then prompts
 
   def __post_init__(self):
     super().__post_init__()
+    if self.online is not None:
+      if self.reference != "on_the_fly":
+        raise ConfigError("DPOConfig.reference: online DPO needs on_the_fly (the pairs are "
+                          "new every round)")
+      online.check_rollout_fits(self.online.rollout, self.data.seq_len, "DPOConfig.online")
     if not self.beta > 0:
       raise ConfigError(f"DPOConfig.beta: must be > 0, got {self.beta}")
     if not 0 <= self.label_smoothing < 0.5:
@@ -241,6 +270,14 @@ class DPOConfig(posttrain.ChatRunSettings):
     if self.reference not in REFERENCE_MODES:
       raise ConfigError(f"DPOConfig.reference: {self.reference!r} is not one of "
                         f"{REFERENCE_MODES}")
+
+
+  @property
+  def updates_per_round(self) -> int:
+    return 1 if self.online is None else self.online.num_iterations
+
+  def run_optim(self, steps: int):
+    return super().run_optim(steps * self.updates_per_round)
 
 
 def _local_value(x: jax.Array) -> np.ndarray:
@@ -254,6 +291,14 @@ class DPOJob(posttrain.ChatJob):
   dataset_class = chat_data.PreferenceDataset
   rows_per_example = 2
   metric_names = DPO_METRICS[1:] + ("pairs",)
+
+  @classmethod
+  def for_config(cls, cfg: DPOConfig) -> runner.Job:
+    """The job of a DPO recipe: online DPO (`train.online_dpo`) when it has `online:`."""
+    if cfg.online is not None:
+      from qwen2_jax.train import online_dpo  # pylint: disable=import-outside-toplevel
+      return online_dpo.OnlineDPOJob(cfg)
+    return cls(cfg)
 
   def __init__(self, cfg: DPOConfig):
     super().__init__(cfg)
@@ -357,5 +402,6 @@ def precompute_reference(config: Qwen2Config, params: Any, dataset: chat_data.Pr
 
 
 def dpo(cfg: DPOConfig) -> dict[str, Any]:
-  """Runs (or resumes) offline DPO; returns the run summary."""
-  return runner.run(DPOJob(cfg))
+  """Runs (or resumes) offline DPO, or online DPO when `cfg.online` is set; returns the run
+  summary."""
+  return runner.run(DPOJob.for_config(cfg))

@@ -118,7 +118,8 @@ def train_loop(cfg, run: RunLog, *, state, start: int, steps: int,
                data_state: Callable[[], Any], schedule: Callable[[int], Any],
                fingerprint: dict[str, Any], tokens_per_step: int, flops_per_token: float,
                metric_names: tuple[str, ...] = (),
-               evaluate: Callable[[Any], dict[str, float]] | None = None) -> LoopResult:
+               evaluate: Callable[[Any], dict[str, float]] | None = None,
+               updates_per_step: int = 1) -> LoopResult:
   """Steps `start + 1 .. steps`; returns once every checkpoint it started has committed.
 
   Args:
@@ -126,6 +127,8 @@ def train_loop(cfg, run: RunLog, *, state, start: int, steps: int,
     train_step: (state, batch) -> (state, metrics with loss, grad_norm, finite, metric_names).
     data_state: the data position to store in a checkpoint (JSON-able).
     evaluate: state -> {"eval/...": value}, called every `cfg.eval_every` steps (0: never).
+    updates_per_step: optimizer updates per step (an online job's round takes several); the
+      logged lr is the last update's.
   """
   peak = cfg.peak_flops or flops.peak_flops_for_devices(jax.devices())
   window_start, window_tokens, first, last, stopped = time.perf_counter(), 0.0, None, {}, None
@@ -150,7 +153,8 @@ def train_loop(cfg, run: RunLog, *, state, start: int, steps: int,
       tokens_per_s = window_tokens / (time.perf_counter() - window_start)
       record = {"step": step_number, "loss": values["loss"], "grad_norm": values["grad_norm"],
                 **{k: values[k] for k in metric_names},
-                "lr": float(schedule(max(step_number - int(state.skipped) - 1, 0))),
+                "lr": float(schedule(max(step_number * updates_per_step
+                                         - int(state.skipped) - 1, 0))),
                 "skipped": int(state.skipped), "tokens_per_s": tokens_per_s,
                 "mfu": (flops_per_token * tokens_per_s / (peak * jax.device_count())
                         if peak else None)}

@@ -38,18 +38,24 @@ class ChatJob(runner.Job):
   """A job on a `chat_data` dataset; subclasses set `dataset_class`."""
   dataset_class: type = chat_data.SFTDataset
 
+  examples_name = "examples"           # what the data summary calls them
+
+  def make_dataset(self, tokenizer):
+    return self.dataset_class(self.cfg.data, tokenizer)
+
+  def dropped_note(self, n: int) -> str:
+    return (f"{self.name}: dropped {n} examples longer than seq_len={self.cfg.data.seq_len} "
+            f"(too_long: drop)")
+
   def open_data(self, tokenizer) -> runner.Data:
-    dataset = self.dataset = self.dataset_class(self.cfg.data, tokenizer)
-    summary = {"examples": len(dataset.examples), "dropped_too_long": dataset.num_dropped,
+    dataset = self.dataset = self.make_dataset(tokenizer)
+    summary = {self.examples_name: len(dataset.examples), "dropped_too_long": dataset.num_dropped,
                "batches_available": dataset.total_batches}
     held_out = None
     if dataset.held_out is not None:
       summary["held_out"] = len(dataset.held_out.examples)
       held_out = lambda: dataset.held_out.iterator(jax.process_index(), jax.process_count())
-    note = None
-    if dataset.num_dropped:
-      note = (f"{self.name}: dropped {dataset.num_dropped} examples longer than "
-              f"seq_len={self.cfg.data.seq_len} (too_long: drop)")
+    note = self.dropped_note(dataset.num_dropped) if dataset.num_dropped else None
     return runner.Data(iterator=dataset.iterator(jax.process_index(), jax.process_count()),
                        total_batches=dataset.total_batches, held_out=held_out,
                        summary=summary, note=note)

@@ -5,10 +5,13 @@ splits over them and that the model's vocabulary holds the tokenizer's ids; open
 make the optimizer and the checkpointer; resume from the latest committed checkpoint, or start
 from `init_from` (an HF or Orbax directory) or a random init (`seed`); step through
 `train.loop.train_loop`; export HF safetensors at the end. A job (`train.pretrain.PretrainJob`,
-`train.sft.SFTJob`, `train.dpo.DPOJob`, `train.rm.RMJob`) brings only what differs: its recipe
-dataclass (`RunSettings` plus its data and objective settings), its data, its jitted train and
-eval steps, and the metrics it logs; a job whose params are not the causal LM's (the reward
-model's) also brings how to init, load and restore them (`Job.init_state` and its siblings).
+`train.sft.SFTJob`, `train.dpo.DPOJob`, `train.rm.RMJob`, `train.grpo.GRPOJob`,
+`train.online_dpo.OnlineDPOJob`) brings only what differs: its recipe dataclass (`RunSettings`
+plus its data and objective settings), its data, its train and eval steps, and the metrics it
+logs; a job whose params are not the causal LM's (the reward model's) also brings how to init,
+load and restore them (`Job.init_state` and its siblings), and an online job (`train.online`),
+whose step samples from the policy before it updates, keeps its batches on the host
+(`Job.place_batch`) and takes several updates per step (`Job.updates_per_step`).
 
 Recipes: `RunSettings.load(path, overrides)` reads YAML (`typed_config.read_recipe`, `--set
 a.b=v` overrides) and builds the job's dataclass with `typed_config.structure`: typed, strict,
@@ -195,6 +198,7 @@ class Job:
   name: ClassVar[str] = "job"
   rows_per_example: ClassVar[int] = 1  # batch rows per data.batch_size unit (DPO: 2 per pair)
   metric_names: ClassVar[tuple[str, ...]] = ()  # logged besides loss and grad_norm
+  updates_per_step: int = 1            # optimizer updates per step (online jobs: per round)
   held_out_setting: ClassVar[str] = "data.eval_every_nth_example"  # what holds out eval data
 
   def __init__(self, cfg: RunSettings):
@@ -233,6 +237,11 @@ class Job:
   def host_batch(self, batch: dict[str, Any], held_out: bool = False) -> dict[str, Any]:
     """A batch of the data's iterator (or, `held_out`, of `Data.held_out`) as the step takes it."""
     return batch
+
+  def place_batch(self, batch: dict[str, Any], mesh, rules) -> Any:
+    """A host batch (this process's rows) as the step takes it: global arrays on the mesh
+    (an online job keeps its prompt indices on the host)."""
+    return sharding.host_local_batch(batch, mesh, rules)
 
   def make_step(self, optimizer, mesh, rules) -> Callable[[Any, Any], tuple[Any, dict]]:
     """Jitted (state, batch) -> (state, metrics with loss, grad_norm, finite, metric_names)."""
@@ -287,8 +296,8 @@ def _run_steps(cfg: RunSettings, total_batches: int | None) -> int:
 def evaluate(job: Job, data: Data, eval_step, state, mesh, rules) -> dict[str, float]:
   """The job's eval metrics over (up to `eval_batches` batches of) its held-out data."""
   def one(host):
-    return eval_step(state.params, sharding.host_local_batch(job.host_batch(host, held_out=True),
-                                                             mesh, rules))
+    return eval_step(state.params, job.place_batch(job.host_batch(host, held_out=True), mesh,
+                                                   rules))
   return job.eval_result(loop.sum_eval_outputs(one, data.held_out(), job.cfg.eval_batches))
 
 
@@ -343,7 +352,7 @@ def run(job: Job) -> dict[str, Any]:
         raise ConfigError(f"steps={steps} runs past the data (data.num_epochs="
                           f"{getattr(cfg.data, 'num_epochs', None)}); lower steps or raise "
                           f"data.num_epochs") from None
-      return sharding.host_local_batch(job.host_batch(host), mesh, rules)
+      return job.place_batch(job.host_batch(host), mesh, rules)
   except BaseException:
     ckpt.close()
     raise
@@ -360,7 +369,7 @@ def run(job: Job) -> dict[str, Any]:
         fingerprint=fingerprint,
         tokens_per_step=cfg.data.batch_size * job.rows_per_example * cfg.data.seq_len,
         flops_per_token=job.flops_per_token(), metric_names=job.metric_names,
-        evaluate=evaluate_fn)
+        evaluate=evaluate_fn, updates_per_step=job.updates_per_step)
     summary = {"job": job.name, "final_step": int(result.state.step), "steps": steps,
                "first_logged": result.first, "last": result.last,
                "skipped": int(result.state.skipped), "stopped_by": result.stopped,

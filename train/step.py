@@ -57,12 +57,44 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> Tr
                     jnp.zeros((), jnp.int32))
 
 
+@jax.custom_vjp
 def _nll_lse(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(lse - logits[target], lse), f32, of logits [..., V] and int targets [...]."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [...]
-  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [...]
-  return lse - target, lse
+  """(lse - logits[target], lse), f32, of logits [..., V] and int targets [...] in [-V, V)
+  (negative ones count from the end, as `jnp.take_along_axis` reads them).
+
+  Log-softmax in f32 whatever the logits' dtype, without ever storing an f32 copy of the logits:
+  the target logit is a compare-and-select fused into a reduction (not a gather, which the TPU
+  compiler feeds from a materialised f32 array), and the backward (a `custom_vjp`) keeps only the
+  logits as they came, the targets and lse, and rebuilds dz = (g_nll + g_lse) softmax(z)
+  - g_nll onehot(target) in one elementwise pass, cast to the logits' dtype as autodiff's would
+  be. Equal to `log_softmax` and indexing up to f32 rounding (tests/test_memory_levers.py).
+  """
+  return _nll_lse_fwd(logits, targets)[0]
+
+
+def _onehot_mask(targets: jax.Array, vocab: int) -> jax.Array:
+  """[..., V] bool, True at each target (iota compare: fuses into its consumer)."""
+  t = jnp.where(targets < 0, targets + vocab, targets)
+  return jax.lax.broadcasted_iota(t.dtype, (*t.shape, vocab), t.ndim) == t[..., None]
+
+
+def _nll_lse_fwd(logits, targets):
+  z = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1)  # [...]
+  target = jnp.sum(jnp.where(_onehot_mask(targets, z.shape[-1]), z, 0.0), axis=-1)  # [...]
+  return (lse - target, lse), (logits, targets, lse)
+
+
+def _nll_lse_bwd(res, cotangents):
+  logits, targets, lse = res
+  g_nll, g_lse = cotangents  # [...] f32 each
+  probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])  # [..., V]
+  onehot = _onehot_mask(targets, logits.shape[-1])
+  dz = (g_nll + g_lse)[..., None] * probs - jnp.where(onehot, g_nll[..., None], 0.0)
+  return dz.astype(logits.dtype), None
+
+
+_nll_lse.defvjp(_nll_lse_fwd, _nll_lse_bwd)
 
 
 def _chunk_logits(config: Qwen2Config, head: Any, h: jax.Array) -> jax.Array:

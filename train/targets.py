@@ -5,6 +5,10 @@
   dpo              the DPO step (`train.dpo`) with the frozen reference's params on the mesh as a
                    second, undonated input; the batch counts preference pairs, 2 sequences each
   dpo_precomputed  the DPO step with the reference log-probs in the batch
+  grpo             a GRPO update (`train.grpo`) on a mini-batch of `batch` responses, with what
+                   stays resident beside it during a run as undonated inputs: the frozen
+                   reference's params and the rollout engine's KV-cache pools (one sequence of
+                   seq_len tokens per response, pages of 16, sharded as the engine shards them)
 
 `targets(optim)` builds them with a recipe's optimizer settings (`OptimConfig`, e.g. `mu_dtype`)
 in place of those defaults; `TARGETS` are the defaults.
@@ -52,6 +56,54 @@ def dpo_target(reference: str, optimizer: optax.GradientTransformation | None = 
                     tokens_per_step=lambda batch, seq_len: 2 * batch * seq_len)
 
 
+def grpo_target(optimizer: optax.GradientTransformation | None = None, *,
+                page_size: int = 16) -> aot.Target:
+  """The GRPO update with the reference params and the engine's KV pools resident (module
+  docstring). The rollout programs are not compiled here: their temporaries are a step's T
+  tokens, small beside the update's."""
+  # pylint: disable=import-outside-toplevel  (the engine is only needed for this target)
+  from jax.sharding import NamedSharding
+  import jax
+  import jax.numpy as jnp
+  from qwen2_jax import sharding
+  from qwen2_jax.infer.engine import POOL_AXES
+  from qwen2_jax.infer.paged import pages_for
+  from qwen2_jax.layers import dtype_of
+  from qwen2_jax.train import grpo
+  optimizer = optimizer or optax.adamw(1e-6)
+
+  def lower(config, mesh, rules, batch_size, seq_len):
+    state = train_lib.abstract_train_state(config, optimizer, mesh, rules)
+    rows = sharding.batch_sharding(mesh, rules, (batch_size, seq_len))
+    spec = lambda dtype: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=rows)
+    batch = {k: spec(jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
+    batch.update({k: spec(jnp.float32) for k in ("loss_mask", "old_logps", "weights",
+                                                 "ref_logps")})
+    batch["advantages"] = jax.ShapeDtypeStruct(
+        (batch_size, 1), jnp.float32,
+        sharding=sharding.batch_sharding(mesh, rules, (batch_size, 1)))
+    c = config
+    pool_shape = (c.num_hidden_layers, batch_size * pages_for(seq_len + 1, page_size), page_size,
+                  c.num_key_value_heads, c.head_size)
+    pool_sh = NamedSharding(mesh, sharding.logical_to_spec(POOL_AXES, rules, mesh, pool_shape))
+    pool = jax.ShapeDtypeStruct(pool_shape, dtype_of(c.dtype), sharding=pool_sh)
+    objective = dict(clip_epsilon=0.2, clip_epsilon_high=0.2, kl_coef=0.04, kl_estimator="k3")
+    state_sh = train_lib.state_shardings(config, optimizer, mesh, rules)
+    batch_sh = grpo.batch_shardings(mesh, rules, with_ref=True)
+
+    def step(state, ref_params, k_pool, v_pool, batch):
+      del ref_params, k_pool, v_pool  # resident during the run; not read by the update
+      with sharding.activation_rules(rules, mesh, config):
+        return grpo.grpo_train_step(config, optimizer, state, batch, **objective)
+
+    jitted = jax.jit(step, in_shardings=(state_sh, state_sh.params, pool_sh, pool_sh, batch_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
+                     keep_unused=True)
+    return jitted.lower(state, state.params, pool, pool, batch)
+
+  return aot.Target("grpo", lower, flops.train_flops_per_token)
+
+
 def targets(optim: OptimConfig | None = None) -> dict[str, aot.Target]:
   """Every training target by name; with `optim`, all of them use `make_optimizer(optim)`."""
   if optim is None:
@@ -61,7 +113,8 @@ def targets(optim: OptimConfig | None = None) -> dict[str, aot.Target]:
     train_opt = sft_opt = dpo_opt = make_optimizer(optim)
   return {t.name: t for t in (
       _step_target("train", train_opt), _step_target("sft", sft_opt),
-      dpo_target("on_the_fly", dpo_opt), dpo_target("precomputed", dpo_opt))}
+      dpo_target("on_the_fly", dpo_opt), dpo_target("precomputed", dpo_opt),
+      grpo_target(dpo_opt))}
 
 
 TARGETS = targets()

@@ -25,7 +25,7 @@ _PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirector
                 NotADirectoryError)
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "sft", "dpo", "rm", "compile",
+SUBCOMMANDS = ("convert", "tokenizer", "data", "pretrain", "sft", "dpo", "rm", "grpo", "compile",
                "generate", "bench", "upcycle", "eval")
 
 

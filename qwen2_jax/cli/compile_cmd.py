@@ -46,7 +46,10 @@ def register(subparsers) -> None:
                  help="what to compile: train (forward, backward, optimizer update; default), "
                       "sft (the same step, SFT optimizer), dpo (policy + frozen reference "
                       "params on the mesh; --batch counts preference pairs, 2 sequences each), "
-                      "dpo_precomputed (DPO with reference log-probs in the batch), "
+                      "dpo_precomputed (DPO with reference log-probs in the batch), grpo (a "
+                      "GRPO update on --batch responses, with the frozen reference's params "
+                      "and the rollout engine's KV-cache pools for --batch sequences of "
+                      "--seq-len resident), "
                       "prefill (a [batch, seq-len] prompt batch into the KV cache) or decode "
                       "(one generation step against a cache of seq-len + new-tokens slots)")
   p.add_argument("--new-tokens", type=int, default=128,
@@ -239,6 +242,9 @@ def format_report(r: dict) -> str:
       f"  batch {r['batch_size']}, one token per row per step, cache of {r['cache_slots']:,} "
       f"slots ({r['seq_len']:,} prompt + {r['new_tokens']:,} new)",
   ]
+  if r["target"] == "grpo":
+    lines.append(f"  resident as inputs: the reference's params and the rollout engine's KV pools "
+                 f"({r['batch_size']} sequences of {r['seq_len'] + 1:,} tokens)")
   hbm = topo["hbm_bytes_per_chip"] / _GIB
   if mem is None:
     lines.append(f"  memory per device: the compiler ran out of HBM ({r['error']})")
@@ -257,7 +263,8 @@ def format_report(r: dict) -> str:
   flops = r["flops_per_device"]
   if "xla" in flops:
     factor = 6 * dpo_flops_factor(r["target"] == "dpo_precomputed") \
-        if r["target"].startswith("dpo") else 6 if r["target"] in ("train", "sft") else 2
+        if r["target"].startswith("dpo") else 6 if r["target"] in ("train", "sft", "grpo") \
+        else 2
     lines.append(f"  FLOPs per device per step: XLA {flops['xla']:.3e}, analytic {factor:g}*N*tokens"
                  f" + attention {flops['analytic_model']:.3e} (XLA/analytic "
                  f"{flops['xla'] / flops['analytic_model']:.2f})")

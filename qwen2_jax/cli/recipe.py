@@ -1,4 +1,5 @@
-"""The parser and runner shared by the recipe-driven training commands (pretrain, sft, dpo).
+"""The parser and runner shared by the recipe-driven training commands (pretrain, sft, dpo, rm,
+grpo).
 
 Each takes `--config RECIPE.yaml`, any number of `--set key=value` overrides and the
 multi-host arguments (`qwen2_jax.distributed`); it builds the job's recipe dataclass from them
@@ -37,6 +38,9 @@ def _run(job: str, args: argparse.Namespace) -> int:
   distributed.initialize_from_args(args)
   module, cls = job.split(":")
   job_class = getattr(importlib.import_module(module), cls)
-  summary = runner.run(job_class(job_class.config.load(args.config, args.set)))
+  cfg = job_class.config.load(args.config, args.set)
+  # A recipe may pick a variant of the job (dpo with `online:` is online DPO).
+  job = job_class.for_config(cfg) if hasattr(job_class, "for_config") else job_class(cfg)
+  summary = runner.run(job)
   print(json.dumps(summary, indent=2, default=str))
   return 0

@@ -27,6 +27,12 @@ loop walks the kv blocks (`pages_per_block` pages) that hold a visible key, copy
 from HBM with async copies, double-buffered across blocks and across items; pages wholly outside
 [first visible key, last query position] are never copied. Online softmax in f32, one running
 (max, sum, accumulator) per kv head. Results come back per item and are gathered to [T, H, D].
+
+Off TPU the engine runs `ragged_paged_attention_blocked`: the same items in plain jnp, each
+gathering its sequence's whole block table once and attending with one batched matmul (an
+exact softmax over the table width); it can take the step's own keys / values as arguments, so
+the pools may be written after it. `ragged_paged_attention_reference` (per-token gathers) is the
+oracle both are tested against.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def ragged_paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, k
                                      page_indices: Array, cu_q_lens: Array, num_seqs: Array, *,
                                      scale: float,
                                      sliding_window: int | Array | None = None) -> Array:
-  """Ragged paged attention in plain jnp (f32 math): the test oracle and the CPU path.
+  """Ragged paged attention in plain jnp (f32 math): the test oracle (the CPU path is
+  `ragged_paged_attention_blocked`).
 
   Each query token gathers its sequence's pages ([pps * ps, K, D]) and attends over them with the
   causal / window mask; tokens are handled in chunks so at most about 4M elements of K (and of V)
@@ -116,6 +123,89 @@ def ragged_paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, k
 
   out = lax.map(one_chunk, (qf, seq_c, pos_c, valid_c))  # [N, C, K, G, D]
   return out.reshape(n_chunks * chunk, h, d)[:t].astype(q.dtype)
+
+
+def _default_cpu_block_q(t: int, s: int) -> int:
+  """Queries per item of the blocked CPU path: 1 for a step of at most one token per sequence
+  (T <= S), else 32 (at most T)."""
+  return 1 if t <= s else min(t, 32)
+
+
+def ragged_paged_attention_blocked(q: Array, k_pages: Array, v_pages: Array, kv_lens: Array,
+                                   page_indices: Array, cu_q_lens: Array, num_seqs: Array, *,
+                                   scale: float, sliding_window: int | Array | None = None,
+                                   k_new: Array | None = None, v_new: Array | None = None,
+                                   block_q: int | None = None) -> Array:
+  """Ragged paged attention in plain jnp by items of queries: the CPU path.
+
+  As the Pallas kernel, the step is cut into items of up to `block_q` consecutive queries of one
+  sequence (at most min(T, S + cdiv(T, block_q)) items). Each item gathers its sequence's pages
+  once ([pps * ps, K, D]) and attends with its queries as one batched matmul per kv head, so K/V
+  are gathered per item, not per query token as in `ragged_paged_attention_reference` (for a
+  decode step, block_q = 1: one gather per sequence). Math in f32, an exact softmax over the
+  whole block-table width (masked keys get probability 0); equal to the reference up to float
+  rounding.
+
+  Args:
+    q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs: as in the module docstring.
+    scale: logit multiplier; sliding_window: None, an int or an int32 scalar array.
+    k_new, v_new: optional [T, K, D]: this step's keys / values, token-aligned with q. When given,
+      positions [kv_len - q_len, kv_len) of each sequence are read from them instead of the
+      pools, which then need not hold them yet (the caller may write the pools afterwards).
+    block_q: queries per item; default 1 when T <= S (decode), else min(T, 32).
+
+  Returns:
+    [T, H, D] in q's dtype; rows of padding tokens are 0.
+  """
+  t, h, d = q.shape
+  _, ps, kh, _ = k_pages.shape
+  s, pps = page_indices.shape
+  g = h // kh
+  length = pps * ps
+  block_q = _default_cpu_block_q(t, s) if block_q is None else max(1, min(int(block_q), t))
+  n_items = min(t, s + -(-t // block_q))
+  cu_q_lens = cu_q_lens.astype(jnp.int32)
+  kv_lens = kv_lens.astype(jnp.int32)
+  window = None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32).reshape(())
+  table, _, starts = _item_tables(cu_q_lens, kv_lens, num_seqs, n_items=n_items,
+                                  block_q=block_q, block_kv=length, sliding_window=window)
+  field = lambda f: table[f * n_items:(f + 1) * n_items]
+  seq, base, lo, hi = field(_SEQ), field(_BASE), field(_LO), field(_HI)  # dead items: all 0
+  m = jnp.arange(n_items, dtype=jnp.int32)
+  first_q = cu_q_lens[seq] + (m - starts[seq]) * block_q  # [N] token index of the first query
+  tok = jnp.minimum(first_q[:, None] + jnp.arange(block_q, dtype=jnp.int32)[None, :], t - 1)
+  qi = q[tok].astype(jnp.float32).reshape(n_items, block_q, kh, g, d)
+  qi = qi.transpose(0, 2, 1, 3, 4).reshape(n_items, kh, block_q * g, d)  # [N, K, R, D]
+  pages = page_indices.astype(jnp.int32)[seq]  # [N, pps]
+  k = k_pages[pages].reshape(n_items, length, kh, d)  # [N, C, K, D]
+  v = v_pages[pages].reshape(n_items, length, kh, d)
+  col = jnp.arange(length, dtype=jnp.int32)
+  if k_new is not None:
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    rel = col[None, :] - (kv_lens[seq] - q_lens[seq])[:, None]  # [N, C] index among new tokens
+    is_new = (rel >= 0) & (rel < q_lens[seq][:, None])
+    src = jnp.clip(cu_q_lens[seq][:, None] + rel, 0, t - 1)
+    k = jnp.where(is_new[..., None, None], k_new.astype(k.dtype)[src], k)
+    v = jnp.where(is_new[..., None, None], v_new.astype(v.dtype)[src], v)
+  in_range = (col[None, :] >= lo[:, None]) & (col[None, :] < hi[:, None])  # [N, C]
+  k = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [N, K, C, D]
+  v = jnp.where(in_range[:, :, None, None], v, 0).astype(jnp.float32).transpose(0, 2, 1, 3)
+  logits = jnp.einsum("NKRD,NKCD->NKRC", qi, k, precision=lax.Precision.HIGHEST) * scale
+  pos = base[:, None] + jnp.arange(block_q * g, dtype=jnp.int32)[None, :] // g  # [N, R]
+  mask = (col[None, None, :] <= pos[:, :, None]) & in_range[:, None, :]  # [N, R, C]
+  if window is not None:
+    mask &= pos[:, :, None] - col[None, None, :] < window
+  logits = jnp.where(mask[:, None], logits, -jnp.inf)
+  mx = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.exp(logits - jnp.where(jnp.isfinite(mx), mx, 0.0))  # masked keys: exactly 0
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("NKRC,NKCD->NKRD", p, v, precision=lax.Precision.HIGHEST)
+  out = out.reshape(n_items, kh, block_q, g, d).transpose(0, 2, 1, 3, 4)
+  out = out.reshape(n_items * block_q, h, d)  # row item * block_q + i: i-th query of the item
+  tok_seq, idx, valid = _token_seq_map(cu_q_lens, num_seqs, t)
+  row = (starts[tok_seq] + idx // block_q) * block_q + idx % block_q
+  return jnp.where(valid[:, None, None], out[jnp.where(valid, row, 0)], 0).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------ Pallas kernel
