@@ -26,7 +26,7 @@ from run_helpers import assert_bitwise_equal, final_state, logged, run_cli, with
 
 # ----------------------------------------------------------------------------- the objective
 
-def _random_rows(config, rng, R=6, T=12):
+def _random_rows(config, rng, R=4, T=10):
   """Rows of random ids with a random response span each (prompt then response)."""
   ids = rng.integers(0, config.vocab_size, (R, T + 1)).astype(np.int32)
   mask = np.zeros((R, T), np.float32)
@@ -133,6 +133,15 @@ def test_advantages_weights_and_kl_estimators():
                              [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1], rtol=1e-6)
 
 
+def test_best_and_worst_make_pairs_and_ties_make_none():
+  from qwen2_jax.train import online_dpo  # pylint: disable=import-outside-toplevel
+  best, worst, has = online_dpo.best_and_worst(np.array([0.1, 0.9, 0.5, 2.0, 2.0, 2.0,
+                                                         1.0, 3.0, 3.0]), 3)
+  np.testing.assert_array_equal(best, [1, 3, 7])    # the first of equal maxima
+  np.testing.assert_array_equal(worst, [0, 3, 6])
+  np.testing.assert_array_equal(has, [True, False, True])
+
+
 def test_rows_hold_prompt_then_response_with_old_logps():
   prompts = [np.array([5, 6, 7], np.int32)]
   rows = online.rows_of(prompts, [[8, 9], [10]], [[-0.5, -0.25], [-1.0]], seq_len=6,
@@ -168,12 +177,19 @@ def test_rollout_logprobs_equal_the_training_forward(preset):
   mask = rows["loss_mask"] > 0
   assert mask.sum() == len(results) * 6
   np.testing.assert_allclose(logp[mask], rows["old_logps"][mask], atol=2e-5)
-  # New weights reach the engine without rebuilding it, and the prefix cache is dropped.
-  engine.update_params(jax.tree.map(lambda x: x * 1.5, params))
-  again = engine.generate([prompts[0].tolist()], SamplingParams(max_new_tokens=6,
-                                                                temperature=1.0, seed=0))
-  assert again[0].logprobs != results[0].logprobs
-  assert engine.stats["num_compilations"] <= 2
+  # New weights reach the engine without rebuilding it, and the prefix cache (the prompts'
+  # pages hold keys of the old weights) is dropped: the same as a fresh engine on the new weights.
+  new_params = jax.tree.map(lambda x: x * 1.5, params)
+  compilations = engine.stats["num_compilations"]
+  engine.update_params(new_params)
+  sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)
+  again = engine.generate([prompts[1].tolist()], sp)[0]
+  fresh = Engine(config, new_params, max_num_seqs=4, max_num_batched_tokens=32,
+                 page_size=4).generate([prompts[1].tolist()], sp)[0]
+  assert again.output_ids == fresh.output_ids
+  np.testing.assert_allclose(again.logprobs, fresh.logprobs, atol=1e-5)
+  assert again.logprobs != results[G].logprobs
+  assert engine.stats["num_compilations"] == compilations  # nothing recompiled
 
 
 # ----------------------------------------------------------------------------- runs
@@ -238,22 +254,25 @@ def test_grpo_raises_a_rule_based_reward(sp_model_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
+def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path, monkeypatch):
   """Rounds 1-2 in this process and 3-4 in a new `qwen2-jax grpo` process give the straight
   run's rewards, losses, params and optimizer state bit for bit (rollouts are re-sampled from
   the same seeds and weights)."""
   data = _write(tmp_path / "p.jsonl", _sum_prompts(32))
-  fixed = {"auto_decay": False, "optim.decay_steps": 8, "checkpoint_every": 2,
-           "kl_coef": 0.05, "rewards": [{"type": "math"}]}
+  fixed = {"auto_decay": False, "optim.decay_steps": 8, "checkpoint_every": 2, "kl_coef": 0.05}
   straight = grpo_config(sp_model_path, data, tmp_path / "straight", **fixed)
   grpo.grpo(grpo.GRPOConfig.from_dict(straight))
   resumed = grpo_config(sp_model_path, data, tmp_path / "resumed", **dict(fixed, steps=2))
   grpo.grpo(grpo.GRPOConfig.from_dict(resumed))
+  # The new process imports this file's digits_share reward.
+  monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
   second = run_cli("grpo", dict(resumed, steps=4), tmp_path / "b.json")
   assert second.returncode == 0, second.stderr[-3000:]
-  for key in ("loss", "reward_mean", "kl", "response_length"):
+  for key in ("loss", "reward_mean", "kl", "response_length", "grad_norm"):
     a, b = logged(tmp_path / "straight", key), logged(tmp_path / "resumed", key)
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)], key
+  # The policy gradient is exercised: rewards differ within groups in rounds after the resume.
+  assert max(logged(tmp_path / "resumed", "reward_std")[s] for s in (3, 4)) > 0
   step_a, state_a = final_state(straight["output_dir"], grpo.GRPOConfig.from_dict(straight))
   step_b, state_b = final_state(resumed["output_dir"],
                                 grpo.GRPOConfig.from_dict(dict(resumed, steps=4)))
@@ -298,6 +317,9 @@ def test_online_dpo_raises_the_reward_models_score(sp_model_path, tmp_path):
     ({"rollout.max_new_tokens": 40}, "leaves no room for a prompt"),
     ({"rollout.temperature": 0.0}, "temperature: must be > 0"),
     ({"kl_estimator": "k4"}, "kl_estimator: must be one of"),
+    ({"rollout.num_generations": 1}, "num_generations: must be >= 2"),
+    ({"rewards": [{"type": "math", "fallback": "first"}]}, "fallback: 'first' is not one of"),
+    ({"rollout.num_pages": 2}, "num_pages: 2 pages of 8 tokens cannot hold"),
 ])
 def test_bad_recipes_are_one_line_errors(sp_model_path, tmp_path, overrides, message):
   cfg = grpo_config(sp_model_path, str(tmp_path / "p.jsonl"), tmp_path / "run")

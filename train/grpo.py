@@ -23,7 +23,9 @@ reference's ref_t:
 kl_coef 0 turns the penalty off and no reference is kept. Each round's rows are split into
 `num_minibatches` mini-batches, one optimizer update each, and the rollout batch is used
 `num_iterations` times, so a round takes num_iterations x num_minibatches updates (the old
-log-probs stay the rollout's: the clipping bounds how far the later updates move). One run
+log-probs stay the rollout's: the clipping bounds how far the later updates move); a
+mini-batch of padding only (an epoch's last round may hold fewer prompts) is not an update at
+all, and a partly filled one is normalised over its own responses. One run
 step is one round: `steps`, `checkpoint_every`, `log_every` count rounds; the learning-rate
 schedule counts updates (with `auto_decay` it decays over steps x updates per round).
 
@@ -111,12 +113,13 @@ def grpo_objective(config: Qwen2Config, params: Any, batch: Batch, *, clip_epsil
   mask = batch["loss_mask"].astype(jnp.float32)
   w = batch["weights"].astype(jnp.float32)
   adv = batch["advantages"].astype(jnp.float32)                 # [R, 1]
-  ratio = jnp.exp(logp - batch["old_logps"])
+  live = mask > 0  # prompt and padding positions: no exp of arbitrary gaps (inf x 0 = NaN)
+  ratio = jnp.exp(jnp.where(live, logp - batch["old_logps"], 0.0))
   unclipped = ratio * adv
   clipped = jnp.clip(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon_high) * adv
   pg = -jnp.minimum(unclipped, clipped)
   if kl_coef:
-    kl = kl_penalty(logp, batch["ref_logps"], kl_estimator)
+    kl = kl_penalty(logp, jnp.where(live, batch["ref_logps"], logp), kl_estimator)
   else:
     kl = jnp.zeros_like(logp)
   per_token = pg + kl_coef * kl
@@ -230,6 +233,9 @@ class GRPOConfig(online.OnlineSettings):
         raise bad(name, f"must be one of {allowed}")
     if self.num_iterations <= 0:
       raise bad("num_iterations", "must be positive")
+    if self.rollout.num_generations < 2:
+      raise ConfigError(f"GRPOConfig.rollout.num_generations: must be >= 2 (advantages are "
+                        f"relative to the group), got {self.rollout.num_generations}")
     rows = self.data.batch_size * self.rollout.num_generations
     if self.num_minibatches <= 0 or rows % self.num_minibatches:
       raise bad("num_minibatches", f"must divide the round's {rows} rows (data.batch_size x "
@@ -302,10 +308,12 @@ class GRPOJob(online.OnlineJob):
       for _ in range(cfg.num_iterations):
         for m in range(cfg.num_minibatches):
           mb = {k: v[m * n:(m + 1) * n] for k, v in rows.items()}
+          if not mb["loss_mask"].any():
+            continue  # only padding (an epoch's last round): no update at all
           mb["weights"] = token_weights(mb["loss_mask"], cfg.loss_aggregation)
           state, out = update(state, place(mb))
           outs.append(out)
-      outs = [step_lib.metrics_to_host(o) for o in outs]
+      outs = [step_lib.metrics_to_host(o) for o in outs] or [online.NO_UPDATE]
       state = state._replace(step=jax.device_put(jnp.int32(round_index + 1),
                                                  state.step.sharding))
       t2 = time.perf_counter()

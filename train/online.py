@@ -10,9 +10,9 @@ Data. JSONL lines with `prompt` (a string, the user turn) or `messages` (the con
 far, ending with a user / system / tool turn); every other key of the line (e.g. `answer` for
 the math reward, `tests` for the code reward) is the example's metadata, passed to the rewards.
 Prompts are encoded in ChatML with the assistant header, as `qwen2-jax generate --chat` does.
-A prompt whose prompt + `rollout.max_new_tokens` tokens do not fit `data.seq_len` (the training
-row) is dropped and counted (`data.too_long: drop`) or refused (`error`); responses are never
-truncated to fit. The data position is checkpointed like every job's.
+A training row holds prompt + response minus one token (the last token is only a target), so a
+prompt of more than `data.seq_len` + 1 - `rollout.max_new_tokens` tokens is dropped and counted
+(`data.too_long: drop`) or refused (`error`); responses are never truncated to fit. The data position is checkpointed like every job's.
 
 Sampling. The response g of example i in round r uses the seed derived from (seed, r, i, g), so
 a resumed run samples exactly what the uninterrupted one did. Responses end at `<|im_end|>` or
@@ -52,6 +52,11 @@ from qwen2_jax.train import chat_data, posttrain, rewards as rewards_lib, runner
 from qwen2_jax.typed_config import Bool, ConfigError, Float, Int
 
 REWARD_TYPES = ("math", "code", "function", "reward_model")
+# The metrics of a round without an update (no response tokens): nothing moved.
+NO_UPDATE = {"loss": 0.0, "grad_norm": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
+             "ratio": 1.0, "finite": 1.0, **{k: 0.0 for k in (
+                 "reward_accuracy", "rewards_chosen", "rewards_rejected", "rewards_margin",
+                 "logps_chosen", "logps_rejected", "pairs")}}
 PROMPT_KEYS = ("prompt", "messages")
 
 
@@ -100,6 +105,11 @@ class RewardTerm:
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ConfigError(f"{where}.{name}: must be > 0, got {value!r}")
+    if self.fallback is not None and self.fallback not in rewards_lib.MathReward.FALLBACKS:
+      raise ConfigError(f"{where}.fallback: {self.fallback!r} is not one of "
+                        f"{rewards_lib.MathReward.FALLBACKS}")
+    if self.tolerance is not None and not self.tolerance >= 0:
+      raise ConfigError(f"{where}.tolerance: must be >= 0, got {self.tolerance!r}")
 
   @property
   def label(self) -> str:
@@ -153,6 +163,11 @@ def check_rollout_fits(rollout: RolloutConfig, seq_len: int, owner: str) -> None
   if rollout.max_new_tokens >= seq_len:
     raise ConfigError(f"{owner}.rollout.max_new_tokens: {rollout.max_new_tokens} leaves no room "
                       f"for a prompt in data.seq_len={seq_len}")
+  need = -(-(seq_len + 1) // rollout.page_size)
+  if rollout.num_pages is not None and rollout.num_pages < need:
+    raise ConfigError(f"{owner}.rollout.num_pages: {rollout.num_pages} pages of "
+                      f"{rollout.page_size} tokens cannot hold one sequence of data.seq_len + 1 = "
+                      f"{seq_len + 1} tokens (needs {need})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -224,8 +239,12 @@ class PromptDataset(chat_data._EpochDataset):  # pylint: disable=protected-acces
     self.num_dropped = 0
     for k, (where, record) in enumerate(chat_data.read_jsonl(config.files())):
       example = encode_prompt(tokenizer, record, where, default_system=config.default_system)
-      if not chat_data._check_length(  # pylint: disable=protected-access
-          len(example[0]) + max_new_tokens - 1, config, where):
+      if len(example[0]) + max_new_tokens - 1 > config.seq_len:
+        if config.too_long == "error":
+          raise chat_data.ChatDataError(
+              f"{where}: the prompt's {len(example[0])} tokens + rollout.max_new_tokens="
+              f"{max_new_tokens} - 1 do not fit data.seq_len={config.seq_len}; raise seq_len, "
+              f"lower max_new_tokens or set data.too_long: drop")
         self.num_dropped += 1
         continue
       (held_out if self._is_held_out(k) else examples).append(example)
@@ -291,6 +310,7 @@ class Rollouts:
   terms: dict[str, np.ndarray]        # per reward term, [P * G]
   seconds: float                      # generation wall time
   reward_seconds: float
+  reward_failures: int = 0            # examples that scored a penalty this round
 
   @property
   def group_size(self) -> int:
@@ -450,12 +470,20 @@ class OnlineJob(posttrain.ChatJob):
     t1 = time.perf_counter()
     prompt_texts = [text for _, text, _ in examples for _ in range(G)]
     metadata = [meta for _, _, meta in examples for _ in range(G)]
+    before = self._failures()
     scores = self.reward(prompt_texts, texts, metadata)
+    failures = self._failures() - before
     terms = dict(self.reward.last_terms)
     return Rollouts(index, prompts, [res.output_ids for res in results],
                     [res.logprobs for res in results], [res.finish_reason for res in results],
                     texts, np.asarray(scores, np.float64), terms, seconds,
-                    time.perf_counter() - t1)
+                    time.perf_counter() - t1, failures)
+
+  def _failures(self) -> int:
+    """Examples the rewards could not score so far (each term's errors, timeouts, sandbox
+    violations, non-finite values)."""
+    return sum(c["errors"] + c["timeouts"] + c["violations"] + c["nonfinite"]
+               for c in self.reward.all_counts().values())
 
   def rollout_metrics(self, ro: Rollouts) -> dict[str, float]:
     """Reward mean / std (and per term), response length, truncation, generation speed."""
@@ -468,9 +496,7 @@ class OnlineJob(posttrain.ChatJob):
     if len(ro.terms) > 1:
       for name, values in ro.terms.items():
         out[f"reward/{name}"] = float(np.mean(values))
-    counts = self.reward.all_counts()
-    out["reward_failures"] = float(sum(c["errors"] + c["timeouts"] + c["violations"]
-                                       + c["nonfinite"] for c in counts.values()))
+    out["reward_failures"] = float(ro.reward_failures)
     return out
 
   def rollout_metric_names(self) -> tuple[str, ...]:

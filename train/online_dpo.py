@@ -4,8 +4,8 @@ Each round (`train.online`): the next `data.batch_size` prompts, `online.rollout
 responses to each sampled from the current policy, scored by `online.rewards` (the reward
 model, a rule, or both). Per prompt, the highest-scoring response becomes the chosen and the
 lowest-scoring the rejected response (the first of equal scores); a prompt whose responses all
-score the same gives no pair (counted as `no_preference`). Then `online.num_iterations` DPO
-updates on those pairs (`train.dpo.dpo_train_step`: same loss, `beta`, `label_smoothing`),
+score the same gives no pair (counted as `no_preference`), and a round without any pair makes
+no update. Then `online.num_iterations` DPO updates on those pairs (`train.dpo.dpo_train_step`: same loss, `beta`, `label_smoothing`),
 against the frozen reference (`reference_from`, default the initial policy) held on the mesh.
 One run step is one round. Logged besides DPO's metrics: the rollout's (reward mean / std,
 lengths, tokens/s, generation share) and `score_margin`, the mean reward gap of the pairs.
@@ -83,9 +83,10 @@ class OnlineDPOJob(online.OnlineJob):
       placed = sharding.host_local_batch(rows, mesh, rules)
       t1 = time.perf_counter()
       outs = []
-      for _ in range(cfg.online.num_iterations):
+      for _ in range(cfg.online.num_iterations if has.any() else 0):  # no pair: no update
         state, out = update(state, self.ref_params, placed)
         outs.append(step_lib.metrics_to_host(out))
+      outs = outs or [online.NO_UPDATE]
       state = state._replace(step=jax.device_put(jnp.int32(round_index + 1),
                                                  state.step.sharding))
       t2 = time.perf_counter()

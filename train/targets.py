@@ -8,7 +8,9 @@
   grpo             a GRPO update (`train.grpo`) on a mini-batch of `batch` responses, with what
                    stays resident beside it during a run as undonated inputs: the frozen
                    reference's params and the rollout engine's KV-cache pools (one sequence of
-                   seq_len tokens per response, pages of 16, sharded as the engine shards them)
+                   seq_len tokens per response, pages of 16, sharded as the engine shards them;
+                   a run's engine holds rollout.max_num_seqs sequences: equal to the figure
+                   when that is the mini-batch's rows)
 
 `targets(optim)` builds them with a recipe's optimizer settings (`OptimConfig`, e.g. `mu_dtype`)
 in place of those defaults; `TARGETS` are the defaults.
