@@ -196,6 +196,10 @@ class OnlineSettings(posttrain.ChatRunSettings):
     return super().run_optim(steps * self.updates_per_round)
 
 
+def _expand(path: str) -> str:
+  return os.path.expandvars(os.path.expanduser(path))
+
+
 def build_reward(terms: Sequence[RewardTerm], *, tokenizer, max_length: int,
                  default_system: str | None, mesh=None, rules=None, progress: bool = True
                  ) -> rewards_lib.WeightedSum:
@@ -215,9 +219,7 @@ def build_reward(terms: Sequence[RewardTerm], *, tokenizer, max_length: int,
       reward = rewards_lib.FunctionReward(t.function, timeout_s=t.timeout_s, **kw)
     else:
       from qwen2_jax import reward_model  # pylint: disable=import-outside-toplevel
-      path = os.path.expandvars(os.path.expanduser(t.path))
-      runner._check_path(f"rewards.{t.label}.path", path)  # pylint: disable=protected-access
-      config, params = reward_model.load(path, mesh=mesh, rules=rules, progress=progress)
+      config, params = reward_model.load(_expand(t.path), mesh=mesh, rules=rules, progress=progress)
       reward = rewards_lib.RewardModelReward(
           config, params, tokenizer, max_length=t.max_length or max_length,
           batch_size=t.batch_size or 32, default_system=default_system, **kw)
@@ -371,6 +373,9 @@ class OnlineJob(posttrain.ChatJob):
     self.engine = None
     self.reward: rewards_lib.WeightedSum | None = None
     self.tokenizer = None
+    for t in self.reward_terms:  # before the run makes any directory
+      if t.type == "reward_model":
+        runner._check_path(f"rewards.{t.label}.path", _expand(t.path))  # pylint: disable=W0212
 
   def online_settings(self):
     return self.cfg
