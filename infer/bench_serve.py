@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
   parser.add_argument("--repeats", type=int, default=3, help="timed runs per stack")
   parser.add_argument("--warmup", type=int, default=1, help="untimed runs per stack (compile)")
+  parser.add_argument("--admission", default="longest_first", choices=("longest_first", "fifo"),
+                      help="order in which the continuous batchers take the batch's requests: "
+                      "most max_tokens first (the Engine's default), or as generated; vLLM gets "
+                      "its requests added in the same order (its scheduler admits them in order)")
   parser.add_argument("--max-num-seqs", type=int, default=16,
                       help="sequences at once (static engine: rows per batch)")
   parser.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -150,7 +154,8 @@ def format_report(result: dict) -> str:
   lines = [f"# serve benchmark: {result['preset']} {result['dtype']}, {w['num_requests']} requests"
            f" (prompt {w['prompt_tokens']} tokens, output {w['output_tokens']} tokens), "
            f"max_num_seqs {result['max_num_seqs']}, max_num_batched_tokens "
-           f"{result['max_num_batched_tokens']}, median of {result['repeats']} runs",
+           f"{result['max_num_batched_tokens']}, admission {result.get('admission', 'fifo')}, "
+           f"median of {result['repeats']} runs",
            f"machine: {m['cpu_count']} CPUs ({m['cpu_model']}), load average "
            f"{m['load_average_start']} -> {m['load_average_end']}", "",
            "| stack | output tok/s | TTFT median ms | TTFT p90 ms | wall s | startup s | "
@@ -238,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
   spec = {"model_dir": str(model_dir), "workload": str(wl_path), "dtype": args.dtype,
           "repeats": args.repeats, "warmup": args.warmup, "max_num_seqs": args.max_num_seqs,
           "max_num_batched_tokens": args.max_num_batched_tokens,
-          "kv_cache_gib": args.kv_cache_gib, "max_model_len": max_model_len(workload)}
+          "kv_cache_gib": args.kv_cache_gib, "max_model_len": max_model_len(workload),
+          "admission": args.admission}
   spec_path = workdir / "spec.json"
   spec_path.write_text(json.dumps(spec, indent=2))
   stacks = {}
@@ -269,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
   result = {"preset": args.preset, "dtype": args.dtype, "model_dir": str(model_dir),
             "repeats": args.repeats, "warmup": args.warmup, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
-            "kv_cache_gib": args.kv_cache_gib, "vllm_cpus": args.vllm_cpus, "machine": machine,
+            "kv_cache_gib": args.kv_cache_gib, "vllm_cpus": args.vllm_cpus,
+            "admission": args.admission, "machine": machine,
             "workload": _workload_facts(workload), "stacks": stacks}
   result.update(_compare(stacks))
   path = Path(args.json or workdir / "results.json")

@@ -1,6 +1,6 @@
 """The generation engine: continuous batching over a paged KV cache.
 
-Cache. Two pools, k and v [L, P, page_size, K, D] in the compute dtype, live on the device for
+Cache. Two pools, k and v [L, P, K, page_size, D] in the compute dtype, live on the device for
 the engine's lifetime (`model.PagedKVCache`). Sequences own pages through block tables; the host
 side (page pool, prefix cache, scheduler) is `qwen2_jax.infer.paged`.
 
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from qwen2_jax import sharding
+from qwen2_jax import api, sharding
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.infer import paged
 from qwen2_jax.infer import sampling as sampling_lib
@@ -56,7 +56,8 @@ from qwen2_jax.infer import validation
 from qwen2_jax.infer.paged import KVCacheTooSmallError
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
 from qwen2_jax.infer.static_engine import (DecodeState, GenerationResult, StaticEngine,
-                                           decode_layout, init_cache, write_kv)
+                                           compile_lowered, decode_layout, init_cache,
+                                           write_kv)
 from qwen2_jax.layers import dtype_of
 from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
 
@@ -65,8 +66,11 @@ __all__ = ["Engine", "GenerationResult", "KVCacheTooSmallError", "StaticEngine",
 
 Array = jax.Array
 
-# Logical axis names of the pools [L, P, page_size, K, D] (the rules of `qwen2_jax.sharding`).
-POOL_AXES = ("layers", None, None, "activation_kv_heads", "activation_kv")
+# Logical axis names of the pools [L, P, K, page_size, D] (the rules of `qwen2_jax.sharding`).
+# A page keeps each kv head's tokens contiguous: on TPU the two minor dims (page_size, D) tile
+# without padding whatever K is per device; with K minor (K = 1 per chip under tensor
+# parallelism) the compiler copied the pools for the kernel in every layer of every step.
+POOL_AXES = ("layers", None, "activation_kv_heads", None, "activation_kv")
 
 # Default share of memory for the pools when neither num_pages nor kv_cache_memory is given.
 _CPU_MEMORY_FRACTION = 0.1
@@ -86,6 +90,77 @@ def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_
       {"params": params}, token_ids[None], positions[None], None, cache, logits_index[None])
   token, logprob = sampling_lib.sample(logits[0], rp, out_index)
   return token, logprob, k_pool, v_pool
+
+
+ADMISSION_ORDERS = ("longest_first", "fifo")
+
+
+def admission_order(requests: Sequence[tuple[Sequence[int], SamplingParams]],
+                    admission: str) -> list[int]:
+  """The order in which a batch's requests queue for slots. "fifo": as given. "longest_first":
+  most max_new_tokens first (then longest prompt, then as given): a batch whose requests have
+  varied output budgets ends when its last long request does, so starting those first shortens
+  the tail in which few slots are busy (the longest-processing-time rule). It moves nothing
+  when every request has the same max_new_tokens; samples do not depend on the order."""
+  index = range(len(requests))
+  if admission == "fifo":
+    return list(index)
+  return sorted(index, key=lambda i: (-requests[i][1].max_new_tokens, -len(requests[i][0]), i))
+
+
+def table_width(tokens: int, page_size: int, max_context: int) -> int:
+  """Block-table width (pages) for requests of up to `tokens` cached tokens: the power of two of
+  pages covering them, from a floor of min(_MIN_TABLE_TOKENS, max_context) tokens."""
+  return max(paged.pages_for(min(_MIN_TABLE_TOKENS, max_context), page_size),
+             _bucket(paged.pages_for(tokens, page_size)))
+
+
+def pool_shape(config: Qwen2Config, num_pages: int, page_size: int) -> tuple[int, ...]:
+  """[L, P, K, page_size, D]: the shape of each of the k and v pools."""
+  c = config
+  return (c.num_hidden_layers, num_pages, c.num_key_value_heads, page_size, c.head_size)
+
+
+def pool_sharding(mesh, rules, shape) -> NamedSharding:
+  """Sharding of a pool [L, P, K, page_size, D]: KV heads as the rules place
+  "activation_kv_heads" (tensor parallel), the rest replicated."""
+  return NamedSharding(mesh, sharding.logical_to_spec(POOL_AXES, rules, mesh, shape))
+
+
+def jit_step(config: Qwen2Config, mesh=None, rules=None, pools: NamedSharding | None = None):
+  """The jitted engine step (params, k_pool, v_pool, *step inputs) -> (token, logprob, k_pool,
+  v_pool), pools donated. Under `mesh` the activations follow `rules`, the pools keep the
+  sharding `pools`, and the sampled tokens come back replicated."""
+  fn = lambda params, k, v, *a: paged_step(config, params, k, v, *a)
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=(1, 2))
+
+  def fn_sharded(*a):
+    with sharding.activation_rules(rules, mesh, config):
+      return fn(*a)
+
+  rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(fn_sharded, donate_argnums=(1, 2), out_shardings=(rep, rep, pools, pools))
+
+
+def abstract_step_args(config: Qwen2Config, mesh, rules, *, num_tokens: int, max_num_seqs: int,
+                       pages_per_seq: int, num_pages: int, page_size: int) -> tuple:
+  """`jax.ShapeDtypeStruct`s of (params, k_pool, v_pool, *step inputs) of a step of T =
+  num_tokens tokens and S = max_num_seqs rows, placed on `mesh` as the engine places them
+  (params by `rules`, pools by `pool_sharding`, step inputs replicated): for ahead-of-time
+  compiles (`qwen2-jax compile --target serve`)."""
+  c, T, S = config, num_tokens, max_num_seqs
+  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        api.abstract_params(c), sharding.param_shardings(c, mesh, rules))
+  shape = pool_shape(c, num_pages, page_size)
+  pool = jax.ShapeDtypeStruct(shape, dtype_of(c.dtype),
+                              sharding=pool_sharding(mesh, rules, shape))
+  rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  arr = lambda shp, dt=jnp.int32: jax.ShapeDtypeStruct(shp, dt, sharding=rep)
+  rp = RowParams(arr((S,), jnp.float32), arr((S,)), arr((S,), jnp.float32),
+                 arr((S,), jnp.uint32), arr((S,)), arr((S, 1)), arr((S,)))
+  return (params, pool, pool, arr((T,)), arr((T,)), arr((T,)), arr((S,)),
+          arr((S, pages_per_seq)), arr((S + 1,)), arr((1,)), arr((S,)), rp, arr((S,)))
 
 
 def _bucket(n: int) -> int:
@@ -133,6 +208,9 @@ class Engine:
     vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
       changing it never recompiles.
     min_prompt_bucket: accepted for compatibility with the static engine; unused.
+    admission: the order in which a batch's requests wait for slots: "longest_first" (default:
+      most max_new_tokens first, which shortens a mixed batch's tail) or "fifo" (as given).
+      Results are always in the order given, and samples do not depend on it.
   """
 
   def __init__(self, config: Qwen2Config, params, *, max_num_seqs: int | None = None,
@@ -141,11 +219,15 @@ class Engine:
                kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
                max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
                mesh=None, rules: Any = "fsdp_tp", layout: str = "auto",
-               vocab_limit: int | None = None, min_prompt_bucket: int | None = None):
+               vocab_limit: int | None = None, min_prompt_bucket: int | None = None,
+               admission: str = "longest_first"):
     del min_prompt_bucket
     if layout not in ("auto", "unrolled", "as_is"):
       raise ValueError(f"layout must be 'auto', 'unrolled' or 'as_is', got {layout!r}")
     bad = validation.InvalidParameterError
+    if admission not in ADMISSION_ORDERS:
+      raise bad("admission", f"must be one of {ADMISSION_ORDERS}, got {admission!r}")
+    self.admission = admission
     S = int(max_num_seqs if max_num_seqs is not None else max_batch_size)
     if S < 1:
       raise bad("max_num_seqs", f"must be >= 1, got {S}")
@@ -326,16 +408,15 @@ class Engine:
     if not requests:
       return
     longest = max(paged.tokens_to_cache(len(ids), sp.max_new_tokens) for ids, sp in requests)
-    # The block table only grows (no recompiles for shorter requests later), from a floor of
-    # _MIN_TABLE_TOKENS tokens.
-    floor = self._table_floor
-    self._table_width = max(self._table_width, floor,
-                            _bucket(paged.pages_for(longest, self.page_size)))
+    # The block table only grows (no recompiles for shorter requests later).
+    self._table_width = max(self._table_width,
+                            table_width(longest, self.page_size, self.max_context))
     sched.pages_per_seq = self._table_width
     table = self._request_table(requests)
     self._current = []
     try:
-      for i, (ids, sp) in enumerate(requests):
+      for i in admission_order(requests, self.admission):
+        ids, sp = requests[i]
         stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.eos_token_ids)
         self._current.append(sched.add(i, ids, sp.max_new_tokens, stops))
       while True:
@@ -363,7 +444,7 @@ class Engine:
 
   def _run_step(self, plan: paged.StepPlan, table) -> tuple[np.ndarray, np.ndarray]:
     S = self.max_num_seqs
-    T = S if plan.num_tokens <= S else self.max_num_batched_tokens
+    T = self.token_bucket(plan.num_tokens)
     pps = self._step_table_width(plan)
     a = self.scheduler.arrays(plan, T, S, pages_per_seq=pps)
     rows = a.rids  # -1 picks the trailing greedy entry of the table
@@ -385,6 +466,19 @@ class Engine:
     self.num_step_tokens += plan.num_tokens
     return np.asarray(token), np.asarray(logprob)
 
+  def token_bucket(self, n: int) -> int:
+    """Padded token count T of a step computing n tokens: max_num_seqs, then powers of two,
+    capped at max_num_batched_tokens (one compiled program per bucket and table width)."""
+    if n <= self.max_num_seqs:
+      return self.max_num_seqs
+    return min(self.max_num_batched_tokens, _bucket(n))
+
+  @property
+  def token_buckets(self) -> list[int]:
+    """Every T a step may be padded to, ascending."""
+    S, T = self.max_num_seqs, self.max_num_batched_tokens
+    return sorted({S, T} | {1 << i for i in range(T.bit_length()) if S < 1 << i < T})
+
   def _step_table_width(self, plan: paged.StepPlan) -> int:
     """Block-table width of a step. Off TPU (where attention cost grows with the width): the
     power of two of pages covering the step's longest sequence, at least the floor
@@ -398,8 +492,7 @@ class Engine:
   def _get_pools(self) -> tuple[Array, Array]:
     if self._pools is None or any(p.is_deleted() for p in self._pools):
       c = self.config
-      shape = (c.num_hidden_layers, self.num_pages, self.page_size, c.num_key_value_heads,
-               c.head_size)
+      shape = pool_shape(c, self.num_pages, self.page_size)
       dt = dtype_of(c.dtype)
       if self.mesh is None:
         self._pools = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
@@ -412,29 +505,15 @@ class Engine:
     return self._pools
 
   def _pool_sharding(self, shape):
-    return NamedSharding(self.mesh, sharding.logical_to_spec(POOL_AXES, self.rules, self.mesh,
-                                                             shape))
+    return pool_sharding(self.mesh, self.rules, shape)
 
   def _program(self, T: int, S: int, pps: int, k, v, args):
     key = (T, S, pps)
     if key not in self._compiled:
-      config = self.config
-      fn = lambda params, k, v, *a: paged_step(config, params, k, v, *a)
-      if self.mesh is None:
-        jitted = jax.jit(fn, donate_argnums=(1, 2))
-      else:
-        rules, mesh = self.rules, self.mesh
-
-        def fn_sharded(*a):
-          with sharding.activation_rules(rules, mesh, config):
-            return fn(*a)
-
-        pool_sh = self._pool_sharding(k.shape)
-        rep = NamedSharding(mesh, jax.sharding.PartitionSpec())
-        jitted = jax.jit(fn_sharded, donate_argnums=(1, 2),
-                         out_shardings=(rep, rep, pool_sh, pool_sh))
+      jitted = jit_step(self.config, self.mesh, self.rules,
+                        None if self.mesh is None else self._pool_sharding(k.shape))
       t0 = time.perf_counter()
-      self._compiled[key] = jitted.lower(self.params, k, v, *args).compile()
+      self._compiled[key] = compile_lowered(jitted.lower(self.params, k, v, *args))
       self.compile_seconds[key] = time.perf_counter() - t0
     return self._compiled[key]
 

@@ -181,6 +181,24 @@ def decode_layout(config: Qwen2Config, params) -> tuple[Qwen2Config, Any]:
   return config.replace(scan_layers=False, tie_word_embeddings=False), out
 
 
+# XLA:CPU's YNNPACK dot fusions (on by default in jax 0.12) multiply the decode steps' skinny
+# matrices ([16, 896] x [896, 4864]) at 35-50 GFLOP/s on a 2-core AVX2 machine; XLA's Eigen dots
+# do 80-90 (and equal them at 512 rows). Measured 2026-12-03; see docs/benchmarks.md.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compile_lowered(lowered):
+  """`lowered.compile()`, on the CPU backend without YNNPACK dot fusions where this jaxlib has
+  the option (generation programs only)."""
+  if jax.default_backend() == "cpu":
+    try:
+      return lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS)
+    except jax.errors.JaxRuntimeError as e:
+      if "No such compile option" not in str(e):
+        raise
+  return lowered.compile()
+
+
 def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
@@ -421,7 +439,7 @@ class StaticEngine:
       args = (self.params, state, self._put_rows(batch["rp"]), jnp.int32(step_limit))
     if key not in self._compiled:
       t0 = time.perf_counter()
-      self._compiled[key] = self._jit(program, B, P + N, N).lower(*args).compile()
+      self._compiled[key] = compile_lowered(self._jit(program, B, P + N, N).lower(*args))
       self.compile_seconds[key] = time.perf_counter() - t0
     return self._compiled[key](*args)
 

@@ -121,9 +121,14 @@ def resolve_impl(impl: str, sliding_window=None) -> str:
   host); with no mesh, JAX's default backend."""
   if impl != "auto":
     return impl
+  return "pallas" if traced_platform() == "tpu" and sliding_window is None else "xla"
+
+
+def traced_platform() -> str:
+  """The platform being lowered for: the traced abstract mesh's (so an ahead-of-time compile for
+  a TPU topology on a CPU host says "tpu"), or with no mesh JAX's default backend."""
   mesh = jax.sharding.get_abstract_mesh()
-  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-  return "pallas" if platform == "tpu" and sliding_window is None else "xla"
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
 def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_ids: Array | None,
@@ -156,37 +161,38 @@ def causal_self_attention(q: Array, k: Array, v: Array, q_index: Array, segment_
 def write_pages(k: Array, v: Array, k_pages: Array, v_pages: Array, slot_mapping: Array,
                 layer: int | None = None) -> tuple[Array, Array]:
   """Scatters new keys / values k, v [T, K, D] into page pools at flat slots [T]
-  (page * page_size + offset); slots past the pool are dropped. Pools are [P, ps, K, D], or
-  [L, P, ps, K, D] with `layer` naming the one written."""
+  (page * page_size + offset); slots past the pool are dropped. Pools are [P, K, ps, D], or
+  [L, P, K, ps, D] with `layer` naming the one written."""
   def put(pool, new):
-    if layer is None:
-      P, ps, K, D = pool.shape
-      flat = pool.reshape(P * ps, K, D).at[slot_mapping].set(new.astype(pool.dtype), mode="drop")
-    else:
-      L, P, ps, K, D = pool.shape
-      flat = pool.reshape(L, P * ps, K, D).at[layer, slot_mapping].set(new.astype(pool.dtype),
-                                                                       mode="drop")
-    return flat.reshape(pool.shape)
+    ps = pool.shape[-2]
+    page, off = slot_mapping // ps, slot_mapping % ps
+    if layer is None:  # pool[page[t], :, off[t]] = new[t]
+      return pool.at[page, :, off].set(new.astype(pool.dtype), mode="drop")
+    return pool.at[layer, page, :, off].set(new.astype(pool.dtype), mode="drop")
   return put(k_pages, k), put(v_pages, v)
 
 
 def write_pages_all_layers(k: Array, v: Array, k_pages: Array, v_pages: Array,
                            slot_mapping: Array) -> tuple[Array, Array]:
-  """Scatters every layer's new keys / values k, v [L, T, K, D] into pools [L, P, ps, K, D] at
+  """Scatters every layer's new keys / values k, v [L, T, K, D] into pools [L, P, K, ps, D] at
   flat slots [T] (as `write_pages`, one scatter for all layers); slots past the pool are
   dropped."""
   def put(pool, new):
-    L, P, ps, K, D = pool.shape
-    flat = pool.reshape(L, P * ps, K, D).at[:, slot_mapping].set(new.astype(pool.dtype),
-                                                                 mode="drop")
+    L, P, K, ps, D = pool.shape
+    layer = jnp.arange(L, dtype=jnp.int32)[:, None]  # [L, 1]
+    page = layer * P + slot_mapping[None, :] // ps  # [L, T] in the [L * P] page view
+    page = jnp.where(slot_mapping[None, :] < P * ps, page, L * P)  # padding: dropped
+    off = jnp.broadcast_to(slot_mapping[None, :] % ps, page.shape)
+    flat = pool.reshape(L * P, K, ps, D).at[page, :, off].set(new.astype(pool.dtype),
+                                                             mode="drop")
     return flat.reshape(pool.shape)
   return put(k_pages, k), put(v_pages, v)
 
 
 def paged_writes_deferred() -> bool:
-  """Whether `paged_attention` may be called with `meta.write` False: on every backend but TPU
-  (the Pallas kernel reads the step's keys / values from the pools)."""
-  return jax.default_backend() != "tpu"
+  """Whether `paged_attention` may be called with `meta.write` False: on every platform but TPU
+  (the Pallas kernel reads the step's keys / values from the pools); `traced_platform`."""
+  return traced_platform() != "tpu"
 
 
 def layer_pages(k_pages: Array, v_pages: Array, page_indices: Array, layer: int | None
@@ -207,7 +213,7 @@ def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array
 
   Args:
     q: [T, N, D] rotated queries; k, v: [T, K, D] rotated keys / values.
-    k_pages, v_pages: the pools, [P, ps, K, D] or [L, P, ps, K, D] (then `meta.layer` says which).
+    k_pages, v_pages: the pools, [P, K, ps, D] or [L, P, K, ps, D] (then `meta.layer` says which).
     meta: `model.PagedMeta` (slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
       write). With `meta.write` False (only where `paged_writes_deferred()`) the pools are not
       written and (k, v) come back in their place.

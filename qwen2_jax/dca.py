@@ -40,6 +40,7 @@ from jax import lax
 from qwen2_jax.attention import layer_pages, merge_attention, resolve_impl, write_pages
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.kernels import flash_attention as flash_lib
+from qwen2_jax.kernels import ragged_paged_attention as rpa
 from qwen2_jax.layers import rope_cos_sin, rope_inv_freq
 
 Array = jax.Array
@@ -247,7 +248,7 @@ def paged_dual_chunk_attention(qs, k: Array, v: Array, k_pages: Array, v_pages: 
   kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
   T, N, D = qs[0].shape
   S, pps = table.shape
-  ps, K = kl.shape[1], kl.shape[2]
+  K, ps = kl.shape[1], kl.shape[2]
   C = pps * ps
   n = jnp.reshape(meta.num_seqs, (-1,))[0]
   tok = jnp.arange(T, dtype=jnp.int32)
@@ -266,8 +267,8 @@ def paged_dual_chunk_attention(qs, k: Array, v: Array, k_pages: Array, v_pages: 
   def one_chunk(xs):
     q3, sc, pc, vc = xs
     pages = table[sc]  # [chunk, pps]
-    kg = kl[pages].reshape(chunk, C, K, D)
-    vg = vl[pages].reshape(chunk, C, K, D)
+    kg = rpa.gather_pages(kl, pages)  # [chunk, C, K, D]
+    vg = rpa.gather_pages(vl, pages)
     out = dual_chunk_attention_reference(tuple(q[:, None] for q in q3), kg, vg, pc[:, None],
                                          kv_index, jnp.broadcast_to(vc[:, None], (chunk, C)),
                                          chunk_len=chunk_len, scale=scale)

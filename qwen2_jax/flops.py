@@ -77,6 +77,16 @@ def decode_flops_per_token(config: Qwen2Config, context_len: int) -> float:
   return 2.0 * matmul_params(config) + 4.0 * _attention(config) * context_len
 
 
+def serve_flops_per_token(config: Qwen2Config, num_tokens: int, num_seqs: int,
+                          context_len: int) -> float:
+  """FLOPs per token of a continuous-batching step of T = num_tokens tokens from S = num_seqs
+  sequences, the LM head at S of them, each token attending to at most `context_len` keys (an
+  upper bound): 2 (P - V H) + 2 V H S / T + 4 L N D S_ctx."""
+  head = config.vocab_size * config.hidden_size
+  return 2.0 * (matmul_params(config) - head) + 2.0 * head * num_seqs / num_tokens \
+      + 4.0 * _attention(config) * context_len
+
+
 def dpo_flops_factor(precomputed: bool) -> float:
   """DPO step FLOPs per sequence token relative to a training step: 1 with the reference's
   log-probs precomputed; 4/3 when the step also runs the frozen reference's forward (a forward

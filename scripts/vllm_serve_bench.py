@@ -24,13 +24,18 @@ def _load_avg():
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_batch(engine, workload, vllm_api, run_index):
+def run_batch(engine, workload, vllm_api, run_index, admission="fifo"):
   """Adds every request, steps the engine until all are done; (outputs, TTFT per request).
   Outputs come as deltas (new tokens of the step), as a streaming server asks for them."""
   TokensPrompt, SamplingParams, RequestOutputKind = vllm_api
   outputs, first = [[] for _ in workload], [None] * len(workload)
+  order = range(len(workload))
+  if admission == "longest_first":  # as qwen2-jax's Engine orders a batch (vLLM admits FCFS)
+    order = sorted(order, key=lambda i: (-workload[i]["max_tokens"],
+                                         -len(workload[i]["prompt_token_ids"]), i))
   t0 = time.perf_counter()
-  for i, r in enumerate(workload):
+  for i in order:
+    r = workload[i]
     sp = SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True,
                         detokenize=False, output_kind=RequestOutputKind.DELTA)
     engine.add_request(f"r{run_index}_{i}", TokensPrompt(prompt_token_ids=r["prompt_token_ids"]),
@@ -83,7 +88,7 @@ def main():
   api = (TokensPrompt, SamplingParams, RequestOutputKind)
   for i in range(spec["warmup"] + spec["repeats"]):
     t0 = time.perf_counter()
-    outputs, first = run_batch(engine, workload, api, i)
+    outputs, first = run_batch(engine, workload, api, i, spec.get("admission", "fifo"))
     wall = time.perf_counter() - t0
     n = sum(len(o) for o in outputs)
     if n != expected:

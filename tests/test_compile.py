@@ -176,3 +176,50 @@ def _param_shapes(config):
   import jax  # pylint: disable=import-outside-toplevel
   from qwen2_jax import api  # pylint: disable=import-outside-toplevel
   return [x.shape for x in jax.tree.leaves(api.abstract_params(config))]
+
+
+@needs_libtpu
+def test_compile_serve_step_sizes_the_kv_pool(capsys):
+  """--target serve compiles the continuous-batching engine's step for TPU (the Pallas ragged
+  paged-attention kernel, pools donated, KV heads over the tensor axis) with the largest pool that
+  fits (within 1%: temporaries there grow with the pool too), the pool's bytes = pages x the per-device page size; the
+  requests it holds follow; --kv-cache-memory pins the pool instead."""
+  from qwen2_jax.infer import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.infer import targets as infer_targets  # pylint: disable=import-outside-toplevel
+  c = presets.get_preset("qwen2-tiny", dtype="bfloat16", param_dtype="bfloat16")
+  base = ["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--batch", "8", "--seq-len", "100",
+          "--new-tokens", "60", "--target", "serve", "--mesh", "fsdp=2,tensor=2", "--rules",
+          "fsdp_tp", "--param-dtype", "bfloat16", "--max-num-batched-tokens", "64", "--json"]
+  assert compile_cmd.main(base + ["--no-cost"]) == 0
+  r = json.loads(capsys.readouterr().out)
+  sv, mem = r["serve"], r["memory_per_device"]
+  # One page of both pools on one device: L x 16 tokens x (K / 2 tensor shards) x D, bf16.
+  per_page = 2 * c.num_hidden_layers * 16 * (c.num_key_value_heads // 2) * c.head_size * 2
+  assert sv["bytes_per_page_per_device"] == per_page
+  assert sv["pool_bytes_per_device"] == sv["num_pages"] * per_page
+  budget = 0.95 * aot.parse_topology("v5e:2x2").chip.hbm_bytes
+  assert r["fits"] and mem["total_bytes"] <= budget
+  # The largest fit: a pool at most 1% larger was compiled and did not fit.
+  assert any(not p["fits"] and p["num_pages"] <= 1.01 * sv["num_pages"] + 1
+             for p in sv["sizing"])
+  assert mem["alias_bytes"] >= sv["pool_bytes_per_device"]  # pools updated in place
+  assert sv["pages_per_request"] == 10  # 100 + 60 - 1 cached tokens in pages of 16
+  assert sv["requests_in_pool"] == sv["num_pages"] // 10 and sv["concurrent_requests"] == 8
+  assert r["tokens_per_step"] == 64 and sv["table_width_pages"] == 16  # 256-token floor
+  assert compile_cmd.main(base + ["--no-cost", "--kv-cache-memory", "0.25"]) == 0
+  pinned = json.loads(capsys.readouterr().out)["serve"]
+  assert pinned["num_pages"] == (1 << 28) // per_page and len(pinned["sizing"]) == 1
+  # The TPU program runs the Pallas kernel, though this host's backend is the CPU.
+  mesh = sharding.make_mesh(sharding.MeshConfig.from_string("fsdp=2,tensor=2"),
+                            aot.topology_devices(aot.parse_topology("v5e:2x2")))
+  target = infer_targets.serve_target(8, 60, 64, 16, 40)
+  text = target.lower(c, mesh, sharding.get_rules("fsdp_tp"), 8, 100).as_text()
+  assert "tpu_custom_call" in text
+  assert engine_lib.table_width(159, 16, c.max_position_embeddings) == 16
+
+
+@needs_libtpu
+def test_compile_serve_rejects_batch_search():
+  with pytest.raises(compile_cmd.CompileSettingError, match="--search-batch"):
+    compile_cmd.main(["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--search-batch",
+                      "--target", "serve"])

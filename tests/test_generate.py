@@ -216,9 +216,13 @@ def test_stop_token_ends_only_its_row(engine):
 @pytest.mark.parametrize("static", [False, True])
 def test_per_row_settings_share_one_compilation(engine, static):
   """Per-row max_new_tokens and sampling settings never recompile; the static engine buckets
-  prompt lengths (bucket 16 here), the paged engine compiles at most its two token buckets."""
+  prompt lengths (bucket 16 here); the paged engine's steps here are all decodes or 22-26 prompt
+  tokens, so at most two of its token buckets (8 and 32)."""
   if static:
     engine = StaticEngine(engine.config, engine.params, eos_token_ids=(), layout="as_is")
+  else:  # a fresh engine without prefix caching: cache hits would shorten the prompt steps
+    engine = Engine(engine.config, engine.params, eos_token_ids=(), layout="as_is",
+                    enable_prefix_caching=False)
   prompts = _prompts(engine.config.vocab_size, (3, 12, 7))
   sps = [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, top_p=p, seed=s)
          for n, t, k, p, s in ((2, 0.0, 0, 1.0, 0), (9, 0.7, 5, 1.0, 1), (5, 1.3, 0, 0.9, 2))]

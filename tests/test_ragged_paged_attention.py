@@ -66,6 +66,8 @@ def _batch(seed, seqs, *, slots, heads, kv_heads, d, page_size, pages_per_seq, t
   q = rng.standard_normal((t, heads, d)).astype(np.float32)
   q[cu[len(seqs)]:] = np.nan  # padding tokens
   q = jnp.asarray(q, dtype)
+  # Pools are [P, K, ps, D]: filled token-major above, then each page's kv heads made major.
+  k_pool, v_pool = (x.transpose(0, 2, 1, 3) for x in (k_pool, v_pool))
   args = (q, jnp.asarray(k_pool, dtype), jnp.asarray(v_pool, dtype),
           jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table), jnp.asarray(cu),
           jnp.asarray([len(seqs)], jnp.int32))
@@ -134,7 +136,9 @@ def test_reference_agrees_with_jax_reference():
                    t=16)
   q, kp, vp = args[:3]
   kp, vp = (jnp.nan_to_num(x) for x in (kp, vp))  # jax's reference reads whole pages
-  kv = jnp.stack([kp, vp], axis=3).reshape(*kp.shape[:2], -1, kp.shape[-1])  # [P, ps, 2K, D]
+  token_major = lambda x: x.transpose(0, 2, 1, 3)  # [P, ps, K, D], as jax's pools are
+  kv = jnp.stack([token_major(kp), token_major(vp)], axis=3)
+  kv = kv.reshape(kv.shape[0], kv.shape[1], -1, kv.shape[-1])  # [P, ps, 2K, D]
   got = rpa.ragged_paged_attention_reference(q, kp, vp, *args[3:], scale=0.25)
   want = jax_rpa.ref_ragged_paged_attention(q, kv, *args[3:], sm_scale=0.25)
   n = int(args[5][len(seqs)])
@@ -170,15 +174,15 @@ def _new_kv_from_pools(args, seqs):
   keys / values moved out of the pools (padding tokens' rows NaN)."""
   q, kp, vp, kv_lens, table, cu, _ = args
   kp, vp, table = np.array(kp), np.array(vp), np.asarray(table)
-  t, ps = q.shape[0], kp.shape[1]
-  k_new = np.full((t,) + kp.shape[2:], np.nan, kp.dtype)
+  t, kh, ps, d = q.shape[0], kp.shape[1], kp.shape[2], kp.shape[3]
+  k_new = np.full((t, kh, d), np.nan, kp.dtype)
   v_new = np.full_like(k_new, np.nan)
   for i, (q_len, kv_len) in enumerate(seqs):
     for j in range(q_len):
       p = kv_len - q_len + j
       page, off = table[i, p // ps], p % ps
-      k_new[cu[i] + j], v_new[cu[i] + j] = kp[page, off], vp[page, off]
-      kp[page, off] = vp[page, off] = np.nan
+      k_new[cu[i] + j], v_new[cu[i] + j] = kp[page, :, off], vp[page, :, off]
+      kp[page, :, off] = vp[page, :, off] = np.nan
   return (q, jnp.asarray(kp), jnp.asarray(vp)) + tuple(args[3:]), k_new, v_new
 
 
@@ -375,7 +379,7 @@ def _aot_main(chip):
     pps = context // page_size
     pool = s * pps // 2
     return (jax.ShapeDtypeStruct((t, h, d), jnp.bfloat16, sharding=sharding_of("q")),
-            *[jax.ShapeDtypeStruct((pool, page_size, kh, d), jnp.bfloat16,
+            *[jax.ShapeDtypeStruct((pool, kh, page_size, d), jnp.bfloat16,
                                    sharding=sharding_of("kv"))] * 2,
             *[jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding_of(None))
               for shape in ((s,), (s, pps), (s + 1,), (1,))])
@@ -394,7 +398,7 @@ def _aot_main(chip):
     fn = lambda *a, w=window: rpa.ragged_paged_attention(*a, scale=d ** -0.5, sliding_window=w)
     compile_one(f"page{page_size}_window{window}", fn, shapes(page_size, lambda _: one))
   mesh = Mesh(np.array(devices).reshape(1, 4), ("fsdp", "tensor"))
-  specs = {"q": P(None, "tensor"), "kv": P(None, None, "tensor"), None: P()}
+  specs = {"q": P(None, "tensor"), "kv": P(None, "tensor"), None: P()}
   fn = lambda *a: rpa.sharded_ragged_paged_attention(*a, mesh=mesh, rules="fsdp_tp",
                                                      scale=d ** -0.5)
   compile_one("shard_map_tensor4_page32", fn,

@@ -64,11 +64,10 @@ def grpo_target(optimizer: optax.GradientTransformation | None = None, *,
   docstring). The rollout programs are not compiled here: their temporaries are a step's T
   tokens, small beside the update's."""
   # pylint: disable=import-outside-toplevel  (the engine is only needed for this target)
-  from jax.sharding import NamedSharding
   import jax
   import jax.numpy as jnp
   from qwen2_jax import sharding
-  from qwen2_jax.infer.engine import POOL_AXES
+  from qwen2_jax.infer.engine import pool_shape, pool_sharding
   from qwen2_jax.infer.paged import pages_for
   from qwen2_jax.layers import dtype_of
   from qwen2_jax.train import grpo
@@ -84,11 +83,9 @@ def grpo_target(optimizer: optax.GradientTransformation | None = None, *,
     batch["advantages"] = jax.ShapeDtypeStruct(
         (batch_size, 1), jnp.float32,
         sharding=sharding.batch_sharding(mesh, rules, (batch_size, 1)))
-    c = config
-    pool_shape = (c.num_hidden_layers, batch_size * pages_for(seq_len + 1, page_size), page_size,
-                  c.num_key_value_heads, c.head_size)
-    pool_sh = NamedSharding(mesh, sharding.logical_to_spec(POOL_AXES, rules, mesh, pool_shape))
-    pool = jax.ShapeDtypeStruct(pool_shape, dtype_of(c.dtype), sharding=pool_sh)
+    shape = pool_shape(config, batch_size * pages_for(seq_len + 1, page_size), page_size)
+    pool = jax.ShapeDtypeStruct(shape, dtype_of(config.dtype),
+                                sharding=pool_sharding(mesh, rules, shape))
     objective = dict(clip_epsilon=0.2, clip_epsilon_high=0.2, kl_coef=0.04, kl_estimator="k3")
     state_sh = train_lib.state_shardings(config, optimizer, mesh, rules)
     batch_sh = grpo.batch_shardings(mesh, rules, with_ref=True)
@@ -98,7 +95,8 @@ def grpo_target(optimizer: optax.GradientTransformation | None = None, *,
       with sharding.activation_rules(rules, mesh, config):
         return grpo.grpo_train_step(config, optimizer, state, batch, **objective)
 
-    jitted = jax.jit(step, in_shardings=(state_sh, state_sh.params, pool_sh, pool_sh, batch_sh),
+    jitted = jax.jit(step, in_shardings=(state_sh, state_sh.params, pool.sharding, pool.sharding,
+                                         batch_sh),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,),
                      keep_unused=True)
     return jitted.lower(state, state.params, pool, pool, batch)

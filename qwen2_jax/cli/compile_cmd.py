@@ -11,6 +11,8 @@ nothing is allocated. Examples:
   qwen2-jax compile --preset qwen2-7b --topology v5p-8 --job dpo --batch 8 --seq-len 4096
   qwen2-jax compile --preset qwen2-7b --topology v5p:1x1x1 --target prefill --batch 1 \\
       --seq-len 131072 --param-dtype bfloat16 --attention-impl pallas --dca --no-cost
+  qwen2-jax compile --preset qwen2-7b --topology v5e-8 --mesh tensor=4,data=2 --rules fsdp_tp \
+      --target serve --batch 64 --seq-len 1024 --new-tokens 1024 --param-dtype bfloat16
 
 Exit status: 0 when the step fits (with --search-batch: when some batch fits), 3 when it does
 not, 2 on a bad setting (one line naming it).
@@ -50,10 +52,18 @@ def register(subparsers) -> None:
                       "GRPO update on --batch responses, with the frozen reference's params "
                       "and the rollout engine's KV-cache pools for --batch sequences of "
                       "--seq-len resident), "
-                      "prefill (a [batch, seq-len] prompt batch into the KV cache) or decode "
-                      "(one generation step against a cache of seq-len + new-tokens slots)")
+                      "prefill (a [batch, seq-len] prompt batch into the KV cache), decode "
+                      "(one generation step against a cache of seq-len + new-tokens slots) or "
+                      "serve (the continuous-batching engine's step for --batch sequences at "
+                      "once, with the largest paged KV pool that fits)")
   p.add_argument("--new-tokens", type=int, default=128,
-                 help="prefill/decode: cache slots beyond the prompt (default 128)")
+                 help="prefill/decode/serve: tokens generated beyond the --seq-len prompt "
+                      "(default 128)")
+  p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                 help="serve: tokens per engine step (default 512; >= --batch)")
+  p.add_argument("--page-size", type=int, default=16, help="serve: tokens per KV page (16)")
+  p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                 help="serve: KV pool GiB per device (default: the most that fits)")
   size = p.add_mutually_exclusive_group(required=True)
   size.add_argument("--batch", type=int, help="global batch size (sequences per step)")
   size.add_argument("--search-batch", action="store_true",
@@ -167,15 +177,19 @@ def run(args: argparse.Namespace) -> int:
     mesh_config = sharding.MeshConfig.from_dict(
         {**mesh_config.ici_dict(), "num_slices": args.num_slices, "dcn_axis": args.dcn_axis})
     rules = sharding.get_rules(args.rules)
-    if args.target in ("prefill", "decode"):
+    if args.target in ("prefill", "decode", "serve"):
       if args.new_tokens < 1:
         raise CompileSettingError(f"--new-tokens: must be >= 1, got {args.new_tokens}")
       config = config.replace(remat_policy="none")  # generation never rematerialises
-    targets = compile_targets(args.new_tokens, optim)
-    if args.target not in targets:
-      raise CompileSettingError(f"--target: unknown target {args.target!r}; known: "
-                                f"{sorted(targets)}")
-    target = targets[args.target]
+    if args.target == "serve":
+      _check_serve_args(args)
+      target = None
+    else:
+      targets = compile_targets(args.new_tokens, optim)
+      if args.target not in targets:
+        raise CompileSettingError(f"--target: unknown target {args.target!r}; known: "
+                                  f"{sorted([*targets, 'serve'])}")
+      target = targets[args.target]
   except UserError:
     raise
   except (ValueError, OSError) as e:  # e.g. a topology or mesh string the parser refuses
@@ -183,7 +197,24 @@ def run(args: argparse.Namespace) -> int:
   rules_name = os.path.basename(str(args.rules))
   common = dict(target=target, hbm_margin=args.hbm_margin)
   probes = []
-  if args.search_batch:
+  if args.target == "serve":
+    from qwen2_jax.infer import targets as infer_targets  # pylint: disable=import-outside-toplevel
+    log = sys.stderr if args.json else sys.stdout
+
+    def sized(pages, c):
+      total = f"{c.memory['total_bytes'] / _GIB:.2f} GiB" if c.memory else "compiler OOM"
+      print(f"  pool of {pages:,} pages: {total}, {'fits' if c.fits else 'does not fit'} "
+            f"({c.compile_seconds:.1f} s)", file=log, flush=True)
+
+    print(f"sizing the KV pool for {args.preset or args.config} on {topology.name}", file=log,
+          flush=True)
+    kv = None if args.kv_cache_memory is None else int(args.kv_cache_memory * _GIB)
+    report = infer_targets.plan_serve(
+        config, topology, mesh_config, rules, max_num_seqs=args.batch, prompt_len=args.seq_len,
+        new_tokens=args.new_tokens, num_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size, kv_cache_bytes=kv, hbm_margin=args.hbm_margin,
+        with_cost=not args.no_cost, rules_name=rules_name, on_compile=sized)
+  elif args.search_batch:
     log = sys.stderr if args.json else sys.stdout  # with --json, stdout is only the report
 
     def progress(c):
@@ -220,6 +251,21 @@ def run(args: argparse.Namespace) -> int:
   return 0 if report["fits"] else 3
 
 
+def _check_serve_args(args) -> None:
+  if args.search_batch:
+    raise CompileSettingError("--search-batch: not with --target serve; give --batch (sequences "
+                              "at once): the KV pool is sized to fit instead")
+  if args.batch < 1:
+    raise CompileSettingError(f"--batch: must be >= 1, got {args.batch}")
+  if args.max_num_batched_tokens < args.batch:
+    raise CompileSettingError(f"--max-num-batched-tokens: {args.max_num_batched_tokens} is less "
+                              f"than --batch ({args.batch})")
+  if args.page_size < 1:
+    raise CompileSettingError(f"--page-size: must be >= 1, got {args.page_size}")
+  if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
+    raise CompileSettingError(f"--kv-cache-memory: must be > 0 GiB, got {args.kv_cache_memory}")
+
+
 def _dca_text(model: dict) -> str:
   dca = model.get("dual_chunk_attention")
   return "" if not dca else f" + DCA (chunk {dca['chunk_size']}, local {dca['local_size']})"
@@ -242,6 +288,20 @@ def format_report(r: dict) -> str:
       f"  batch {r['batch_size']}, one token per row per step, cache of {r['cache_slots']:,} "
       f"slots ({r['seq_len']:,} prompt + {r['new_tokens']:,} new)",
   ]
+  if r["target"] == "serve":
+    sv = r["serve"]
+    lines[2] = (f"  engine step: {sv['max_num_batched_tokens']:,} tokens of up to "
+                f"{sv['max_num_seqs']} sequences (prefill chunks and decodes), requests of "
+                f"{sv['prompt_len']:,} prompt + {sv['new_tokens']:,} new tokens, block table "
+                f"{sv['table_width_pages']} pages")
+    lines.append(f"  KV pool: {sv['num_pages']:,} pages of {sv['page_size']} tokens = "
+                 f"{sv['pool_tokens']:,} tokens, {sv['pool_bytes_per_device'] / _GIB:.2f} GiB "
+                 f"per device; holds {sv['requests_in_pool']:,} such requests "
+                 f"({sv['pages_per_request']} pages each), {sv['concurrent_requests']} at once "
+                 f"with max_num_seqs {sv['max_num_seqs']}")
+    lines.append(f"  engine settings: Engine(..., max_num_seqs={sv['max_num_seqs']}, "
+                 f"max_num_batched_tokens={sv['max_num_batched_tokens']}, page_size="
+                 f"{sv['page_size']}, num_pages={sv['num_pages']})")
   if r["target"] == "grpo":
     lines.append(f"  resident as inputs: the reference's params and the rollout engine's KV pools "
                  f"({r['batch_size']} sequences of {r['seq_len'] + 1:,} tokens)")

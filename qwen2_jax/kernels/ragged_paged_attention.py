@@ -7,7 +7,8 @@ Shapes (S sequence slots, T query-token budget, H query heads, K kv heads, G = H
 size, P pages in the pool, ps tokens per page, pps pages per sequence):
   q             [T, H, D]        the step's query tokens, sequences concatenated; tokens at or
                                  past cu_q_lens[num_seqs] are padding (their output rows are 0).
-  k_pages       [P, ps, K, D]    one layer's key pool (v_pages the same), compute dtype.
+  k_pages       [P, K, ps, D]    one layer's key pool (v_pages the same), compute dtype; a page
+                                 holds each kv head's ps tokens contiguously ([ps, D] tiles).
   kv_lens       [S] int32        tokens in sequence i's cache, this step's tokens included.
   page_indices  [S, pps] int32   block table: page j of seq i holds its tokens [j*ps, (j+1)*ps);
                                  entries past a sequence's used pages are never read into results.
@@ -57,6 +58,15 @@ Array = jax.Array
 _REF_CHUNK_ELEMENTS = 1 << 22
 
 
+def gather_pages(pool: Array, pages: Array) -> Array:
+  """The keys (or values) of block tables `pages` [..., pps] from a pool [P, K, ps, D], token-major:
+  [..., pps * ps, K, D]."""
+  g = pool[pages]  # [..., pps, K, ps, D]
+  g = jnp.swapaxes(g, -3, -2)  # [..., pps, ps, K, D]
+  return g.reshape(*pages.shape[:-1], pages.shape[-1] * pool.shape[2], pool.shape[1],
+                   pool.shape[3])
+
+
 def _token_seq_map(cu_q_lens: Array, num_seqs: Array, t: int) -> tuple[Array, Array, Array]:
   """(seq id [T], index within its seq's queries [T], valid [T]) for every query token."""
   s = cu_q_lens.shape[0] - 1
@@ -87,7 +97,7 @@ def ragged_paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, k
     [T, H, D] in q's dtype; rows of padding tokens are 0.
   """
   t, h, d = q.shape
-  _, ps, kh, _ = k_pages.shape
+  _, kh, ps, _ = k_pages.shape
   pps = page_indices.shape[1]
   g = h // kh
   length = pps * ps
@@ -107,8 +117,8 @@ def ragged_paged_attention_reference(q: Array, k_pages: Array, v_pages: Array, k
   def one_chunk(args):
     qc, sc, pc, vc = args  # [C, K, G, D], [C], [C], [C]
     pages = page_indices[sc]  # [C, pps]
-    k = k_pages[pages].reshape(chunk, length, kh, d).astype(jnp.float32)  # [C, L, K, D]
-    v = v_pages[pages].reshape(chunk, length, kh, d).astype(jnp.float32)
+    k = gather_pages(k_pages, pages).astype(jnp.float32)  # [C, L, K, D]
+    v = gather_pages(v_pages, pages).astype(jnp.float32)
     logits = jnp.einsum("CKGD,CLKD->CKGL", qc, k, precision=lax.Precision.HIGHEST) * scale
     mask = (kv_pos[None, :] <= pc[:, None]) & vc[:, None]  # [C, L]
     if sliding_window is not None:
@@ -158,7 +168,7 @@ def ragged_paged_attention_blocked(q: Array, k_pages: Array, v_pages: Array, kv_
     [T, H, D] in q's dtype; rows of padding tokens are 0.
   """
   t, h, d = q.shape
-  _, ps, kh, _ = k_pages.shape
+  _, kh, ps, _ = k_pages.shape
   s, pps = page_indices.shape
   g = h // kh
   length = pps * ps
@@ -177,8 +187,8 @@ def ragged_paged_attention_blocked(q: Array, k_pages: Array, v_pages: Array, kv_
   qi = q[tok].astype(jnp.float32).reshape(n_items, block_q, kh, g, d)
   qi = qi.transpose(0, 2, 1, 3, 4).reshape(n_items, kh, block_q * g, d)  # [N, K, R, D]
   pages = page_indices.astype(jnp.int32)[seq]  # [N, pps]
-  k = k_pages[pages].reshape(n_items, length, kh, d)  # [N, C, K, D]
-  v = v_pages[pages].reshape(n_items, length, kh, d)
+  k = gather_pages(k_pages, pages)  # [N, C, K, D]
+  v = gather_pages(v_pages, pages)
   col = jnp.arange(length, dtype=jnp.int32)
   if k_new is not None:
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
@@ -222,11 +232,11 @@ class RaggedPagedAttentionError(UserError, ValueError):
 
 def _check(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, sliding_window) -> None:
   t, h, d = q.shape
-  _, _, kh, dk = k_pages.shape
+  _, kh, _, dk = k_pages.shape
   s = page_indices.shape[0]
   if k_pages.ndim != 4 or v_pages.shape != k_pages.shape or dk != d:
     raise RaggedPagedAttentionError(
-        f"k_pages / v_pages must both be [P, page_size, K, D={d}], got {k_pages.shape} and "
+        f"k_pages / v_pages must both be [P, K, page_size, D={d}], got {k_pages.shape} and "
         f"{v_pages.shape}")
   if h % kh:
     raise RaggedPagedAttentionError(f"q heads {h} are not a multiple of kv heads {kh}")
@@ -272,7 +282,7 @@ def _kernel(table_ref, pages_ref, scalars_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf
   """One item: q_ref / o_ref [K, R, D] (R >= block_q * G rows: row r = token r // G, head r % G)."""
   item = pl.program_id(0)
   n_live, window = scalars_ref[0], scalars_ref[1]  # live items; sliding window (if windowed)
-  kh = k_buf.shape[3]
+  kh = k_buf.shape[2]
   rows = q_ref.shape[1]
   block_kv = pages_per_block * page_size
   field = lambda f, i: table_ref[f * n_items + i]
@@ -350,8 +360,8 @@ def _kernel(table_ref, pages_ref, scalars_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf
           v_row = c0 + lax.broadcasted_iota(jnp.int32, (block_kv, v_buf.shape[-1]), 0)
           v_ok = (v_row >= lo) & (v_row < hi)
         for h in range(kh):
-          k = k_buf[slot, :, :, h, :].reshape(block_kv, -1)  # [B, D]
-          v = v_buf[slot, :, :, h, :].reshape(block_kv, -1)
+          k = k_buf[slot, :, h].reshape(block_kv, -1)  # [B, D]
+          v = v_buf[slot, :, h].reshape(block_kv, -1)
           s = lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32) * scale
           if masked:
             v = jnp.where(v_ok, v, jnp.zeros_like(v))
@@ -413,7 +423,7 @@ def ragged_paged_attention(q: Array, k_pages: Array, v_pages: Array, kv_lens: Ar
   """
   _check(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, sliding_window)
   t, h, d = q.shape
-  _, page_size, kh, _ = k_pages.shape
+  _, kh, page_size, _ = k_pages.shape
   s, pages_per_seq = page_indices.shape
   g = h // kh
   block_q = _default_block_q(g, t) if block_q is None else int(block_q)
@@ -459,8 +469,8 @@ def ragged_paged_attention(q: Array, k_pages: Array, v_pages: Array, kv_lens: Ar
             in_specs=[spec, pl.BlockSpec(memory_space=pl.ANY),
                       pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=spec,
-            scratch_shapes=[pltpu.VMEM((2, pages_per_block, page_size, kh, d), k_pages.dtype),
-                            pltpu.VMEM((2, pages_per_block, page_size, kh, d), v_pages.dtype),
+            scratch_shapes=[pltpu.VMEM((2, pages_per_block, kh, page_size, d), k_pages.dtype),
+                            pltpu.VMEM((2, pages_per_block, kh, page_size, d), v_pages.dtype),
                             pltpu.SemaphoreType.DMA((2, 2)),
                             pltpu.VMEM((kh, rows, 1), jnp.float32),
                             pltpu.VMEM((kh, rows, 1), jnp.float32),
@@ -517,13 +527,13 @@ def sharded_ragged_paged_attention(q: Array, k_pages: Array, v_pages: Array, kv_
   Returns:
     [T, H, D] sharded on heads like q.
   """
-  axes = head_axes(mesh, rules, k_pages.shape[2])
+  axes = head_axes(mesh, rules, k_pages.shape[1])
   if not axes:
     return ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens,
                                   num_seqs, **kwargs)
   heads = axes[0] if len(axes) == 1 else axes
   num_seqs = jnp.asarray(num_seqs, jnp.int32)
-  q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
+  q_spec, kv_spec = P(None, heads, None), P(None, heads, None, None)
   body = functools.partial(ragged_paged_attention, **kwargs)
   return jax.shard_map(body, mesh=mesh,
                        in_specs=(q_spec, kv_spec, kv_spec, P(), P(), P(), P()),
