@@ -245,11 +245,11 @@ def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array
   heads = None if mesh.empty else nn.logical_to_mesh_axes(("activation_kv_heads",))[0]
   ways = 1 if heads is None else math.prod(
       mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads))
-  if heads is None or kl.shape[2] % ways:
+  if heads is None or kl.shape[1] % ways:
     out = kernel(*args)
   else:  # each device attends with its own kv heads (the pools are split the same way)
     P = jax.sharding.PartitionSpec
-    q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
+    q_spec, kv_spec = P(None, heads, None), P(None, heads, None, None)
     out = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (P(),) * 4,
                         out_specs=q_spec, check_vma=False)(*args)
   return out, (k_pages, v_pages)
