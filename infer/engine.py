@@ -12,8 +12,8 @@ step, and a token is sampled per sequence. The pools are donated, so they are up
 The host reads back the S sampled tokens, records them for the sequences whose chunk ended at
 their last token, finishes sequences (stop id, EOS, max_new_tokens), and plans the next step.
 
-Compilations. T is one of two buckets: S (a step of decode tokens only) or
-`max_num_batched_tokens`. The engine's block-table width is the power of two of pages that
+Compilations. T is S for a step of at most S tokens (decodes only), else the power of two
+covering the step's tokens, at most `max_num_batched_tokens` (`Engine.token_buckets`). The engine's block-table width is the power of two of pages that
 covers the longest request seen so far (at least 256 tokens' worth): it only grows, so a call
 with shorter requests never recompiles. Off TPU each step's table is narrower where it can be:
 the power of two of pages covering the step's longest sequence (at least 256 tokens' worth, at
