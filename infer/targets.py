@@ -13,7 +13,12 @@ All run with the params as given (layers scanned) and no remat.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from qwen2_jax import aot, flops
+from qwen2_jax.layers import dtype_of
 from qwen2_jax.infer import engine as paged_engine
 from qwen2_jax.infer import paged
 from qwen2_jax.infer import static_engine as engine
@@ -60,14 +65,9 @@ def serve_target(max_num_seqs: int, new_tokens: int, num_tokens: int, page_size:
 
 def pool_bytes_per_page(config, mesh, rules, page_size: int) -> int:
   """Bytes of one page of both pools (all layers) on one device, as `pool_sharding` splits them."""
-  from jax.numpy import dtype  # pylint: disable=import-outside-toplevel
   shape = paged_engine.pool_shape(config, 1, page_size)
   local = paged_engine.pool_sharding(mesh, rules, shape).shard_shape(shape)
-  size = 1
-  for n in local:
-    size *= n
-  return 2 * size * dtype(config.dtype).itemsize
-
+  return 2 * math.prod(local) * np.dtype(dtype_of(config.dtype)).itemsize
 
 def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, prompt_len: int,
                new_tokens: int, num_tokens: int, page_size: int,
