@@ -40,6 +40,7 @@ one scatter at the end of the step (`attention.write_pages_all_layers`), in plac
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -183,26 +184,83 @@ def _memory_bytes() -> int | None:
     return None
 
 
+def replica_meshes(mesh) -> list:
+  """The device groups of the engine's data-parallel replicas: one mesh per index of `mesh`'s
+  "data" axis (each keeps every axis, "data" with size 1, so the same rules apply), or [mesh]
+  when the data axis has size 1 or the mesh spans more than one process (every process then
+  runs the one engine over the whole mesh)."""
+  if "data" not in mesh.axis_names or mesh.shape["data"] == 1 or jax.process_count() > 1:
+    return [mesh]
+  k = mesh.axis_names.index("data")
+  return [jax.sharding.Mesh(np.take(mesh.devices, [i], axis=k), mesh.axis_names,
+                            axis_types=mesh.axis_types) for i in range(mesh.shape["data"])]
+
+
+def split_requests(requests: Sequence[tuple[Sequence[int], SamplingParams]], n: int
+                   ) -> list[list[int]]:
+  """Request indices for each of n replicas, each list in the given order. Requests with the
+  same prompt stay together where they can (they share prefix-cache pages), in pieces of at
+  most ceil(len / n); pieces go, largest first, to the replica with the least work so far
+  (work: prompt + max_new_tokens tokens), which balances the replicas' finishing times."""
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, (ids, _) in enumerate(requests):
+    groups.setdefault(tuple(ids), []).append(i)
+  cap = -(-len(requests) // n)
+  pieces = [g[j:j + cap] for g in groups.values() for j in range(0, len(g), cap)]
+  work = lambda piece: sum(len(requests[i][0]) + requests[i][1].max_new_tokens for i in piece)
+  pieces.sort(key=lambda piece: (-work(piece), piece[0]))
+  load, out = [0] * n, [[] for _ in range(n)]
+  for piece in pieces:
+    j = min(range(n), key=lambda r: (load[r], r))
+    out[j] += piece
+    load[j] += work(piece)
+  return [sorted(o) for o in out]
+
+
+class _Stopped(Exception):
+  """Another replica's run failed; this one stops (internal)."""
+
+
+class _Replica:
+  """One copy of the weights and the KV cache on a group of devices (the whole mesh or the
+  default device, or one index of the mesh's data axis), with its own scheduler, pools and
+  compiled step programs."""
+
+  def __init__(self, mesh, params, scheduler: paged.Scheduler):
+    self.mesh = mesh
+    self.params = params
+    self.scheduler = scheduler
+    self.pools: tuple[Array, Array] | None = None
+    self.compiled: dict[tuple, Any] = {}
+    self.compile_seconds: dict[tuple, float] = {}
+    self.current: list[paged.Sequence_] = []  # the requests of the run in progress
+    self.num_steps = 0
+    self.num_step_tokens = 0
+
+
 class Engine:
   """Continuous-batching generation over token ids for one model.
 
   Args:
     config, params: the model (any param dtype; compute in `config.dtype`).
-    max_num_seqs: sequences admitted at once (default `max_batch_size`).
+    max_num_seqs: sequences admitted at once (default `max_batch_size`), per replica.
     max_batch_size: the older name of max_num_seqs (used when max_num_seqs is None).
     max_num_batched_tokens: tokens computed per step at most (decode tokens first, then prefill
       chunks); default max(256, max_num_seqs). Must be >= max_num_seqs.
     page_size: tokens per KV-cache page.
-    num_pages: pages in the pool. Default: from `kv_cache_memory` bytes if given, else enough for
-      max_num_seqs requests of max_context tokens, capped at 10% of the host memory on CPU (50%
-      of the free device memory on accelerators).
+    num_pages: pages in the pool (of each replica). Default: from `kv_cache_memory` bytes if
+      given, else enough for max_num_seqs requests of max_context tokens, capped at 10% of the
+      host memory on CPU (50% of the free device memory on accelerators).
     kv_cache_memory: bytes for the k and v pools together (used when num_pages is None).
     enable_prefix_caching: reuse the pages of full prompt blocks computed before.
     max_context: longest prompt + max_new_tokens accepted (default max_position_embeddings).
     eos_token_ids: ids that end a request unless `SamplingParams.ignore_eos`; default the
       config's `eos_token_id`.
     mesh, rules: optional `jax.sharding.Mesh` and `qwen2_jax.sharding` rules for sharded
-      generation.
+      generation. Where the mesh's "data" axis has size d > 1 (one process), the engine keeps d
+      replicas, one per data index, each with the weights placed by `rules` on its devices and
+      its own pools and scheduler; a batch's requests are split between them
+      (`split_requests`) and the replicas step concurrently, one host thread each.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
       "unrolled" (always `decode_layout`) or "as_is".
     vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
@@ -268,28 +326,64 @@ class Engine:
       raise bad("num_pages", f"the KV cache needs at least one page of {self.bytes_per_page} "
                 "bytes")
     self.num_pages = int(num_pages)
-    self.scheduler = paged.Scheduler(
-        num_pages=self.num_pages, page_size=self.page_size, max_num_seqs=S,
-        max_num_batched_tokens=T, enable_prefix_caching=enable_prefix_caching,
-        pages_per_seq=paged.pages_for(self.max_context, self.page_size))
-    self._compiled: dict[tuple, Any] = {}
-    self.compile_seconds: dict[tuple, float] = {}
-    self._pools: tuple[Array, Array] | None = None
     self._table_width = 0
     self._table_floor = paged.pages_for(min(_MIN_TABLE_TOKENS, self.max_context), self.page_size)
     self._bucket_tables = jax.default_backend() != "tpu"  # see _step_table_width
-    self._current: list[paged.Sequence_] = []  # the requests of the run in progress
-    self.num_steps = 0
-    self.num_step_tokens = 0
+    self._enable_prefix_caching = enable_prefix_caching
     if mesh is not None:
       self.rules = sharding.get_rules(rules)
       sharding.check_mesh_uses_rules(mesh, self.rules)
-      params = jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))
+      meshes = replica_meshes(mesh)
     else:
       self.rules = None
-    self.params = params
+      meshes = [None]
+    self._replicas = [_Replica(m, self._place(params, m), self._new_scheduler()) for m in meshes]
+
+  def _new_scheduler(self) -> paged.Scheduler:
+    return paged.Scheduler(
+        num_pages=self.num_pages, page_size=self.page_size, max_num_seqs=self.max_num_seqs,
+        max_num_batched_tokens=self.max_num_batched_tokens,
+        enable_prefix_caching=self._enable_prefix_caching,
+        pages_per_seq=paged.pages_for(self.max_context, self.page_size))
+
+  def _place(self, params, mesh):
+    if mesh is None:
+      return params
+    return jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))
 
   # ----- public API -----
+  @property
+  def num_replicas(self) -> int:
+    """Data-parallel copies of the engine (the mesh's "data" axis size; else 1)."""
+    return len(self._replicas)
+
+  @property
+  def params(self):
+    """The weights (of the first replica), in the engine's layout."""
+    return self._replicas[0].params
+
+  @property
+  def scheduler(self) -> paged.Scheduler:
+    """The host-side scheduler (of the first replica)."""
+    return self._replicas[0].scheduler
+
+  @property
+  def compile_seconds(self) -> dict[tuple, float]:
+    """Compile time per program key (T, S, pages_per_seq), summed over the replicas."""
+    out: dict[tuple, float] = {}
+    for r in self._replicas:
+      for k, s in r.compile_seconds.items():
+        out[k] = out.get(k, 0.0) + s
+    return out
+
+  @property
+  def num_steps(self) -> int:
+    return sum(r.num_steps for r in self._replicas)
+
+  @property
+  def num_step_tokens(self) -> int:
+    return sum(r.num_step_tokens for r in self._replicas)
+
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> list[GenerationResult]:
@@ -307,35 +401,60 @@ class Engine:
                 ) -> list[GenerationResult]:
     """Runs validated requests (ids, params) through the scheduler; results in their order.
 
-    `check` (optional) is called before the first step and then every `check_interval` steps,
-    when no computation is in flight; an exception it raises ends the run (every page is
-    released)."""
-    results: list[GenerationResult | None] = [None] * len(requests)
+    `check` (optional) is called before the first step and then every `check_interval` steps
+    (of each replica, from its thread), when no computation of that replica is in flight; an
+    exception it raises ends the run (every page is released, and the other replicas stop at
+    their next step)."""
     if check is not None:
       check()
-    steps = self._steps(requests)
+    if len(self._replicas) == 1:
+      return self._run_on(self._replicas[0], requests, check, check_interval)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    jobs = [(r, idx) for r, idx in zip(self._replicas,
+                                        split_requests(requests, len(self._replicas))) if idx]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(replica: _Replica, idx: list[int]) -> None:
+      try:
+        out = self._run_on(replica, [requests[i] for i in idx], check, check_interval, stop)
+      except _Stopped:
+        return
+      except BaseException as e:  # pylint: disable=broad-except
+        errors.append(e)
+        stop.set()
+        return
+      for i, res in zip(idx, out):
+        results[i] = res
+
+    threads = [threading.Thread(target=work, args=job, name=f"qwen2-jax-replica-{n}",
+                                daemon=True) for n, job in enumerate(jobs)]
     try:
-      for step, finished in enumerate(steps, 1):
-        for seq in finished:
-          results[seq.rid] = self._result(requests[seq.rid][0], seq)
-        if check is not None and step % check_interval == 0:
-          check()
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join()
     finally:
-      steps.close()  # releases every page at once, also when `check` raised
+      stop.set()  # e.g. KeyboardInterrupt in join: the replicas stop at their next step
+      for t in threads:
+        t.join()
+    if errors:
+      raise errors[0]
     return results
 
   def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
              interval: int = 4) -> Iterator[list[int]]:
     """Yields one request's new token ids as they are generated: the first token as soon as the
     prompt is computed, then chunks of `interval` (the last one may be shorter). Finish reason:
-    `self.last_finish_reason` after the iterator ends."""
+    `self.last_finish_reason` after the iterator ends. Runs on the first replica."""
     requests = self.validate([prompt], sampling)
     self.last_finish_reason = None
-    steps = self._steps(requests)
+    replica = self._replicas[0]
+    steps = self._steps(replica, requests)
     emitted = 0
     try:
       for _ in steps:
-        seq = self._current[0]
+        seq = replica.current[0]
         n = len(seq.output)
         if n - emitted >= interval or seq.finish_reason is not None or (n and not emitted):
           while emitted < n:
@@ -349,17 +468,22 @@ class Engine:
   @property
   def stats(self) -> dict[str, Any]:
     """Compilations (count, seconds, each program's key and time), steps, tokens computed,
-    preemptions and prefix-cache hits, since the engine was built."""
-    prefix = self.scheduler.prefix
-    return {"num_compilations": len(self._compiled),
-            "compile_seconds": round(sum(self.compile_seconds.values()), 3),
-            "programs": {f"step(T={k[0]}, S={k[1]}, pages_per_seq={k[2]})": round(v, 3)
-                         for k, v in self.compile_seconds.items()},
-            "steps": self.num_steps, "step_tokens": self.num_step_tokens,
-            "preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_query_tokens": 0 if prefix is None else prefix.query_tokens,
-            "prefix_cache_hit_tokens": 0 if prefix is None else prefix.hit_tokens,
-            "num_pages": self.num_pages, "page_size": self.page_size}
+    preemptions and prefix-cache hits, since the engine was built (summed over replicas)."""
+    reps = self._replicas
+    prefixes = [r.scheduler.prefix for r in reps if r.scheduler.prefix is not None]
+    out = {"num_compilations": sum(len(r.compiled) for r in reps),
+           "compile_seconds": round(sum(sum(r.compile_seconds.values()) for r in reps), 3),
+           "programs": {f"step(T={k[0]}, S={k[1]}, pages_per_seq={k[2]})": round(v, 3)
+                        for k, v in self.compile_seconds.items()},
+           "steps": self.num_steps, "step_tokens": self.num_step_tokens,
+           "preemptions": sum(r.scheduler.num_preemptions for r in reps),
+           "prefix_cache_query_tokens": sum(p.query_tokens for p in prefixes),
+           "prefix_cache_hit_tokens": sum(p.hit_tokens for p in prefixes),
+           "num_pages": self.num_pages, "page_size": self.page_size}
+    if len(reps) > 1:
+      out["replicas"] = len(reps)
+      out["replica_steps"] = [r.num_steps for r in reps]
+    return out
 
   def validate(self, prompts, sampling) -> list[tuple[list[int], SamplingParams]]:
     """Checks every request (typed errors carry the request index); returns (ids, params)."""
@@ -370,24 +494,23 @@ class Engine:
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prompt block (no request may be running)."""
-    if self.scheduler.prefix is not None:
-      self.scheduler.prefix.clear()
+    for r in self._replicas:
+      if r.scheduler.prefix is not None:
+        r.scheduler.prefix.clear()
 
   def update_params(self, params) -> None:
     """Generates with new weights of the same model from now on (an online trainer's policy).
 
     `params` has the layout the engine was built with (before `decode_layout`) and may be
-    sharded any way: on a mesh it is resharded in memory to the engine's shardings, with no
+    sharded any way: on a mesh it is resharded in memory to each replica's shardings, with no
     checkpoint round trip. Same shapes and dtypes: nothing recompiles. Cached prompt blocks
     were computed with the old weights, so the prefix cache is cleared."""
-    if self.scheduler.has_work:
+    if any(r.scheduler.has_work for r in self._replicas):
       raise RuntimeError("update_params: the engine is running requests")
     if self._layout_source is not None:
       _, params = decode_layout(self._layout_source, params)
-    if self.mesh is not None:
-      params = jax.device_put(params, sharding.param_shardings(self.config, self.mesh,
-                                                               self.rules))
-    self.params = params
+    for r in self._replicas:
+      r.params = self._place(params, r.mesh)
     self.reset_prefix_cache()
 
   # ----- the step loop -----
@@ -399,10 +522,29 @@ class Engine:
           f"needs {need} KV-cache pages of {self.page_size} tokens; the pool has "
           f"{self.num_pages} (raise num_pages or kv_cache_memory)")
 
-  def _steps(self, requests) -> Iterator[list[paged.Sequence_]]:
-    """Runs the requests to completion, one engine step per iteration; yields the sequences that
-    finished in each step. The scheduler is emptied however the iteration ends."""
-    sched = self.scheduler
+  def _run_on(self, replica: _Replica, requests, check, check_interval: int,
+              stop: threading.Event | None = None) -> list[GenerationResult]:
+    """Runs requests to completion on one replica; results in their order. Raises _Stopped
+    (pages released) when `stop` is set between steps."""
+    results: list[GenerationResult | None] = [None] * len(requests)
+    steps = self._steps(replica, requests)
+    try:
+      for step, finished in enumerate(steps, 1):
+        for seq in finished:
+          results[seq.rid] = self._result(requests[seq.rid][0], seq)
+        if stop is not None and stop.is_set():
+          raise _Stopped()
+        if check is not None and step % check_interval == 0:
+          check()
+    finally:
+      steps.close()  # releases every page at once, also when `check` raised
+    return results
+
+  def _steps(self, replica: _Replica, requests) -> Iterator[list[paged.Sequence_]]:
+    """Runs the requests to completion on `replica`, one engine step per iteration; yields the
+    sequences that finished in each step. The scheduler is emptied however the iteration
+    ends."""
+    sched = replica.scheduler
     if sched.has_work:
       raise RuntimeError("the engine is already running requests (one run at a time)")
     if not requests:
@@ -413,23 +555,24 @@ class Engine:
                             table_width(longest, self.page_size, self.max_context))
     sched.pages_per_seq = self._table_width
     table = self._request_table(requests)
-    self._current = []
+    replica.current = []
     try:
       for i in admission_order(requests, self.admission):
         ids, sp = requests[i]
         stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else self.eos_token_ids)
-        self._current.append(sched.add(i, ids, sp.max_new_tokens, stops))
+        replica.current.append(sched.add(i, ids, sp.max_new_tokens, stops))
       while True:
         plan = sched.schedule()
         if plan is None:
           return
-        tokens, logprobs = self._run_step(plan, table)
+        tokens, logprobs = self._run_step(replica, plan, table)
         yield sched.complete(plan, tokens, logprobs)
     finally:
-      self._abort()
+      self._abort(replica)
 
-  def _abort(self) -> None:
-    sched = self.scheduler
+  @staticmethod
+  def _abort(replica: _Replica) -> None:
+    sched = replica.scheduler
     for seq in list(sched.running):
       sched.running.remove(seq)
       sched._release(seq)  # pylint: disable=protected-access
@@ -442,11 +585,12 @@ class Engine:
             "top_p": np.array([p.top_p for p in sps] + [1.0], np.float32),
             "seed": np.array([p.seed % 2**32 for p in sps] + [0], np.uint32)}
 
-  def _run_step(self, plan: paged.StepPlan, table) -> tuple[np.ndarray, np.ndarray]:
+  def _run_step(self, replica: _Replica, plan: paged.StepPlan, table
+                ) -> tuple[np.ndarray, np.ndarray]:
     S = self.max_num_seqs
     T = self.token_bucket(plan.num_tokens)
-    pps = self._step_table_width(plan)
-    a = self.scheduler.arrays(plan, T, S, pages_per_seq=pps)
+    pps = self._step_table_width(replica, plan)
+    a = replica.scheduler.arrays(plan, T, S, pages_per_seq=pps)
     rows = a.rids  # -1 picks the trailing greedy entry of the table
     limit = self.vocab_limit or self.config.vocab_size
     rp = RowParams(table["temperature"][rows], table["top_k"][rows], table["top_p"][rows],
@@ -454,16 +598,16 @@ class Engine:
                    np.full(S, limit, np.int32))
     args = (a.token_ids, a.positions, a.slot_mapping, a.kv_lens, a.page_indices, a.cu_q_lens,
             a.num_seqs, a.logits_index, rp, a.out_index)
-    if self.mesh is not None:
-      rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    if replica.mesh is not None:
+      rep = NamedSharding(replica.mesh, jax.sharding.PartitionSpec())
       args = jax.device_put(args, rep)
-    k, v = self._get_pools()
-    self._pools = None  # donated below
-    fn = self._program(T, S, pps, k, v, args)
-    token, logprob, k, v = fn(self.params, k, v, *args)
-    self._pools = (k, v)
-    self.num_steps += 1
-    self.num_step_tokens += plan.num_tokens
+    k, v = self._get_pools(replica)
+    replica.pools = None  # donated below
+    fn = self._program(replica, T, S, pps, k, v, args)
+    token, logprob, k, v = fn(replica.params, k, v, *args)
+    replica.pools = (k, v)
+    replica.num_steps += 1
+    replica.num_step_tokens += plan.num_tokens
     return np.asarray(token), np.asarray(logprob)
 
   def token_bucket(self, n: int) -> int:
@@ -479,43 +623,41 @@ class Engine:
     S, T = self.max_num_seqs, self.max_num_batched_tokens
     return sorted({S, T} | {1 << i for i in range(T.bit_length()) if S < 1 << i < T})
 
-  def _step_table_width(self, plan: paged.StepPlan) -> int:
+  def _step_table_width(self, replica: _Replica, plan: paged.StepPlan) -> int:
     """Block-table width of a step. Off TPU (where attention cost grows with the width): the
     power of two of pages covering the step's longest sequence, at least the floor
     (_MIN_TABLE_TOKENS) and at most the engine's width; on TPU always the engine's width."""
-    width = self.scheduler.pages_per_seq
+    width = replica.scheduler.pages_per_seq
     if not self._bucket_tables:
       return width
     need = max(len(seq.pages) for seq in plan.seqs)
     return min(width, max(self._table_floor, _bucket(need)))
 
-  def _get_pools(self) -> tuple[Array, Array]:
-    if self._pools is None or any(p.is_deleted() for p in self._pools):
+  def _get_pools(self, replica: _Replica) -> tuple[Array, Array]:
+    if replica.pools is None or any(p.is_deleted() for p in replica.pools):
       c = self.config
       shape = pool_shape(c, self.num_pages, self.page_size)
       dt = dtype_of(c.dtype)
-      if self.mesh is None:
-        self._pools = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+      if replica.mesh is None:
+        replica.pools = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
       else:
-        sh = self._pool_sharding(shape)
+        sh = pool_sharding(replica.mesh, self.rules, shape)
         zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sh)
-        self._pools = (zeros(), zeros())
-      if self.scheduler.prefix is not None:
-        self.scheduler.prefix.clear()  # fresh pools hold no cached blocks
-    return self._pools
+        replica.pools = (zeros(), zeros())
+      if replica.scheduler.prefix is not None:
+        replica.scheduler.prefix.clear()  # fresh pools hold no cached blocks
+    return replica.pools
 
-  def _pool_sharding(self, shape):
-    return pool_sharding(self.mesh, self.rules, shape)
-
-  def _program(self, T: int, S: int, pps: int, k, v, args):
+  def _program(self, replica: _Replica, T: int, S: int, pps: int, k, v, args):
     key = (T, S, pps)
-    if key not in self._compiled:
-      jitted = jit_step(self.config, self.mesh, self.rules,
-                        None if self.mesh is None else self._pool_sharding(k.shape))
+    if key not in replica.compiled:
+      jitted = jit_step(self.config, replica.mesh, self.rules,
+                        None if replica.mesh is None else pool_sharding(replica.mesh, self.rules,
+                                                                        k.shape))
       t0 = time.perf_counter()
-      self._compiled[key] = compile_lowered(jitted.lower(self.params, k, v, *args))
-      self.compile_seconds[key] = time.perf_counter() - t0
-    return self._compiled[key]
+      replica.compiled[key] = compile_lowered(jitted.lower(replica.params, k, v, *args))
+      replica.compile_seconds[key] = time.perf_counter() - t0
+    return replica.compiled[key]
 
   @staticmethod
   def _result(prompt: list[int], seq: paged.Sequence_) -> GenerationResult:

@@ -241,13 +241,16 @@ def test_per_row_settings_share_one_compilation(engine, static):
 @pytest.mark.parametrize("mesh_text,rules", [("data=2,fsdp=2,tensor=2", "fsdp_tp"),
                                              ("data=2,fsdp=4", "fsdp")])
 def test_sharded_generation_matches_one_device(engine, mesh_text, rules):
-  """On 8 CPU devices (batch over data/fsdp, weights FSDP / tensor parallel) tokens are unchanged."""
+  """On 8 CPU devices (a replica per data index, weights FSDP / tensor parallel within it)
+  tokens are unchanged."""
   from qwen2_jax import sharding
   mesh = sharding.make_mesh(sharding.MeshConfig.from_string(mesh_text))
   prompts = _prompts(engine.config.vocab_size, (4, 9, 2, 6))
   sp = SamplingParams(max_new_tokens=6)
   sharded = Engine(engine.config, engine.params, eos_token_ids=(), mesh=mesh, rules=rules)
-  assert len(sharded.params["layers_0"]["mlp"]["gate_proj"].sharding.device_set) == 8
+  placed = [r.params["layers_0"]["mlp"]["gate_proj"].sharding.device_set
+            for r in sharded._replicas]  # pylint: disable=protected-access
+  assert len(placed) == mesh.shape["data"] and len(set().union(*placed)) == 8
   assert [r.output_ids for r in sharded.generate(prompts, sp)] == \
       [r.output_ids for r in engine.generate(prompts, sp)]
 

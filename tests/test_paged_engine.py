@@ -432,10 +432,11 @@ def test_stream_yields_the_generated_tokens(hf_tiny):
   assert eng.last_finish_reason == "length"
 
 
-@pytest.mark.parametrize("mesh_text,rules", [("data=2,fsdp=2,tensor=2", "fsdp_tp")])
+@pytest.mark.parametrize("mesh_text,rules", [("data=2,fsdp=2,tensor=2", "fsdp_tp"),
+                                             ("fsdp=4,tensor=2", "fsdp_tp")])
 def test_sharded_engine_matches_one_device(hf_tiny, mesh_text, rules):
-  """On 8 CPU devices (weights FSDP + tensor parallel, pools split over KV heads) the tokens
-  equal the unsharded engine's."""
+  """On 8 CPU devices (weights FSDP + tensor parallel, pools split over KV heads; with data=2
+  two replicas of 4 devices each) the tokens equal the unsharded engine's."""
   from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
   _, config, params = hf_tiny
   mesh = sharding.make_mesh(sharding.MeshConfig.from_string(mesh_text))
@@ -443,12 +444,74 @@ def test_sharded_engine_matches_one_device(hf_tiny, mesh_text, rules):
   sps = [SamplingParams(max_new_tokens=n) for n in news]
   kw = dict(eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8, page_size=4)
   sharded = Engine(config, params, mesh=mesh, rules=rules, **kw)
+  replicas = mesh.shape["data"]
+  assert sharded.num_replicas == replicas
   got = sharded.generate(prompts, sps)
-  k_pool = sharded._pools[0]  # pylint: disable=protected-access
-  assert len(k_pool.sharding.device_set) == 8
-  assert k_pool.sharding.spec[2] is not None  # KV heads split
+  devices = set()
+  for replica in sharded._replicas:  # pylint: disable=protected-access
+    k_pool = replica.pools[0]
+    assert len(k_pool.sharding.device_set) == 8 // replicas
+    assert k_pool.sharding.spec[2] is not None  # KV heads split
+    devices |= k_pool.sharding.device_set
+  assert len(devices) == 8
   assert [r.output_ids for r in got] == \
       [r.output_ids for r in Engine(config, params, **kw).generate(prompts, sps)]
+
+
+def test_split_requests_balances_work_and_keeps_equal_prompts_together():
+  """Pieces of equal prompts (at most ceil(n / replicas) requests) go largest first to the least
+  loaded replica; each replica's indices are in the given order and every request is placed
+  once."""
+  sp = lambda n: SamplingParams(max_new_tokens=n)
+  reqs = [([1, 2, 3], sp(10))] * 4 + [([4], sp(30)), ([5, 6], sp(5)), ([7], sp(5))]
+  parts = engine_lib.split_requests(reqs, 2)
+  assert sorted(itertools.chain(*parts)) == list(range(7))
+  assert all(p == sorted(p) for p in parts)
+  assert [0, 1, 2, 3] in parts  # the 4 equal prompts (4 <= ceil(7 / 2)) share a replica
+  work = [sum(len(reqs[i][0]) + reqs[i][1].max_new_tokens for i in p) for p in parts]
+  assert sorted(work) == [44, 52]
+  parts = engine_lib.split_requests([([1], sp(4))] * 6, 3)  # one prompt: split in thirds
+  assert parts == [[0, 1], [2, 3], [4, 5]]
+  assert engine_lib.split_requests([([1], sp(4))], 2) == [[0], []]
+
+
+def test_data_parallel_replicas(hf_tiny):
+  """Two replicas (data=2 x tensor=4 on 8 CPU devices): sampled tokens equal the one-device
+  engine's for the same seeds; both replicas step; a failing check stops both and returns every
+  page; update_params reaches both replicas."""
+  from qwen2_jax import sharding  # pylint: disable=import-outside-toplevel
+  _, config, params = hf_tiny
+  mesh = sharding.make_mesh(sharding.MeshConfig.from_string("data=2,tensor=4"))
+  prompts, news = _stream(config.vocab_size, 8, 21)
+  sps = [SamplingParams(max_new_tokens=n, temperature=0.9, top_k=20, seed=100 + i)
+         for i, n in enumerate(news)]
+  kw = dict(eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8, page_size=4)
+  dp = Engine(config, params, mesh=mesh, rules="fsdp_tp", **kw)
+  one = Engine(config, params, **kw)
+  assert [r.output_ids for r in dp.generate(prompts, sps)] == \
+      [r.output_ids for r in one.generate(prompts, sps)]
+  stats = dp.stats
+  assert stats["replicas"] == 2 and min(stats["replica_steps"]) > 0
+  assert stats["steps"] == sum(stats["replica_steps"])
+
+  calls = []
+  def check():
+    calls.append(1)
+    if len(calls) > 2:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    dp.run_batch(dp.validate(prompts, sps), check=check, check_interval=1)
+  for replica in dp._replicas:  # pylint: disable=protected-access
+    sched = replica.scheduler
+    assert not sched.has_work
+    sched.check()
+    assert sched.pool.num_available == sched.pool.num_pages
+
+  new = jax.tree.map(lambda a: a * 0.5, params)
+  dp.update_params(new)
+  greedy = [SamplingParams(max_new_tokens=n) for n in news]
+  assert [r.output_ids for r in dp.generate(prompts, greedy)] == \
+      [r.output_ids for r in Engine(config, new, **kw).generate(prompts, greedy)]
 
 
 def test_longest_first_admission_shortens_the_tail_without_changing_outputs(hf_tiny):
