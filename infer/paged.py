@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -271,6 +271,10 @@ class Scheduler:
     self._admissions = 0
     self.num_preemptions = 0
     self.num_steps = 0
+    # Optional n -> the token count a planned step of n tokens is cut to (the engine's padded
+    # step sizes): prefill chunks are shortened from the last one, never below 1 token; decode
+    # tokens are never cut. The cut tokens run in a later step.
+    self.fit_tokens: Callable[[int], int] | None = None
 
   # ----- requests -----
   def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -363,6 +367,12 @@ class Scheduler:
       if self.has_work:
         raise RuntimeError("the scheduler made no progress (a request larger than the pool?)")
       return None
+    if self.fit_tokens is not None:
+      excess = sum(plan.values()) - self.fit_tokens(sum(plan.values()))
+      for seq in reversed(list(plan)):
+        cut = max(0, min(excess, plan[seq] - 1))
+        plan[seq] -= cut
+        excess -= cut
     self.num_steps += 1
     return StepPlan(list(plan), [s.num_computed for s in plan], list(plan.values()))
 

@@ -185,17 +185,22 @@ def decode_layout(config: Qwen2Config, params) -> tuple[Qwen2Config, Any]:
 # matrices ([16, 896] x [896, 4864]) at 35-50 GFLOP/s on a 2-core AVX2 machine; XLA's Eigen dots
 # do 80-90 (and equal them at 512 rows). Measured 2026-12-03; see docs/benchmarks.md.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# oneDNN matmuls for the decode programs (a few rows per step): the small projections ([16, 896]
+# x [896, 1152]) ran at 63 GFLOP/s against Eigen's 30, and a 16-row Qwen2-0.5B decode step took
+# 241 ms against 282 (same tokens); steps of hundreds of rows were no faster, so only decodes.
+_CPU_DECODE_OPTIONS = {**_CPU_COMPILER_OPTIONS, "xla_cpu_use_onednn": True}
 
 
-def compile_lowered(lowered):
-  """`lowered.compile()`, on the CPU backend without YNNPACK dot fusions where this jaxlib has
-  the option (generation programs only)."""
+def compile_lowered(lowered, *, decode: bool = False):
+  """`lowered.compile()`, on the CPU backend without YNNPACK dot fusions (and, for `decode`
+  programs, with oneDNN matmuls) where this jaxlib has the options (generation programs only)."""
   if jax.default_backend() == "cpu":
-    try:
-      return lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS)
-    except jax.errors.JaxRuntimeError as e:
-      if "No such compile option" not in str(e):
-        raise
+    for options in ((_CPU_DECODE_OPTIONS,) if decode else ()) + (_CPU_COMPILER_OPTIONS,):
+      try:
+        return lowered.compile(compiler_options=options)
+      except jax.errors.JaxRuntimeError as e:
+        if "No such compile option" not in str(e):
+          raise
   return lowered.compile()
 
 
@@ -439,7 +444,8 @@ class StaticEngine:
       args = (self.params, state, self._put_rows(batch["rp"]), jnp.int32(step_limit))
     if key not in self._compiled:
       t0 = time.perf_counter()
-      self._compiled[key] = compile_lowered(self._jit(program, B, P + N, N).lower(*args))
+      self._compiled[key] = compile_lowered(self._jit(program, B, P + N, N).lower(*args),
+                                             decode=program == "decode")
       self.compile_seconds[key] = time.perf_counter() - t0
     return self._compiled[key](*args)
 

@@ -216,8 +216,9 @@ def test_stop_token_ends_only_its_row(engine):
 @pytest.mark.parametrize("static", [False, True])
 def test_per_row_settings_share_one_compilation(engine, static):
   """Per-row max_new_tokens and sampling settings never recompile; the static engine buckets
-  prompt lengths (bucket 16 here); the paged engine's steps here are all decodes or 22-26 prompt
-  tokens, so at most two of its token buckets (8 and 32)."""
+  prompt lengths (bucket 16 here); the paged engine's steps here are decodes or prompt chunks of
+  at most 16 tokens (a 22-token step is cut to 16 by `fit_tokens`), so at most two of its token
+  buckets (8 and 16)."""
   if static:
     engine = StaticEngine(engine.config, engine.params, eos_token_ids=(), layout="as_is")
   else:  # a fresh engine without prefix caching: cache hits would shorten the prompt steps
@@ -230,7 +231,7 @@ def test_per_row_settings_share_one_compilation(engine, static):
   assert [len(r.output_ids) for r in out] == [2, 9, 5]
   compiled = engine.stats["num_compilations"]
   engine.generate(prompts[::-1], [dataclasses.replace(s, seed=7, max_new_tokens=3) for s in sps])
-  engine.generate(_prompts(engine.config.vocab_size, (16, 9, 1)), sps)  # same buckets
+  engine.generate(_prompts(engine.config.vocab_size, (10, 5, 1)), sps)  # same buckets
   assert engine.stats["num_compilations"] == compiled
   if static:
     assert compiled == 2 and all(k[2] == 16 for k in engine.compile_seconds)  # prompt bucket

@@ -90,9 +90,10 @@ def _drain(sched: Scheduler, requests, *, stop_id: int | None = None, max_steps:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_scheduler_page_invariants_over_random_streams(seed):
-  """Random request streams (shared prefixes, tiny pools forcing preemption, small budgets): no
-  page is owned twice or written while shared, budgets and slots hold, every page is back when
-  the stream drains, and each request's output is what it would be alone."""
+  """Random request streams (shared prefixes, tiny pools forcing preemption, small budgets, steps
+  cut by `fit_tokens`): no page is owned twice or written while shared, budgets and slots hold,
+  every decode is in its step, every page is back when the stream drains, and each request's
+  output is what it would be alone."""
   rng = np.random.default_rng(seed)
   ps = int(rng.choice([1, 2, 4, 8]))
   n = int(rng.integers(1, 25))
@@ -109,6 +110,9 @@ def test_scheduler_page_invariants_over_random_streams(seed):
   sched = Scheduler(num_pages=num_pages, page_size=ps, max_num_seqs=S,
                     max_num_batched_tokens=S + int(rng.integers(0, 30)), pages_per_seq=need,
                     enable_prefix_caching=bool(rng.integers(0, 2)) or seed == 0)
+  if seed >= 3:  # steps cut to "buckets" (multiples of 4 here), as the engine's fit_tokens does
+    planned = []
+    sched.fit_tokens = lambda k: planned.append(k) or max(k - k % 4, 1)
   stop = 7 if seed % 2 else None
   out = _drain(sched, requests, stop_id=stop)
   for rid, (prompt, max_new) in enumerate(requests):
@@ -119,6 +123,8 @@ def test_scheduler_page_invariants_over_random_streams(seed):
         break
     assert out[rid][0] == expected
     assert out[rid][1] == ("stop" if expected[-1] == stop else "length")
+  if seed >= 3:
+    assert any(k % 4 for k in planned)  # some steps were cut
   # A second stream through the same scheduler (cached pages from the first) drains as well.
   _drain(sched, requests[::-1], stop_id=stop)
 
@@ -280,6 +286,9 @@ def test_step_token_buckets(hf_tiny):
                page_size=4)
   assert eng.token_buckets == [3, 4, 8, 16, 24]
   assert [eng.token_bucket(n) for n in (1, 3, 4, 5, 9, 16, 17, 24)] == [3, 3, 4, 8, 16, 16, 24, 24]
+  # Steps filling under 3/4 of their bucket are cut to the bucket below.
+  assert [eng.fit_tokens(n) for n in (2, 3, 5, 6, 9, 12, 13, 17, 18, 24)] == \
+      [2, 3, 4, 6, 8, 12, 13, 16, 18, 24]
   prompts, news = _stream(config.vocab_size, 8, 5, max_prompt=30, max_new=6)
   eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in news])
   used = _token_counts(eng)
@@ -456,6 +465,21 @@ def test_sharded_engine_matches_one_device(hf_tiny, mesh_text, rules):
   assert len(devices) == 8
   assert [r.output_ids for r in got] == \
       [r.output_ids for r in Engine(config, params, **kw).generate(prompts, sps)]
+
+
+def test_decode_compile_options_keep_results():
+  """The decode programs' CPU compiler options (oneDNN matmuls, no YNNPACK fusions) give the
+  default compile's results (f32, 1e-5) on a 16-row projection + softmax."""
+  # pylint: disable-next=import-outside-toplevel
+  from qwen2_jax.infer.static_engine import compile_lowered
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((16, 96), np.float32))
+  w = jnp.asarray(rng.standard_normal((96, 160), np.float32) * 0.1)
+  lowered = jax.jit(lambda x, w: jax.nn.softmax(x @ w, axis=-1)).lower(x, w)
+  want = np.asarray(lowered.compile()(x, w))
+  for decode in (True, False):
+    np.testing.assert_allclose(np.asarray(compile_lowered(lowered, decode=decode)(x, w)), want,
+                               atol=1e-5, rtol=0)
 
 
 def test_split_requests_balances_work_and_keeps_equal_prompts_together():

@@ -190,7 +190,9 @@ def _new_kv_from_pools(args, seqs):
 def test_blocked_matches_reference(case):
   """Blocked path == reference and float64 attention (f32, 1e-5): several items per sequence,
   empty slots, windows, NaN in unowned page slots, padding rows 0; with the step's keys /
-  values passed as k_new / v_new (and NaN in their pool slots) the result is the same."""
+  values passed as k_new / v_new (and NaN in their pool slots) the result is the same, also
+  with blocks of 2 pages (online softmax over several blocks, stopping after the last one a
+  query sees)."""
   _, seqs, h, kh, ps, pps, t, bq, window = case
   args, dense = _batch(8, seqs, slots=len(seqs) + 2, heads=h, kv_heads=kh, d=16, page_size=ps,
                        pages_per_seq=pps, t=t)
@@ -209,6 +211,12 @@ def test_blocked_matches_reference(case):
   out_new = np.asarray(run(w, *moved, k_new=k_new, v_new=v_new))
   np.testing.assert_allclose(out_new, ref, atol=1e-5, rtol=0)
   assert np.all(out_new[n:] == 0)
+  # Blocks of 2 pages: several loop iterations, a padded last block, an early stop.
+  run2 = jax.jit(lambda w, *a, **kw: rpa.ragged_paged_attention_blocked(
+      *a, scale=0.25, sliding_window=w, block_q=bq, pages_per_block=2, **kw))
+  out2 = np.asarray(run2(w, *moved, k_new=k_new, v_new=v_new))
+  np.testing.assert_allclose(out2, ref, atol=1e-5, rtol=0)
+  assert np.all(out2[n:] == 0)
 
 
 def test_blocked_bf16_and_no_live_sequences():
