@@ -368,7 +368,8 @@ class Scheduler:
         raise RuntimeError("the scheduler made no progress (a request larger than the pool?)")
       return None
     if self.fit_tokens is not None:
-      excess = sum(plan.values()) - self.fit_tokens(sum(plan.values()))
+      planned = sum(plan.values())
+      excess = planned - self.fit_tokens(planned)
       for seq in reversed(list(plan)):
         cut = max(0, min(excess, plan[seq] - 1))
         plan[seq] -= cut
