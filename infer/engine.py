@@ -38,8 +38,8 @@ split between them (`split_requests`) and they step concurrently, one host threa
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, [H, V] head), as the
 static engine does. Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over
-blocks of pages with an online softmax that stops after the step's last visible key, the step's
-own keys / values read from the layer's outputs), and the layers leave the pools alone: all
+the (item, page block) pairs the step's queries see, merged by an online softmax, the step's own
+keys / values read from the layer's outputs), and the layers leave the pools alone: all
 layers' new keys / values are written in one scatter at the end of the step
 (`attention.write_pages_all_layers`), in place. Decode programs are compiled with oneDNN matmuls
 (`static_engine.compile_lowered`).
