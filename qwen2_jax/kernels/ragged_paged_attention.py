@@ -29,10 +29,10 @@ from HBM with async copies, double-buffered across blocks and across items; page
 [first visible key, last query position] are never copied. Online softmax in f32, one running
 (max, sum, accumulator) per kv head. Results come back per item and are gathered to [T, H, D].
 
-Off TPU the engine runs `ragged_paged_attention_blocked`: the same items in plain jnp; a loop
-takes a few (item, kv block) pairs at a time, only the blocks each item sees, and merges them
-into the items' online softmax; it can take the step's own keys / values as arguments, so the
-pools may be written after it.
+Off TPU the engine runs `ragged_paged_attention_blocked`: the same items in plain jnp, looping
+over blocks of pages with an online softmax (block-major in decode steps; over the (item, block)
+pairs each item sees in steps with prompt chunks); it can take the step's own keys / values as
+arguments, so the pools may be written after it.
 `ragged_paged_attention_reference` (per-token gathers) is the oracle both are tested against.
 """
 
