@@ -157,9 +157,9 @@ def ragged_paged_attention_blocked(q: Array, k_pages: Array, v_pages: Array, kv_
   `pages_per_block` pages, merged by an online softmax (f32). K/V are read once per item, never
   materialised whole, and only blocks up to the last one some query sees are visited (traced
   trip counts). Two loops, chosen by the step's shape:
-  - decode steps (T <= S, one query per item): block-major, every iteration gathers one block of
-    every item's pages and attends as one batched matmul per kv head, until the step's longest
-    sequence ends;
+  - steps of at most S tokens (decodes; one query per item at the default block_q):
+    block-major, every iteration gathers one block of every item's pages and attends as one
+    batched matmul per kv head, until the step's longest sequence ends;
   - steps with prompt chunks: the (item, block) pairs each item sees (from its window's start to
     its last query) are listed item-major, and an iteration takes `pairs_per_iter` of them,
     wherever they belong, merging each into its item's softmax state; so a chunk's first items
@@ -295,7 +295,7 @@ def _pair_loop(qi, k_pages, v_pages, pages, pos, lo, hi, b0, nb, k_new, v_new, n
   _, n_blocks, pb = pages.shape
   width = pb * k_pages.shape[2]
   # The pair list, item-major, padded to whole iterations; it depends only on the step's
-  # metadata, so XLA computes it once for all unrolled layers.
+  # metadata and the window, so XLA can share it between unrolled layers of the same window.
   ends = jnp.cumsum(nb)  # [N] pairs of items 0..n; item n's pairs are [ends - nb, ends)
   n_pairs = ends[-1]
   max_pairs = -(-n_items * n_blocks // c) * c
