@@ -7,8 +7,9 @@ own virtualenv (made by `compare_maxtext_memory.sh`, which also runs this file).
 the same settings: pure FSDP over every chip, bf16 compute, fp32 weights and Adam moments, full
 remat, scanned layers, one step on synthetic data. Printed as Markdown, per device:
 `memory_analysis()` arguments / outputs / temporaries and their total (arguments + outputs -
-aliases + temporaries + generated code), fitting when the total is <= 95% of the chip's HBM; a
-batch the TPU compiler itself cannot place in HBM is recorded as "compiler OOM" (does not fit).
+aliases + temporaries + generated code), fitting when the total is <= 95% of the chip's HBM,
+and the host memory of buffers offloaded off the chip (`host GiB`, not in the total); a batch
+the TPU compiler itself cannot place in HBM is recorded as "compiler OOM" (does not fit).
 
   scripts/compare_maxtext_memory.sh --model qwen2-7b --topology v5p-8 --batch 44 \\
       --stack qwen2-jax --stack maxtext --attention kernel --attention xla
@@ -63,6 +64,8 @@ class Case:
   attention: str      # kernel | xla
   settings: tuple[str, ...] = ()   # --set (qwen2-jax) or --maxtext-set (MaxText) key=value
   seq_len: int = 4096
+  mesh: str = "fsdp=-1"   # qwen2-jax only (MaxText: always pure FSDP)
+  rules: str = "fsdp"     # qwen2-jax only: a rule set's name or a JSON file
 
 
 def _topology(name: str):
@@ -94,7 +97,7 @@ def compile_qwen2_jax(case: Case, *, cost: bool, dump_dir: str | None, timeout: 
   """One `qwen2-jax compile --json` run: its memory report (and XLA cost / estimate)."""
   cmd = [os.path.join(os.path.dirname(sys.executable), "qwen2-jax"), "compile",
          "--preset", case.model, "--topology", case.topology, "--batch", str(case.batch),
-         "--seq-len", str(case.seq_len), "--mesh", "fsdp=-1", "--rules", "fsdp",
+         "--seq-len", str(case.seq_len), "--mesh", case.mesh, "--rules", case.rules,
          "--remat", "full", "--dtype", "bfloat16", "--param-dtype", "float32",
          "--attention-impl", ATTENTION[case.attention]["qwen2-jax"]]
   for s in case.settings:
@@ -107,7 +110,13 @@ def compile_qwen2_jax(case: Case, *, cost: bool, dump_dir: str | None, timeout: 
   elif "xla" in r.get("flops_per_device", {}):
     out["xla"] = {"flops": r["flops_per_device"]["xla"],
                   "bytes_accessed": r["bytes_accessed_per_device"]["xla"]}
+    if not _pure_fsdp(case):  # the compile's own estimate, made on its mesh and rules
+      out["estimate"] = {k: v for k, v in r["estimate"].items() if k != "note"}
   return out
+
+
+def _pure_fsdp(case: Case) -> bool:
+  return (case.mesh, case.rules) == ("fsdp=-1", "fsdp")
 
 
 def _maxtext_settings(case: Case, chips: int, run_dir: str, layers: int | None = None) -> list:
@@ -173,7 +182,7 @@ def measure(case: Case, args) -> dict:
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
   if case.stack == "qwen2-jax":
     record["versions"] = _local_versions()
-  if "xla" in r:
+  if "xla" in r and "estimate" not in r:
     record["estimate"] = _estimate(case, r["xla"])
   if args.results:
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
@@ -199,8 +208,18 @@ def _estimate(case: Case, xla: dict) -> dict:
                       flops.train_flops_per_token(config, case.seq_len))
 
 
+def _shown_settings(r: dict) -> str:
+  """The settings column: the --set values, and the mesh and rules where not pure FSDP."""
+  shown = list(r["settings"])
+  if (r.get("mesh", "fsdp=-1"), r.get("rules", "fsdp")) != ("fsdp=-1", "fsdp"):
+    shown = [f"mesh {r['mesh']}", f"rules {os.path.basename(r['rules'])}", *shown]
+  return ", ".join(shown) or "-"
+
+
 def _slug(case: Case) -> str:
-  extra = "_".join(s.replace("=", "-").replace(".", "-") for s in case.settings)
+  shown = _shown_settings(dataclasses.asdict(case))
+  extra = "_".join(s.replace("=", "-").replace(".", "-").replace(" ", "-").replace(",", "")
+                   for s in ([] if shown == "-" else shown.split(", ")))
   return "_".join(p for p in (case.model, case.topology, f"b{case.batch}", case.stack,
                               case.attention, extra) if p)
 
@@ -234,8 +253,8 @@ def search_batch(template: Case, lo: int, hi: int, args) -> list[dict]:
 
 
 _HEADER = ("| model | topology | stack | attention | settings | batch | arguments | outputs "
-           "| aliased | temporaries | total GiB | fits 95% | compile s |\n"
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+           "| aliased | temporaries | total GiB | fits 95% | host GiB | compile s |\n"
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
 
 
 def _row(r: dict) -> str:
@@ -244,13 +263,13 @@ def _row(r: dict) -> str:
   attention = ATTENTION[r["attention"]][r["stack"]]
   if not m:  # the compiler ran out of HBM
     return (f"| {r['model']} | {r['topology']} | {r['stack']} | {attention} | "
-            f"{', '.join(r['settings']) or '-'} | {r['batch']} | - | - | - | - | "
-            f"compiler OOM | no | {r['compile_seconds']:.0f} |")
+            f"{_shown_settings(r)} | {r['batch']} | - | - | - | - | "
+            f"compiler OOM | no | - | {r['compile_seconds']:.0f} |")
   return (f"| {r['model']} | {r['topology']} | {r['stack']} | {attention} | "
-          f"{', '.join(r['settings']) or '-'} | {r['batch']} | {gib('argument_bytes')} | "
+          f"{_shown_settings(r)} | {r['batch']} | {gib('argument_bytes')} | "
           f"{gib('output_bytes')} | {gib('alias_bytes')} | {gib('temp_bytes')} | "
           f"**{gib('total_bytes')}** | {'yes' if r['fits'] else 'no'} | "
-          f"{r['compile_seconds']:.0f} |")
+          f"{m.get('host_temp_bytes', 0) / _GIB:.2f} | {r['compile_seconds']:.0f} |")
 
 
 def format_tables(records: list[dict]) -> str:
@@ -264,7 +283,7 @@ def format_tables(records: list[dict]) -> str:
     for r in costed:
       e = r["estimate"]
       lines.append(f"| {r['model']} | {r['topology']} | {r['stack']} | "
-                   f"{ATTENTION[r['attention']][r['stack']]} | {', '.join(r['settings']) or '-'} "
+                   f"{ATTENTION[r['attention']][r['stack']]} | {_shown_settings(r)} "
                    f"| {r['batch']} | {r['xla']['flops'] / 1e12:.1f} | "
                    f"{r['xla']['bytes_accessed'] / 1e9:.0f} | {e['step_s']:.2f} | {e['bound']} | "
                    f"{e['mfu']:.0%} |")
@@ -288,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--attention", action="append", choices=sorted(ATTENTION), default=[])
   p.add_argument("--set", dest="sets", action="append", default=[],
                  help="qwen2-jax setting, as `qwen2-jax compile --set` takes it (repeat)")
+  p.add_argument("--mesh", default="fsdp=-1",
+                 help="qwen2-jax's mesh, as `qwen2-jax compile --mesh` takes it (MaxText: pure FSDP)")
+  p.add_argument("--rules", default="fsdp",
+                 help="qwen2-jax's sharding rules: a rule set's name or a JSON file")
   p.add_argument("--maxtext-set", dest="maxtext_sets", action="append", default=[],
                  help="MaxText setting key=value (repeat)")
   p.add_argument("--cost", action="store_true", help="XLA FLOPs/bytes and a roofline ESTIMATE")
@@ -311,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
   for stack in args.stack or ["qwen2-jax", "maxtext"]:
     for attention in args.attention or ["kernel"]:
       settings = tuple(args.sets if stack == "qwen2-jax" else args.maxtext_sets)
-      case = Case(args.model, args.topology, 0, stack, attention, settings, args.seq_len)
+      case = Case(args.model, args.topology, 0, stack, attention, settings, args.seq_len,
+                  *((args.mesh, args.rules) if stack == "qwen2-jax" else ()))
       if args.search_batch:
         records += search_batch(case, *args.search_batch, args)
         continue

@@ -11,10 +11,25 @@ cd "$(dirname "$0")/.."
 
 MAXTEXT_VENV="${MAXTEXT_VENV:-$PWD/.venv-maxtext}"
 MAXTEXT_VERSION="${MAXTEXT_VERSION:-0.2.5}"
-PYTHON312="${PYTHON312:-python3.12}"   # MaxText 0.2.5 wants Python 3.12
+# MaxText 0.2.5 wants Python 3.12. pyenv's shims answer for versions that are installed but not
+# selected and then fail when run, so a candidate counts only if it runs.
+is_py312() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; }
+PYTHON312="${PYTHON312:-}"
+if [[ -z "$PYTHON312" ]]; then
+  cands="python3.12"
+  if command -v pyenv >/dev/null 2>&1; then
+    cands="$cands $(ls -d "$(pyenv root)"/versions/3.12*/bin/python3 2>/dev/null | sort -V | tr '\n' ' ')"
+  fi
+  for cand in $cands; do
+    if is_py312 "$cand"; then PYTHON312=$cand; break; fi
+  done
+fi
 
 if [[ ! -x "$MAXTEXT_VENV/bin/python" ]] \
     || ! "$MAXTEXT_VENV/bin/python" -c "import maxtext, libtpu" 2>/dev/null; then
+  if [[ -z "$PYTHON312" ]]; then
+    echo "error: MaxText $MAXTEXT_VERSION needs Python 3.12 (set PYTHON312=...)" >&2; exit 2
+  fi
   echo "making MaxText's virtualenv in $MAXTEXT_VENV (maxtext==$MAXTEXT_VERSION)" >&2
   "$PYTHON312" -m venv "$MAXTEXT_VENV"
   # jax[tpu] brings libtpu, the TPU compiler; pip resolves both to MaxText's pinned jax.

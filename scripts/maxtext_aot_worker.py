@@ -70,7 +70,8 @@ def main(settings: list[str]) -> int:
             "output_bytes": int(m.output_size_in_bytes),
             "alias_bytes": int(m.alias_size_in_bytes),
             "temp_bytes": int(m.temp_size_in_bytes),
-            "generated_code_bytes": int(m.generated_code_size_in_bytes)}
+            "generated_code_bytes": int(m.generated_code_size_in_bytes),
+            "host_temp_bytes": int(m.host_temp_size_in_bytes)}
   memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
                            - memory["alias_bytes"] + memory["temp_bytes"]
                            + memory["generated_code_bytes"])

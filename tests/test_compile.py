@@ -57,6 +57,24 @@ def test_compile_command_json_report(capsys):
 
 
 @needs_libtpu
+def test_compile_reports_host_memory_of_offloaded_layer_inputs(capsys):
+  """With a host-offloading remat policy the report gives the host memory the offloaded layer
+  inputs take per device (at least one [batch/chips, seq, hidden] bf16 value per layer)
+  outside the HBM total; without one it is 0."""
+  base = ["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--batch", "8", "--seq-len", "128",
+          "--remat", "full", "--no-cost", "--json"]
+  assert compile_cmd.main(base) == 0
+  assert json.loads(capsys.readouterr().out)["memory_per_device"]["host_temp_bytes"] == 0
+  assert compile_cmd.main(base + ["--set", "model.remat_policy=offload_layer_input"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  c = presets.get_preset("qwen2-tiny")
+  layer_inputs = c.num_hidden_layers * (8 // 4) * 128 * c.hidden_size * 2
+  assert report["memory_per_device"]["host_temp_bytes"] >= layer_inputs
+  assert compile_cmd.main(base[:-1] + ["--set", "model.remat_policy=offload_layer_input"]) == 0
+  assert "host memory per device (offloaded buffers" in capsys.readouterr().out
+
+
+@needs_libtpu
 def test_compile_command_text_report_multislice_tensor_parallel(capsys):
   """fsdp_tp on two v6e:2x2 slices (data 2 over DCN x fsdp 2 x tensor 2) compiles; the text
   report gives the mesh and whether it fits."""

@@ -96,7 +96,8 @@ def test_loss_and_gradients_match_a_hand_written_reference(tok, tmp_path):
   step = jax.jit(lambda s, r, b: dpo.dpo_train_step(config, opt, s, b, r, beta=beta,
                                                     label_smoothing=label_smoothing))
   new_state, metrics = step(state, ref_params, rows)
-  np.testing.assert_allclose(float(metrics["loss"]), float(expected_loss), rtol=1e-6)
+  # f32, different summation orders: 1e-5 relative (a 2-core AVX2 machine differed by 1.02e-6).
+  np.testing.assert_allclose(float(metrics["loss"]), float(expected_loss), rtol=1e-5)
   grads = jax.tree.map(lambda a, b: a - b, params, new_state.params)
   # Params ~0.1, gradients ~1e-3: f32 summation order alone moves gradients by ~5e-7.
   jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-6, rtol=1e-4), grads,
@@ -107,7 +108,7 @@ def test_loss_and_gradients_match_a_hand_written_reference(tok, tmp_path):
   pre = jax.jit(lambda s, b: dpo.dpo_train_step(config, opt, s, b, None, beta=beta,
                                                 label_smoothing=label_smoothing))
   pre_state, pre_metrics = pre(state, dict(rows, ref_logps=ref_logps))
-  np.testing.assert_allclose(float(pre_metrics["loss"]), float(expected_loss), rtol=1e-6)
+  np.testing.assert_allclose(float(pre_metrics["loss"]), float(expected_loss), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), pre_state.params,
                new_state.params)
 

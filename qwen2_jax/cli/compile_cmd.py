@@ -11,7 +11,7 @@ nothing is allocated. Examples:
   qwen2-jax compile --preset qwen2-7b --topology v5p-8 --job dpo --batch 8 --seq-len 4096
   qwen2-jax compile --preset qwen2-7b --topology v5p:1x1x1 --target prefill --batch 1 \\
       --seq-len 131072 --param-dtype bfloat16 --attention-impl pallas --dca --no-cost
-  qwen2-jax compile --preset qwen2-7b --topology v5e-8 --mesh tensor=4,data=2 --rules fsdp_tp \
+  qwen2-jax compile --preset qwen2-7b --topology v5e-8 --mesh tensor=4,data=2 --rules fsdp_tp \\
       --target serve --batch 64 --seq-len 1024 --new-tokens 1024 --param-dtype bfloat16
 
 Exit status: 0 when the step fits (with --search-batch: when some batch fits), 3 when it does
@@ -313,6 +313,9 @@ def format_report(r: dict) -> str:
         f"  memory per device: arguments {mem['argument_bytes'] / _GIB:.2f} GiB, outputs "
         f"{mem['output_bytes'] / _GIB:.2f} GiB (donated/aliased {mem['alias_bytes'] / _GIB:.2f}),"
         f" temporaries {mem['temp_bytes'] / _GIB:.2f} GiB")
+    if mem.get("host_temp_bytes"):
+      lines.append(f"  host memory per device (offloaded buffers, not in the total): "
+                   f"{mem['host_temp_bytes'] / _GIB:.2f} GiB")
     lines.append(f"  total {mem['total_bytes'] / _GIB:.2f} GiB of {hbm:.1f} GiB HBM "
                  f"(keeping {r['hbm_margin']:.0%} free): "
                  f"{'FITS' if r['fits'] else 'DOES NOT FIT'}")
