@@ -190,6 +190,7 @@ def test_pallas_path_matches_reference_forward_and_gradients(t, s):
     assert _err(gp, gr) < 1e-4
 
 
+@pytest.mark.slow
 def test_model_with_pallas_dca_equals_xla_dca():
   """The whole model (2 layers, 3 chunks): attention_impl pallas == xla, logits and gradients."""
   config = _tiny(chunk=20, local=4, original=16)  # s = 16
@@ -231,6 +232,7 @@ def test_decode_step_equals_last_row_of_prefill():
   assert _err(step[:, 0], full[:, -1]) < 1e-5
 
 
+@pytest.mark.slow
 def test_generation_with_dca_matches_full_forward_greedy():
   """The engine (prefill + in-program decode loop) with a DCA config emits the greedy tokens of
   re-running the whole sequence without a cache, across chunk boundaries, rows of 2 lengths."""

@@ -218,6 +218,7 @@ def test_few_dpo_steps_raise_margin_and_reward_accuracy(sp_model_path, tmp_path)
   assert margin.mean() > 1.0 and (margin > 0).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_on_the_fly(sp_model_path, tmp_path):
   """The two reference modes give the same per-step losses and metrics, and the same held-out
   evaluation (every 4th pair held out, evaluated every 2 steps)."""
@@ -235,6 +236,7 @@ def test_precomputed_reference_equals_on_the_fly(sp_model_path, tmp_path):
     np.testing.assert_allclose([a[k] for k in a], [b[k] for k in b], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_held_out_pairs_are_evaluated_and_never_trained(sp_model_path, tmp_path):
   """eval_every_nth_example=3 holds out pairs 3, 6, ...: eval records (loss, reward accuracy,
   margin, pairs) are finite and cover exactly those pairs, whose reference log-probs are
@@ -265,6 +267,7 @@ def test_held_out_pairs_are_evaluated_and_never_trained(sp_model_path, tmp_path)
   assert losses["a_eval"] != losses["b_eval"]
 
 
+@pytest.mark.slow
 def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
   """Steps 1-3 in one `qwen2-jax dpo` process and 4-6 in another give the straight run's
   losses, params and optimizer state bit for bit (reference params rebuilt on resume)."""

@@ -65,7 +65,8 @@ def _hand_written_grpo(config, params, rows, adv, old, ref, *, eps_low, eps_high
   return sum(per_row) / len(per_row)
 
 
-@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+@pytest.mark.parametrize("aggregation", [pytest.param("sequence", marks=pytest.mark.slow),
+                                         "token"])
 def test_objective_and_gradient_match_the_definition(aggregation):
   """Tiny model, clipping active on some tokens (old log-probs perturbed by +-0.5) and the k3
   KL on: loss and gradient (via SGD lr 1) equal the definition written token by token, with the
@@ -158,7 +159,8 @@ def test_rows_hold_prompt_then_response_with_old_logps():
 
 # ----------------------------------------------------------------------------- rollouts
 
-@pytest.mark.parametrize("preset", ["qwen2-tiny", "qwen2-moe-tiny"])
+@pytest.mark.parametrize("preset", ["qwen2-tiny",
+                                    pytest.param("qwen2-moe-tiny", marks=pytest.mark.slow)])
 def test_rollout_logprobs_equal_the_training_forward(preset):
   """Responses sampled by the engine (temperature 1, prefix caching on, more requests than
   slots) carry per-token log-probs equal to the training forward's over prompt + response."""

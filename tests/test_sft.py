@@ -178,6 +178,7 @@ def test_few_sft_steps_lower_the_assistant_loss(sp_model_path, tmp_path):
   assert losses[last] < losses[1] - 1.0, losses
 
 
+@pytest.mark.slow
 def test_resume_in_new_process_is_bit_exact(sp_model_path, tmp_path):
   """Steps 1-3 in one `qwen2-jax sft` process, 4-6 in another (resumed from the step-3
   checkpoint) give the losses and the final params and optimizer state of a straight run."""
