@@ -343,6 +343,7 @@ def test_logprobs_equal_forward_with_preemption_and_prefix_hits(hf_tiny):
     np.testing.assert_allclose(r.logprobs, steps[np.arange(n), r.output_ids], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_step_table_widths_are_bucketed_without_changing_results(hf_tiny, monkeypatch):
   """Off TPU each step's block table is the power of two of pages covering its longest sequence
   (from a floor of 8 tokens here): short and long requests run under several widths, every

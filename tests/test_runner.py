@@ -156,6 +156,7 @@ def test_model_from_init_from_needs_the_path(tmp_path):
     SFTConfig.from_dict({k: v for k, v in d.items() if k != "model"})
 
 
+@pytest.mark.slow
 def test_router_z_loss_reaches_the_step(tmp_path):
   """The recipe's router_z_loss (MoE only) is in the update: the same batch and state give the
   same cross entropy but other params than with router_z_loss 0."""
