@@ -11,18 +11,11 @@ cd "$(dirname "$0")/.."
 
 MAXTEXT_VENV="${MAXTEXT_VENV:-$PWD/.venv-maxtext}"
 MAXTEXT_VERSION="${MAXTEXT_VERSION:-0.2.5}"
-# MaxText 0.2.5 wants Python 3.12. pyenv's shims answer for versions that are installed but not
-# selected and then fail when run, so a candidate counts only if it runs.
-is_py312() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; }
+# MaxText 0.2.5 wants Python 3.12.
+. scripts/find_python.sh
 PYTHON312="${PYTHON312:-}"
 if [[ -z "$PYTHON312" ]]; then
-  cands="python3.12"
-  if command -v pyenv >/dev/null 2>&1; then
-    cands="$cands $(ls -d "$(pyenv root)"/versions/3.12*/bin/python3 2>/dev/null | sort -V | tr '\n' ' ')"
-  fi
-  for cand in $cands; do
-    if is_py312 "$cand"; then PYTHON312=$cand; break; fi
-  done
+  PYTHON312=$(first_python "sys.version_info[:2] == (3, 12)" python3.12 "3.12*") || true
 fi
 
 if [[ ! -x "$MAXTEXT_VENV/bin/python" ]] \

@@ -3,18 +3,12 @@
 # Idempotent: a second run only checks. Needs Python 3.12 or newer and the package registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/find_python.sh
 PY=${PYTHON:-}
-# A candidate counts only if it runs and is new enough: pyenv's shims answer `command -v` for
-# versions that are installed but not selected, then fail when run.
 ok_python() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1; }
 if [ -z "$PY" ]; then
-  cands="python3.12 python3.13 python3"
-  if command -v pyenv >/dev/null 2>&1; then
-    cands="$cands $(ls -d "$(pyenv root)"/versions/3.1[23]*/bin/python3 2>/dev/null | sort -V | tr '\n' ' ')"
-  fi
-  for cand in $cands; do
-    if ok_python "$cand"; then PY=$cand; break; fi
-  done
+  PY=$(first_python "sys.version_info[:2] >= (3, 12)" "python3.12 python3.13 python3" \
+       "3.1[23]*") || true
 fi
 if [ -z "$PY" ]; then echo "[setup] error: needs Python 3.12 or newer (set PYTHON=...)" >&2; exit 2; fi
 if [ -x .venv/bin/python ] && ! ok_python .venv/bin/python; then

@@ -10,12 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 VENV=.venv-vllm
+. scripts/find_python.sh
 if [ -z "${PYTHON:-}" ]; then
-  for cand in python3.11 "$(ls -d "$(pyenv root 2>/dev/null)"/versions/3.11*/bin/python3 \
-      2>/dev/null | sort -V | tail -1)"; do
-    if [ -n "$cand" ] && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-        >/dev/null 2>&1; then PYTHON=$cand; break; fi
-  done
+  PYTHON=$(first_python "sys.version_info[:2] == (3, 11)" python3.11 "3.11*") || true
 fi
 if [ -z "${PYTHON:-}" ]; then
   echo "[setup-vllm] error: needs Python 3.11 (set PYTHON=...)" >&2
