@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--set", dest="sets", action="append", default=[],
                  help="qwen2-jax setting, as `qwen2-jax compile --set` takes it (repeat)")
   p.add_argument("--mesh", default="fsdp=-1",
-                 help="qwen2-jax's mesh, as `qwen2-jax compile --mesh` takes it (MaxText: pure FSDP)")
+                 help="qwen2-jax's mesh as `qwen2-jax compile --mesh` takes it (MaxText: FSDP)")
   p.add_argument("--rules", default="fsdp",
                  help="qwen2-jax's sharding rules: a rule set's name or a JSON file")
   p.add_argument("--maxtext-set", dest="maxtext_sets", action="append", default=[],
