@@ -86,6 +86,8 @@ def _run(cmd: list[str], env: dict, timeout: int) -> dict:
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                         check=False)
   lines = [l for l in proc.stdout.strip().splitlines() if l.strip()]
+  if proc.returncode == 2 and cmd[1] == "compile":  # `qwen2-jax compile`: a bad setting, one line
+    raise SystemExit((proc.stderr.strip().splitlines() or ["bad setting"])[-1])
   if proc.returncode not in (0, 3) or not lines:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
     raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n" + "\n".join(tail))
@@ -110,13 +112,14 @@ def compile_qwen2_jax(case: Case, *, cost: bool, dump_dir: str | None, timeout: 
   elif "xla" in r.get("flops_per_device", {}):
     out["xla"] = {"flops": r["flops_per_device"]["xla"],
                   "bytes_accessed": r["bytes_accessed_per_device"]["xla"]}
-    if not _pure_fsdp(case):  # the compile's own estimate, made on its mesh and rules
+    if not _pure_fsdp(case.mesh, case.rules):  # the compile's own estimate, made on its mesh and rules
       out["estimate"] = {k: v for k, v in r["estimate"].items() if k != "note"}
   return out
 
 
-def _pure_fsdp(case: Case) -> bool:
-  return (case.mesh, case.rules) == ("fsdp=-1", "fsdp")
+def _pure_fsdp(mesh: str, rules: str) -> bool:
+  """The layout MaxText is compiled with (and qwen2-jax's default here)."""
+  return (mesh, rules) == ("fsdp=-1", "fsdp")
 
 
 def _maxtext_settings(case: Case, chips: int, run_dir: str, layers: int | None = None) -> list:
@@ -211,7 +214,7 @@ def _estimate(case: Case, xla: dict) -> dict:
 def _shown_settings(r: dict) -> str:
   """The settings column: the --set values, and the mesh and rules where not pure FSDP."""
   shown = list(r["settings"])
-  if (r.get("mesh", "fsdp=-1"), r.get("rules", "fsdp")) != ("fsdp=-1", "fsdp"):
+  if not _pure_fsdp(r.get("mesh", "fsdp=-1"), r.get("rules", "fsdp")):
     shown = [f"mesh {r['mesh']}", f"rules {os.path.basename(r['rules'])}", *shown]
   return ", ".join(shown) or "-"
 
