@@ -36,13 +36,14 @@ Where the mesh's "data" axis has size d > 1 (one process), the engine keeps d re
 (`_Replica`: weights, pools, scheduler and programs on the devices of one data index); a batch is
 split between them (`split_requests`) and they step concurrently, one host thread each.
 
-CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, [H, V] head), as the
-static engine does. Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over
+CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head), as
+the static engine does; on an AVX-512 CPU without a mesh the MLP and head kernels are stored
+input-minor and the programs use XLA's default (YNNPACK) dots (`static_engine.cpu_input_minor`). Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over
 the (item, page block) pairs the step's queries see, merged by an online softmax, the step's own
 keys / values read from the layer's outputs), and the layers leave the pools alone: all
 layers' new keys / values are written in one scatter at the end of the step
-(`attention.write_pages_all_layers`), in place. Decode programs are compiled with oneDNN matmuls
-(`static_engine.compile_lowered`).
+(`attention.write_pages_all_layers`), in place. Elsewhere (AVX2 CPUs) the programs are compiled
+without YNNPACK fusions and decode programs with oneDNN matmuls (`static_engine.compile_lowered`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ from qwen2_jax.infer import validation
 from qwen2_jax.infer.paged import KVCacheTooSmallError
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
 from qwen2_jax.infer.static_engine import (DecodeState, GenerationResult, StaticEngine,
-                                           compile_lowered, decode_layout, init_cache,
-                                           write_kv)
+                                           compile_lowered, cpu_input_minor, decode_layout,
+                                           from_input_minor, init_cache, write_kv)
 from qwen2_jax.layers import dtype_of
 from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
 
@@ -99,7 +100,7 @@ def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_
   then a sample per sequence row. Returns (token [S], logprob [S], k_pool, v_pool)."""
   cache = PagedKVCache(k_pool, v_pool, slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs)
   logits, (k_pool, v_pool) = Qwen2ForCausalLM(config).apply(
-      {"params": params}, token_ids[None], positions[None], None, cache, logits_index[None])
+      {"params": from_input_minor(params)}, token_ids[None], positions[None], None, cache, logits_index[None])
   token, logprob = sampling_lib.sample(logits[0], rp, out_index)
   return token, logprob, k_pool, v_pool
 
@@ -306,10 +307,14 @@ class Engine:
     if page_size < 1:
       raise bad("page_size", f"must be >= 1, got {page_size}")
     config = config.replace(remat_policy="none")
+    params = from_input_minor(params)  # e.g. another engine's params
     self._layout_source = None  # the config before decode_layout, when it was applied
+    self._input_minor = False
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
       self._layout_source = config
-      config, params = decode_layout(config, params)
+      # Input-minor kernels only without a mesh: the param shardings follow the model's layout.
+      self._input_minor = cpu_input_minor() and mesh is None
+      config, params = decode_layout(config, params, input_minor=self._input_minor)
     self.config = config
     self.max_num_seqs = self.max_batch_size = S
     self.max_num_batched_tokens = T
@@ -385,8 +390,10 @@ class Engine:
 
   @property
   def params(self):
-    """The weights (of the first replica), in the engine's layout."""
-    return self._replicas[0].params
+    """The weights (of the first replica) as a params tree of `self.config` (unrolled layers on
+    CPU). Where the engine stores kernels input-minor (`static_engine.cpu_input_minor`), this
+    transposes them back: a copy of those kernels."""
+    return from_input_minor(self._replicas[0].params)
 
   @property
   def scheduler(self) -> paged.Scheduler:
@@ -533,8 +540,9 @@ class Engine:
     were computed with the old weights, so the prefix cache is cleared."""
     if any(r.scheduler.has_work for r in self._replicas):
       raise RuntimeError("update_params: the engine is running requests")
+    params = from_input_minor(params)
     if self._layout_source is not None:
-      _, params = decode_layout(self._layout_source, params)
+      _, params = decode_layout(self._layout_source, params, input_minor=self._input_minor)
     for r in self._replicas:
       r.params = self._place(params, r.mesh)
     self.reset_prefix_cache()
@@ -684,7 +692,7 @@ class Engine:
                                                                         k.shape))
       t0 = time.perf_counter()
       replica.compiled[key] = compile_lowered(jitted.lower(replica.params, k, v, *args),
-                                              decode=T == S)
+                                              decode=T == S, input_minor=self._input_minor)
       replica.compile_seconds[key] = time.perf_counter() - t0
     return replica.compiled[key]
 

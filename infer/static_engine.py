@@ -26,14 +26,15 @@ Sharding. Pass `mesh` and `rules` (see `qwen2_jax.sharding`): params are placed 
 logical shardings (FSDP and/or tensor parallel), the batch and the cache are split over the
 batch axes, and the cache's KV-head axis follows "activation_kv_heads".
 
-CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, [H, V] head): about 3x
-faster decode steps than a layer scan there. XLA:CPU then still copies the whole cache a few
+CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head; MLP
+and head kernels input-minor on AVX-512 CPUs): about 3x faster decode steps than a layer scan. XLA:CPU then still copies the whole cache a few
 times per step unless XLA_FLAGS has --xla_cpu_copy_insertion_use_region_analysis=true.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -108,7 +109,8 @@ def write_kv(cache: KVCache, new_kv: tuple[Array, Array], num_new: Array) -> KVC
 
 
 def _model(config, params, ids, positions, cache, logits_index=None):
-  return Qwen2ForCausalLM(config).apply({"params": params}, ids, positions, None, cache,
+  return Qwen2ForCausalLM(config).apply({"params": from_input_minor(params)}, ids, positions,
+                                        None, cache,
                                         logits_index)
 
 
@@ -167,23 +169,109 @@ def decode(config: Qwen2Config, params, state: DecodeState, rp: RowParams,
   return jax.lax.while_loop(cond, body, state)
 
 
-def decode_layout(config: Qwen2Config, params) -> tuple[Qwen2Config, Any]:
+def decode_layout(config: Qwen2Config, params, *, input_minor: bool | None = None
+                  ) -> tuple[Qwen2Config, Any]:
   """The same model laid out for fast decoding on CPU: one param subtree per layer (unrolled)
-  and, for tied models, an explicit [H, V] `lm_head` copy of the embedding.
+  and an explicit LM head: [H, V] (for tied models a copy of the embedding's transpose) or,
+  with `input_minor`, every dense matmul kernel stored with its input axes minor
+  (`to_input_minor`; the tied head is then the embedding itself, no copy).
 
   XLA:CPU copies each layer's weight slice out of a stacked [L, ...] array inside a layer scan,
-  and multiplies by a [V, H] matrix slower than by [H, V]; both cost ~2-3x in decode step time.
-  Costs extra host memory while the caller keeps the original params (and V * H for the head).
+  and multiplies by a [V, H] matrix slower than by [H, V] with its Eigen dots; both cost ~2-3x
+  in decode step time. With its default YNNPACK dot fusions the input-minor layout is the
+  faster one (`cpu_input_minor`). Costs extra host memory while the caller keeps the original
+  params (and V * H for a tied [H, V] head). The step functions of both engines restore the
+  model's layout inside their programs (`from_input_minor`), where XLA folds the transposes
+  into the dots.
   """
+  if input_minor is None:
+    input_minor = cpu_input_minor()
   out = model_lib.unstack_layers(params, config)
   if config.tie_word_embeddings:
-    out["lm_head"] = jnp.asarray(params["embed_tokens"]["embedding"].T)
+    emb = params["embed_tokens"]["embedding"]
+    out["lm_head"] = emb if input_minor else jnp.asarray(emb.T)
+    if input_minor:  # already [V, H]: stored under the marked name as it is
+      out = {**out, "lm_head" + INPUT_MINOR_SUFFIX: out.pop("lm_head")}
+      return config.replace(scan_layers=False, tie_word_embeddings=False), to_input_minor(
+          out, skip=("lm_head" + INPUT_MINOR_SUFFIX,))
+  if input_minor:
+    out = to_input_minor(out)
   return config.replace(scan_layers=False, tie_word_embeddings=False), out
+
+
+# Dense [in, out] matmul kernels by param name -> the permutation that puts their input axis
+# minor. The attention projections ([H, heads, D], [N, D, H]) keep their layout: XLA:CPU copied
+# them back in every step (the einsums reshape them to 2-D), and they are 9% of Qwen2-0.5B's
+# layer weights. MoE expert stacks (under "experts") and the router keep theirs too.
+_INPUT_MINOR_PERMS = {"gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (1, 0),
+                      "lm_head": (1, 0)}
+# Suffix of a param name whose array is stored input-minor (marks the layout in the tree's
+# structure, so the step programs know it at trace time).
+INPUT_MINOR_SUFFIX = "@input_minor"
+
+
+def to_input_minor(params, skip: Sequence[str] = ()):
+  """`params` with each dense matmul kernel transposed to input-minor and renamed with
+  INPUT_MINOR_SUFFIX (names in `skip` are renamed already and left as they are)."""
+  def walk(tree, inside_experts):
+    out = {}
+    for name, leaf in tree.items():
+      if isinstance(leaf, dict):
+        out[name] = walk(leaf, inside_experts or name == "experts")
+        continue
+      perm = None if inside_experts else _INPUT_MINOR_PERMS.get(name)
+      if perm is not None and len(perm) == leaf.ndim and name not in skip:
+        out[name + INPUT_MINOR_SUFFIX] = jnp.transpose(leaf, perm)
+      else:
+        out[name] = leaf
+    return out
+  return walk(params, False)
+
+
+def from_input_minor(params):
+  """The model's layout of `params` (input-minor kernels transposed back; a no-op for params
+  without INPUT_MINOR_SUFFIX names). Inside a jitted program XLA folds these transposes into
+  the dots that read the kernels."""
+  def walk(tree):
+    out = {}
+    for name, leaf in tree.items():
+      if isinstance(leaf, dict):
+        out[name] = walk(leaf)
+      elif name.endswith(INPUT_MINOR_SUFFIX):
+        base = name[:-len(INPUT_MINOR_SUFFIX)]
+        out[base] = jnp.transpose(leaf, np.argsort(_INPUT_MINOR_PERMS[base]))
+      else:
+        out[name] = leaf
+    return out
+  return walk(params) if isinstance(params, dict) else params
+
+
+@functools.cache
+def _cpu_has_avx512() -> bool:
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return "avx512f" in line.split()
+  except OSError:
+    pass
+  return False
+
+
+def cpu_input_minor() -> bool:
+  """Whether generation on this host's CPU uses input-minor kernels and XLA's default dot
+  fusions (YNNPACK): on an AVX-512 CPU (2-core Intel Xeon, 2026-12-04) a Qwen2-0.5B fp32
+  chain of 16-row decode matmuls took 168 ms that way against 222 ms for [in, out] kernels
+  with Eigen dots; on a 2-core AVX2 AMD EPYC (2026-12-03) YNNPACK's dots were the slow ones
+  (see `_CPU_COMPILER_OPTIONS`), so there the engines keep [in, out] kernels and Eigen /
+  oneDNN dots."""
+  return jax.default_backend() == "cpu" and _cpu_has_avx512()
 
 
 # XLA:CPU's YNNPACK dot fusions (on by default in jax 0.12) multiply the decode steps' skinny
 # matrices ([16, 896] x [896, 4864]) at 35-50 GFLOP/s on a 2-core AVX2 machine; XLA's Eigen dots
-# do 80-90 (and equal them at 512 rows). Measured 2026-12-03; see docs/benchmarks.md.
+# do 80-90 (and equal them at 512 rows). Measured 2026-12-03; see docs/benchmarks.md. Not used
+# where `cpu_input_minor` holds.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # oneDNN matmuls for the decode programs (a few rows per step): the small projections ([16, 896]
 # x [896, 1152]) ran at 63 GFLOP/s against Eigen's 30, and a 16-row Qwen2-0.5B decode step took
@@ -191,10 +279,13 @@ _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _CPU_DECODE_OPTIONS = {**_CPU_COMPILER_OPTIONS, "xla_cpu_use_onednn": True}
 
 
-def compile_lowered(lowered, *, decode: bool = False):
-  """`lowered.compile()`, on the CPU backend without YNNPACK dot fusions (and, for `decode`
-  programs, with oneDNN matmuls) where this jaxlib has the options (generation programs only)."""
-  if jax.default_backend() == "cpu":
+def compile_lowered(lowered, *, decode: bool = False, input_minor: bool | None = None):
+  """`lowered.compile()` for a generation program. On the CPU backend with [in, out] kernels
+  (`input_minor` False; default `cpu_input_minor()`): without YNNPACK dot fusions and, for
+  `decode` programs, with oneDNN matmuls, where this jaxlib has the options."""
+  if input_minor is None:
+    input_minor = cpu_input_minor()
+  if jax.default_backend() == "cpu" and not input_minor:
     for options in ((_CPU_DECODE_OPTIONS,) if decode else ()) + (_CPU_COMPILER_OPTIONS,):
       try:
         return lowered.compile(compiler_options=options)
@@ -308,8 +399,12 @@ class StaticEngine:
     if layout not in ("auto", "unrolled", "as_is"):
       raise ValueError(f"layout must be 'auto', 'unrolled' or 'as_is', got {layout!r}")
     config = config.replace(remat_policy="none")
+    params = from_input_minor(params)  # e.g. another engine's params
+    self._input_minor = False
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
-      config, params = decode_layout(config, params)
+      # Input-minor kernels only without a mesh: the param shardings follow the model's layout.
+      self._input_minor = cpu_input_minor() and mesh is None
+      config, params = decode_layout(config, params, input_minor=self._input_minor)
     self.config = config
     self.max_batch_size = int(max_batch_size)
     self.max_context = int(max_context or config.max_position_embeddings)
@@ -330,7 +425,7 @@ class StaticEngine:
       self._row_multiple = sharding.num_batch_shards(mesh, self.rules)
     else:
       self.rules, self._row_multiple = None, 1
-    self.params = params
+    self._params = params
 
   # ----- public API -----
   def generate(self, prompts: Sequence[Sequence[int]],
@@ -378,6 +473,12 @@ class StaticEngine:
     state = self.prefill(batch)
     state = self.decode(batch, state, batch["max_steps"])
     return self.results(batch, state)
+
+  @property
+  def params(self):
+    """The weights as a params tree of `self.config` (input-minor kernels transposed back: a
+    copy of them; see `cpu_input_minor`)."""
+    return from_input_minor(self._params)
 
   @property
   def stats(self) -> dict[str, Any]:
@@ -438,14 +539,15 @@ class StaticEngine:
     B, P, N, W = batch["B"], batch["P"], batch["N"], batch["W"]
     key = (program, B, P, N, W)
     if program == "prefill":
-      args = (self.params, self._put(batch["prompts"], ("activation_batch", None)),
+      args = (self._params, self._put(batch["prompts"], ("activation_batch", None)),
               self._put(batch["lengths"], ROW_AXES), self._put_rows(batch["rp"]))
     else:
-      args = (self.params, state, self._put_rows(batch["rp"]), jnp.int32(step_limit))
+      args = (self._params, state, self._put_rows(batch["rp"]), jnp.int32(step_limit))
     if key not in self._compiled:
       t0 = time.perf_counter()
       self._compiled[key] = compile_lowered(self._jit(program, B, P + N, N).lower(*args),
-                                             decode=program == "decode")
+                                             decode=program == "decode",
+                                             input_minor=self._input_minor)
       self.compile_seconds[key] = time.perf_counter() - t0
     return self._compiled[key](*args)
 

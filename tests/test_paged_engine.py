@@ -469,8 +469,9 @@ def test_sharded_engine_matches_one_device(hf_tiny, mesh_text, rules):
 
 
 def test_decode_compile_options_keep_results():
-  """The decode programs' CPU compiler options (oneDNN matmuls, no YNNPACK fusions) give the
-  default compile's results (f32, 1e-5) on a 16-row projection + softmax."""
+  """The CPU compiler options of [in, out] kernels (oneDNN matmuls for decode programs, no
+  YNNPACK fusions) give the default compile's results (f32, 1e-5) on a 16-row projection +
+  softmax."""
   # pylint: disable-next=import-outside-toplevel
   from qwen2_jax.infer.static_engine import compile_lowered
   rng = np.random.default_rng(0)
@@ -479,8 +480,65 @@ def test_decode_compile_options_keep_results():
   lowered = jax.jit(lambda x, w: jax.nn.softmax(x @ w, axis=-1)).lower(x, w)
   want = np.asarray(lowered.compile()(x, w))
   for decode in (True, False):
-    np.testing.assert_allclose(np.asarray(compile_lowered(lowered, decode=decode)(x, w)), want,
-                               atol=1e-5, rtol=0)
+    got = compile_lowered(lowered, decode=decode, input_minor=False)(x, w)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_input_minor_layout_round_trips(tmp_path, tied):
+  """`decode_layout(input_minor=True)` stores the MLP and head kernels transposed under marked
+  names (a tied head is the embedding array itself, not a copy) and `from_input_minor` gives
+  back exactly the [in, out] layout; MoE expert stacks keep theirs."""
+  from qwen2_jax.infer import static_engine as se  # pylint: disable=import-outside-toplevel
+  make_hf_qwen2(tmp_path, seed=3, tie_word_embeddings=tied)
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
+  plain_cfg, plain = se.decode_layout(config, params, input_minor=False)
+  minor_cfg, minor = se.decode_layout(config, params, input_minor=True)
+  assert plain_cfg == minor_cfg
+  mlp = minor["layers_0"]["mlp"]
+  assert sorted(mlp) == ["down_proj@input_minor", "gate_proj@input_minor", "up_proj@input_minor"]
+  h, f = config.hidden_size, config.intermediate_size
+  assert mlp["gate_proj@input_minor"].shape == (f, h) and mlp["down_proj@input_minor"].shape == (h, f)
+  assert "q_proj" in minor["layers_0"]["self_attn"]  # attention projections as they were
+  head = minor["lm_head@input_minor"]
+  assert head.shape == (config.vocab_size, h)
+  if tied:
+    assert head is minor["embed_tokens"]["embedding"]
+  back = se.from_input_minor(minor)
+  assert jax.tree.structure(back) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  experts = {"experts": {"gate_proj": jnp.zeros((2, 3, 4))}, "shared_expert": {
+      "gate_proj": jnp.zeros((3, 5))}}
+  moved = se.to_input_minor({"mlp": experts})["mlp"]
+  assert list(moved["experts"]) == ["gate_proj"]
+  assert moved["shared_expert"]["gate_proj@input_minor"].shape == (5, 3)
+
+
+@pytest.mark.parametrize("engine_cls", [Engine, StaticEngine])
+def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch, engine_cls):
+  """Both CPU layouts (each with its compiler options) give the same greedy tokens, and
+  logprobs within 1e-5, whichever this machine's CPU picks by default."""
+  from qwen2_jax.infer import static_engine  # pylint: disable=import-outside-toplevel
+  _, config, params = hf_tiny
+  prompts, news = _stream(config.vocab_size, 5, 11)
+  sps = [SamplingParams(max_new_tokens=n) for n in news]
+  kw = dict(eos_token_ids=(), max_batch_size=2)
+  if engine_cls is Engine:
+    kw.update(max_num_batched_tokens=8, page_size=4)
+  out = {}
+  for minor in (False, True):
+    for mod in (engine_lib, static_engine):
+      monkeypatch.setattr(mod, "cpu_input_minor", lambda minor=minor: minor)
+    eng = engine_cls(config, params, **kw)
+    # pylint: disable-next=protected-access
+    stored = eng._replicas[0].params if engine_cls is Engine else eng._params
+    assert any(k.endswith("@input_minor") for k in stored) == minor
+    assert not any(k.endswith("@input_minor") for k in eng.params)  # the model's layout
+    out[minor] = eng.generate(prompts, sps)
+  assert [r.output_ids for r in out[True]] == [r.output_ids for r in out[False]]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in out[True]]),
+                             np.concatenate([r.logprobs for r in out[False]]), atol=1e-5)
 
 
 def test_split_requests_balances_work_and_keeps_equal_prompts_together():
