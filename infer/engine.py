@@ -38,8 +38,8 @@ split between them (`split_requests`) and they step concurrently, one host threa
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head), as
 the static engine does; on an AVX-512 CPU without a mesh the MLP and head kernels are stored
-input-minor and the programs use XLA's default (YNNPACK) dots (`static_engine.cpu_input_minor`). Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over
-the (item, page block) pairs the step's queries see, merged by an online softmax, the step's own
+input-minor and the programs use XLA's default (YNNPACK) dots (`static_engine.cpu_input_minor`).
+Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over the (item, page block) pairs the step's queries see, merged by an online softmax, the step's own
 keys / values read from the layer's outputs), and the layers leave the pools alone: all
 layers' new keys / values are written in one scatter at the end of the step
 (`attention.write_pages_all_layers`), in place. Elsewhere (AVX2 CPUs) the programs are compiled
@@ -100,7 +100,8 @@ def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_
   then a sample per sequence row. Returns (token [S], logprob [S], k_pool, v_pool)."""
   cache = PagedKVCache(k_pool, v_pool, slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs)
   logits, (k_pool, v_pool) = Qwen2ForCausalLM(config).apply(
-      {"params": from_input_minor(params)}, token_ids[None], positions[None], None, cache, logits_index[None])
+      {"params": from_input_minor(params)}, token_ids[None], positions[None], None, cache,
+      logits_index[None])
   token, logprob = sampling_lib.sample(logits[0], rp, out_index)
   return token, logprob, k_pool, v_pool
 
@@ -274,7 +275,8 @@ class Engine:
       its own pools and scheduler; a batch's requests are split between them
       (`split_requests`) and the replicas step concurrently, one host thread each.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
-      "unrolled" (always `decode_layout`) or "as_is".
+      "unrolled" (always `decode_layout`) or "as_is". On an AVX-512 CPU without a mesh,
+      `decode_layout` stores kernels input-minor (`static_engine.cpu_input_minor`).
     vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
       changing it never recompiles.
     min_prompt_bucket: accepted for compatibility with the static engine; unused.

@@ -27,8 +27,8 @@ logical shardings (FSDP and/or tensor parallel), the batch and the cache are spl
 batch axes, and the cache's KV-head axis follows "activation_kv_heads".
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head; MLP
-and head kernels input-minor on AVX-512 CPUs): about 3x faster decode steps than a layer scan. XLA:CPU then still copies the whole cache a few
-times per step unless XLA_FLAGS has --xla_cpu_copy_insertion_use_region_analysis=true.
+and head kernels input-minor on AVX-512 CPUs without a mesh, `cpu_input_minor`): about 3x faster
+decode steps than a layer scan. XLA:CPU then still copies the whole cache a few times per step unless XLA_FLAGS has --xla_cpu_copy_insertion_use_region_analysis=true.
 """
 
 from __future__ import annotations
@@ -169,23 +169,24 @@ def decode(config: Qwen2Config, params, state: DecodeState, rp: RowParams,
   return jax.lax.while_loop(cond, body, state)
 
 
-def decode_layout(config: Qwen2Config, params, *, input_minor: bool | None = None
+def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False
                   ) -> tuple[Qwen2Config, Any]:
   """The same model laid out for fast decoding on CPU: one param subtree per layer (unrolled)
   and an explicit LM head: [H, V] (for tied models a copy of the embedding's transpose) or,
-  with `input_minor`, every dense matmul kernel stored with its input axes minor
-  (`to_input_minor`; the tied head is then the embedding itself, no copy).
+  with `input_minor`, the MLP (and shared-expert) kernels and the head stored with their input
+  axis minor under marked names (`to_input_minor`; the tied head is then the embedding itself,
+  no copy). Marked params run only through the engines' programs, which restore the model's
+  layout (`from_input_minor`); the engines pass `input_minor=cpu_input_minor()`.
 
   XLA:CPU copies each layer's weight slice out of a stacked [L, ...] array inside a layer scan,
   and multiplies by a [V, H] matrix slower than by [H, V] with its Eigen dots; both cost ~2-3x
   in decode step time. With its default YNNPACK dot fusions the input-minor layout is the
   faster one (`cpu_input_minor`). Costs extra host memory while the caller keeps the original
-  params (and V * H for a tied [H, V] head). The step functions of both engines restore the
+  params: V * H for a tied [H, V] head, and with `input_minor` a transposed copy of every
+  moved kernel. The step functions of both engines restore the
   model's layout inside their programs (`from_input_minor`), where XLA folds the transposes
   into the dots.
   """
-  if input_minor is None:
-    input_minor = cpu_input_minor()
   out = model_lib.unstack_layers(params, config)
   if config.tie_word_embeddings:
     emb = params["embed_tokens"]["embedding"]
@@ -279,12 +280,10 @@ _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _CPU_DECODE_OPTIONS = {**_CPU_COMPILER_OPTIONS, "xla_cpu_use_onednn": True}
 
 
-def compile_lowered(lowered, *, decode: bool = False, input_minor: bool | None = None):
+def compile_lowered(lowered, *, decode: bool = False, input_minor: bool = False):
   """`lowered.compile()` for a generation program. On the CPU backend with [in, out] kernels
-  (`input_minor` False; default `cpu_input_minor()`): without YNNPACK dot fusions and, for
-  `decode` programs, with oneDNN matmuls, where this jaxlib has the options."""
-  if input_minor is None:
-    input_minor = cpu_input_minor()
+  (`input_minor` False): without YNNPACK dot fusions and, for `decode` programs, with oneDNN
+  matmuls, where this jaxlib has the options; with input-minor kernels XLA's defaults."""
   if jax.default_backend() == "cpu" and not input_minor:
     for options in ((_CPU_DECODE_OPTIONS,) if decode else ()) + (_CPU_COMPILER_OPTIONS,):
       try:
@@ -386,7 +385,8 @@ class StaticEngine:
       table or `Rules`) for sharded generation.
     min_prompt_bucket: smallest prompt bucket.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
-      "unrolled" (always `decode_layout`) or "as_is".
+      "unrolled" (always `decode_layout`) or "as_is". On an AVX-512 CPU without a mesh,
+      `decode_layout` stores kernels input-minor (`static_engine.cpu_input_minor`).
     vocab_limit: ids >= this are never generated (their logits are masked); None: every id of
       the model. `Generator` sets it to the tokenizer's size. An attribute; changing it never
       recompiles.

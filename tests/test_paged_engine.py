@@ -498,7 +498,8 @@ def test_input_minor_layout_round_trips(tmp_path, tied):
   mlp = minor["layers_0"]["mlp"]
   assert sorted(mlp) == ["down_proj@input_minor", "gate_proj@input_minor", "up_proj@input_minor"]
   h, f = config.hidden_size, config.intermediate_size
-  assert mlp["gate_proj@input_minor"].shape == (f, h) and mlp["down_proj@input_minor"].shape == (h, f)
+  assert mlp["gate_proj@input_minor"].shape == (f, h)
+  assert mlp["down_proj@input_minor"].shape == (h, f)
   assert "q_proj" in minor["layers_0"]["self_attn"]  # attention projections as they were
   head = minor["lm_head@input_minor"]
   assert head.shape == (config.vocab_size, h)
@@ -526,6 +527,9 @@ def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch, e
   kw = dict(eos_token_ids=(), max_batch_size=2)
   if engine_cls is Engine:
     kw.update(max_num_batched_tokens=8, page_size=4)
+  marked = lambda tree: [jax.tree_util.keystr(p) for p, _ in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]
+                         if "@input_minor" in jax.tree_util.keystr(p)]
   out = {}
   for minor in (False, True):
     for mod in (engine_lib, static_engine):
@@ -533,10 +537,16 @@ def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch, e
     eng = engine_cls(config, params, **kw)
     # pylint: disable-next=protected-access
     stored = eng._replicas[0].params if engine_cls is Engine else eng._params
-    assert any(k.endswith("@input_minor") for k in stored) == minor
-    assert not any(k.endswith("@input_minor") for k in eng.params)  # the model's layout
+    assert len(marked(stored)) == (3 * config.num_hidden_layers + 1 if minor else 0)
+    assert not marked(eng.params)  # the model's layout
     out[minor] = eng.generate(prompts, sps)
   assert [r.output_ids for r in out[True]] == [r.output_ids for r in out[False]]
+  # Stored (marked) params are accepted as weights: by a new engine and by update_params.
+  again = engine_cls(eng.config, stored, **kw)
+  if engine_cls is Engine:
+    again.update_params(stored)
+  assert [r.output_ids for r in again.generate(prompts, sps)] == \
+      [r.output_ids for r in out[True]]
   np.testing.assert_allclose(np.concatenate([r.logprobs for r in out[True]]),
                              np.concatenate([r.logprobs for r in out[False]]), atol=1e-5)
 
