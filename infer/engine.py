@@ -38,12 +38,14 @@ split between them (`split_requests`) and they step concurrently, one host threa
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head), as
 the static engine does; on an AVX-512 CPU without a mesh the MLP and head kernels are stored
-input-minor and the programs use XLA's default (YNNPACK) dots (`static_engine.cpu_input_minor`).
-Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over the (item, page block) pairs the step's queries see, merged by an online softmax, the step's own
-keys / values read from the layer's outputs), and the layers leave the pools alone: all
-layers' new keys / values are written in one scatter at the end of the step
-(`attention.write_pages_all_layers`), in place. Elsewhere (AVX2 CPUs) the programs are compiled
-without YNNPACK fusions and decode programs with oneDNN matmuls (`static_engine.compile_lowered`).
+input-minor and the programs use XLA's default (YNNPACK) dots (`static_engine.cpu_input_minor`;
+from max_num_seqs 4: a 1-row step was 5x slower that way). Off TPU, attention is
+`kernels.ragged_paged_attention_blocked` (a loop over the (item, page block) pairs the step's
+queries see, merged by an online softmax, the step's own keys / values read from the layer's
+outputs), and the layers leave the pools alone: all layers' new keys / values are written in one
+scatter at the end of the step (`attention.write_pages_all_layers`), in place. Elsewhere (AVX2
+CPUs, a mesh, max_num_seqs < 4) the programs are compiled without YNNPACK fusions and decode
+programs with oneDNN matmuls (`static_engine.compile_lowered`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ POOL_AXES = ("layers", None, "activation_kv_heads", None, "activation_kv")
 # Default share of memory for the pools when neither num_pages nor kv_cache_memory is given.
 _CPU_MEMORY_FRACTION = 0.1
 _DEVICE_MEMORY_FRACTION = 0.5
+# Smallest max_num_seqs with input-minor kernels (`static_engine.cpu_input_minor`): a 1-row step
+# with them took 501 ms against 89 ms (XLA copies the kernels back for a 1-row dot), 2 rows 144
+# against 132 ms, 8 rows 186 against 211 ms (Qwen2-0.5B fp32, 2-core AVX-512 Xeon, 2026-12-04).
+_INPUT_MINOR_MIN_SEQS = 4
 # Smallest block-table width, in tokens.
 _MIN_TABLE_TOKENS = 256
 # A step whose n tokens fill less than this share of their token bucket is cut to the bucket
@@ -275,8 +281,8 @@ class Engine:
       its own pools and scheduler; a batch's requests are split between them
       (`split_requests`) and the replicas step concurrently, one host thread each.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
-      "unrolled" (always `decode_layout`) or "as_is". On an AVX-512 CPU without a mesh,
-      `decode_layout` stores kernels input-minor (`static_engine.cpu_input_minor`).
+      "unrolled" (always `decode_layout`) or "as_is". On an AVX-512 CPU without a mesh and with
+      max_num_seqs >= 4, `decode_layout` stores kernels input-minor (`cpu_input_minor`).
     vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
       changing it never recompiles.
     min_prompt_bucket: accepted for compatibility with the static engine; unused.
@@ -315,7 +321,8 @@ class Engine:
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
       self._layout_source = config
       # Input-minor kernels only without a mesh: the param shardings follow the model's layout.
-      self._input_minor = cpu_input_minor() and mesh is None
+      self._input_minor = (cpu_input_minor() and mesh is None
+                           and S >= _INPUT_MINOR_MIN_SEQS)
       config, params = decode_layout(config, params, input_minor=self._input_minor)
     self.config = config
     self.max_num_seqs = self.max_batch_size = S

@@ -516,17 +516,15 @@ def test_input_minor_layout_round_trips(tmp_path, tied):
   assert moved["shared_expert"]["gate_proj@input_minor"].shape == (5, 3)
 
 
-@pytest.mark.parametrize("engine_cls", [Engine, StaticEngine])
-def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch, engine_cls):
-  """Both CPU layouts (each with its compiler options) give the same greedy tokens, and
-  logprobs within 1e-5, whichever this machine's CPU picks by default."""
+def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch):
+  """Both CPU layouts of the Engine (each with its compiler options) give the same greedy
+  tokens, and logprobs within 1e-5, whichever this machine's CPU picks by default; an Engine of
+  max_num_seqs < 4 and the StaticEngine keep [in, out] kernels."""
   from qwen2_jax.infer import static_engine  # pylint: disable=import-outside-toplevel
   _, config, params = hf_tiny
   prompts, news = _stream(config.vocab_size, 5, 11)
   sps = [SamplingParams(max_new_tokens=n) for n in news]
-  kw = dict(eos_token_ids=(), max_batch_size=2)
-  if engine_cls is Engine:
-    kw.update(max_num_batched_tokens=8, page_size=4)
+  kw = dict(eos_token_ids=(), max_batch_size=4, max_num_batched_tokens=8, page_size=4)
   marked = lambda tree: [jax.tree_util.keystr(p) for p, _ in
                          jax.tree_util.tree_flatten_with_path(tree)[0]
                          if "@input_minor" in jax.tree_util.keystr(p)]
@@ -534,19 +532,22 @@ def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch, e
   for minor in (False, True):
     for mod in (engine_lib, static_engine):
       monkeypatch.setattr(mod, "cpu_input_minor", lambda minor=minor: minor)
-    eng = engine_cls(config, params, **kw)
-    # pylint: disable-next=protected-access
-    stored = eng._replicas[0].params if engine_cls is Engine else eng._params
+    eng = Engine(config, params, **kw)
+    stored = eng._replicas[0].params  # pylint: disable=protected-access
     assert len(marked(stored)) == (3 * config.num_hidden_layers + 1 if minor else 0)
     assert not marked(eng.params)  # the model's layout
     out[minor] = eng.generate(prompts, sps)
   assert [r.output_ids for r in out[True]] == [r.output_ids for r in out[False]]
   # Stored (marked) params are accepted as weights: by a new engine and by update_params.
-  again = engine_cls(eng.config, stored, **kw)
-  if engine_cls is Engine:
-    again.update_params(stored)
+  again = Engine(eng.config, stored, **kw)
+  again.update_params(stored)
   assert [r.output_ids for r in again.generate(prompts, sps)] == \
       [r.output_ids for r in out[True]]
+  # Under the patched cpu_input_minor (True): small engines and the static engine stay plain.
+  small = Engine(config, params, **dict(kw, max_batch_size=1))
+  assert not marked(small._replicas[0].params)  # pylint: disable=protected-access
+  static = StaticEngine(config, params, eos_token_ids=(), max_batch_size=8)
+  assert not marked(static._params)  # pylint: disable=protected-access
   np.testing.assert_allclose(np.concatenate([r.logprobs for r in out[True]]),
                              np.concatenate([r.logprobs for r in out[False]]), atol=1e-5)
 
