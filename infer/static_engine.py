@@ -189,15 +189,14 @@ def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False
   into the dots.
   """
   out = model_lib.unstack_layers(params, config)
-  if config.tie_word_embeddings:
-    emb = params["embed_tokens"]["embedding"]
-    out["lm_head"] = emb if input_minor else jnp.asarray(emb.T)
-    if input_minor:  # already [V, H]: stored under the marked name as it is
-      out = {**out, "lm_head" + INPUT_MINOR_SUFFIX: out.pop("lm_head")}
-      return config.replace(scan_layers=False, tie_word_embeddings=False), to_input_minor(
-          out, skip=("lm_head" + INPUT_MINOR_SUFFIX,))
   if input_minor:
     out = to_input_minor(out)
+  if config.tie_word_embeddings:
+    emb = params["embed_tokens"]["embedding"]
+    if input_minor:  # already [V, H]: stored under the marked name as it is
+      out["lm_head" + INPUT_MINOR_SUFFIX] = emb
+    else:
+      out["lm_head"] = jnp.asarray(emb.T)
   return config.replace(scan_layers=False, tie_word_embeddings=False), out
 
 
@@ -213,9 +212,9 @@ _INPUT_MINOR_PERMS = {"gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (1, 0
 INPUT_MINOR_SUFFIX = "@input_minor"
 
 
-def to_input_minor(params, skip: Sequence[str] = ()):
+def to_input_minor(params):
   """`params` with each dense matmul kernel transposed to input-minor and renamed with
-  INPUT_MINOR_SUFFIX (names in `skip` are renamed already and left as they are)."""
+  INPUT_MINOR_SUFFIX."""
   def walk(tree, inside_experts):
     out = {}
     for name, leaf in tree.items():
@@ -223,7 +222,7 @@ def to_input_minor(params, skip: Sequence[str] = ()):
         out[name] = walk(leaf, inside_experts or name == "experts")
         continue
       perm = None if inside_experts else _INPUT_MINOR_PERMS.get(name)
-      if perm is not None and len(perm) == leaf.ndim and name not in skip:
+      if perm is not None and len(perm) == leaf.ndim:
         out[name + INPUT_MINOR_SUFFIX] = jnp.transpose(leaf, perm)
       else:
         out[name] = leaf
