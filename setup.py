@@ -1,6 +1,11 @@
 """qwen2-jax: Qwen2 / Qwen2.5 / Qwen2-MoE in pure functional JAX + Flax, for TPU."""
 
-from setuptools import find_packages, setup
+import importlib.util
+import os
+import platform
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 # `train/` and `infer/` live at the top of the repository (the product layout) but install as
 # sub-packages of the one distribution: `qwen2_jax.train` and `qwen2_jax.infer`. No generic
@@ -20,6 +25,38 @@ def find_all_packages() -> list[str]:
   return packages
 
 
+def jaxlib_include() -> str | None:
+  """jaxlib's C++ headers (the XLA FFI API), which the CPU matmul extension compiles against."""
+  spec = importlib.util.find_spec("jaxlib")
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(root, "include")
+    if os.path.isfile(os.path.join(path, "xla", "ffi", "api", "ffi.h")):
+      return path
+  return None
+
+
+class OptionalBuildExt(build_ext):
+  """Builds `qwen2_jax._cpu_matmul` (the prepacked fp32 matmul the generation engines use on
+  x86-64 CPUs) where it can; where it cannot (no C++17 compiler, no jaxlib headers), it warns and
+  the install goes on: the engines then keep XLA's own dots."""
+
+  def build_extension(self, ext):
+    include = jaxlib_include()
+    if include is None:
+      self.warn(f"{ext.name}: jaxlib's headers were not found; not built (XLA dots are used)")
+      return
+    ext.extra_compile_args += ["-isystem", include]  # its warnings are not ours
+    try:
+      super().build_extension(ext)
+    except Exception as e:  # a missing or failing compiler: the package works without it
+      self.warn(f"{ext.name}: not built ({e}); the generation engines use XLA's dots")
+
+
+# x86-64 only: the register kernels are AVX-512 / AVX2 intrinsics (chosen at run time).
+EXTENSIONS = [Extension("qwen2_jax._cpu_matmul", ["qwen2_jax/kernels/cpu_matmul.cc"],
+                        extra_compile_args=["-O3", "-std=c++17"], language="c++")
+              ] if platform.machine().lower() in ("x86_64", "amd64") else []
+
 # Known-good, pinned for tests and CI: jax/jaxlib 0.12.x, which needs Python 3.12 or newer
 # (jax 0.11 dropped 3.11). Pallas TPU APIs move between minor versions, so the pin matters.
 JAX_VERSION = "0.12.0.1"
@@ -31,6 +68,8 @@ setup(
     python_requires=">=3.12,<3.14",
     package_dir=PACKAGE_DIR,
     packages=find_all_packages(),
+    ext_modules=EXTENSIONS,
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         f"jax=={JAX_VERSION}",
         f"jaxlib=={JAX_VERSION}",

@@ -37,15 +37,18 @@ Where the mesh's "data" axis has size d > 1 (one process), the engine keeps d re
 split between them (`split_requests`) and they step concurrently, one host thread each.
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head), as
-the static engine does; on an AVX-512 CPU without a mesh the MLP and head kernels are stored
-input-minor and the programs use XLA's default (YNNPACK) dots (`static_engine.cpu_input_minor`;
-from max_num_seqs 4: a 1-row step was 5x slower that way). Off TPU, attention is
+the static engine does. Without a mesh, for float32, the MLP and head kernels are packed once for
+the prepacked CPU matmul (`kernels.cpu_matmul`, a C++ XLA FFI call; `static_engine.
+cpu_packed_width`), and on AVX-512 the programs keep XLA's default (YNNPACK) dots for the rest.
+Where that extension is missing, an AVX-512 CPU stores those kernels input-minor for XLA's dots
+instead (`static_engine.cpu_input_minor`; from max_num_seqs 4: a 1-row step was 5x slower that
+way). Off TPU, attention is
 `kernels.ragged_paged_attention_blocked` (a loop over the (item, page block) pairs the step's
 queries see, merged by an online softmax, the step's own keys / values read from the layer's
 outputs), and the layers leave the pools alone: all layers' new keys / values are written in one
 scatter at the end of the step (`attention.write_pages_all_layers`), in place. Elsewhere (AVX2
-CPUs, a mesh, max_num_seqs < 4) the programs are compiled without YNNPACK fusions and decode
-programs with oneDNN matmuls (`static_engine.compile_lowered`).
+CPUs, a mesh, max_num_seqs < 4 without packing) the programs are compiled without YNNPACK
+fusions and decode programs with oneDNN matmuls (`static_engine.compile_lowered`).
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ from qwen2_jax.infer import validation
 from qwen2_jax.infer.paged import KVCacheTooSmallError
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
 from qwen2_jax.infer.static_engine import (DecodeState, GenerationResult, StaticEngine,
-                                           compile_lowered, cpu_input_minor, decode_layout,
-                                           from_input_minor, init_cache, write_kv)
+                                           compile_lowered, cpu_input_minor, cpu_packed_width,
+                                           decode_layout, default_dots, from_input_minor,
+                                           init_cache, model_layout, write_kv)
 from qwen2_jax.layers import dtype_of
 from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
 
@@ -281,8 +285,9 @@ class Engine:
       its own pools and scheduler; a batch's requests are split between them
       (`split_requests`) and the replicas step concurrently, one host thread each.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
-      "unrolled" (always `decode_layout`) or "as_is". On an AVX-512 CPU without a mesh and with
-      max_num_seqs >= 4, `decode_layout` stores kernels input-minor (`cpu_input_minor`).
+      "unrolled" (always `decode_layout`) or "as_is". Without a mesh, `decode_layout` packs the
+      MLP and head kernels (`cpu_packed_width`), or where it cannot, on an AVX-512 CPU with
+      max_num_seqs >= 4, stores them input-minor (`cpu_input_minor`).
     vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
       changing it never recompiles.
     min_prompt_bucket: accepted for compatibility with the static engine; unused.
@@ -315,15 +320,18 @@ class Engine:
     if page_size < 1:
       raise bad("page_size", f"must be >= 1, got {page_size}")
     config = config.replace(remat_policy="none")
-    params = from_input_minor(params)  # e.g. another engine's params
+    params = model_layout(params, config)  # e.g. another engine's params
     self._layout_source = None  # the config before decode_layout, when it was applied
-    self._input_minor = False
+    self._input_minor, self._packed = False, 0
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
       self._layout_source = config
-      # Input-minor kernels only without a mesh: the param shardings follow the model's layout.
-      self._input_minor = (cpu_input_minor() and mesh is None
+      # Packed or input-minor kernels only without a mesh: the param shardings follow the
+      # model's layout.
+      self._packed = cpu_packed_width(config, mesh)
+      self._input_minor = (not self._packed and cpu_input_minor() and mesh is None
                            and S >= _INPUT_MINOR_MIN_SEQS)
-      config, params = decode_layout(config, params, input_minor=self._input_minor)
+      config, params = decode_layout(config, params, input_minor=self._input_minor,
+                                     packed=self._packed)
     self.config = config
     self.max_num_seqs = self.max_batch_size = S
     self.max_num_batched_tokens = T
@@ -400,9 +408,9 @@ class Engine:
   @property
   def params(self):
     """The weights (of the first replica) as a params tree of `self.config` (unrolled layers on
-    CPU). Where the engine stores kernels input-minor (`static_engine.cpu_input_minor`), this
-    transposes them back: a copy of those kernels."""
-    return from_input_minor(self._replicas[0].params)
+    CPU). Where the engine stores kernels packed or input-minor (`decode_layout`), this
+    restores them: a copy of those kernels."""
+    return model_layout(self._replicas[0].params, self.config)
 
   @property
   def scheduler(self) -> paged.Scheduler:
@@ -549,9 +557,10 @@ class Engine:
     were computed with the old weights, so the prefix cache is cleared."""
     if any(r.scheduler.has_work for r in self._replicas):
       raise RuntimeError("update_params: the engine is running requests")
-    params = from_input_minor(params)
+    params = model_layout(params, self.config)
     if self._layout_source is not None:
-      _, params = decode_layout(self._layout_source, params, input_minor=self._input_minor)
+      _, params = decode_layout(self._layout_source, params, input_minor=self._input_minor,
+                                packed=self._packed)
     for r in self._replicas:
       r.params = self._place(params, r.mesh)
     self.reset_prefix_cache()
@@ -701,7 +710,9 @@ class Engine:
                                                                         k.shape))
       t0 = time.perf_counter()
       replica.compiled[key] = compile_lowered(jitted.lower(replica.params, k, v, *args),
-                                              decode=T == S, input_minor=self._input_minor)
+                                              decode=T == S,
+                                              default_dots=default_dots(self._input_minor,
+                                                                        self._packed))
       replica.compile_seconds[key] = time.perf_counter() - t0
     return replica.compiled[key]
 

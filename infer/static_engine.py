@@ -27,8 +27,8 @@ logical shardings (FSDP and/or tensor parallel), the batch and the cache are spl
 batch axes, and the cache's KV-head axis follows "activation_kv_heads".
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit [H, V]
-head; never input-minor, since its batches can be one row): about 3x faster decode steps than a
-layer scan. XLA:CPU then still copies the whole cache a few times per step unless XLA_FLAGS has
+head; the MLP and head kernels packed where `cpu_packed_width` allows, never input-minor, since
+its batches can be one row): about 3x faster decode steps than a layer scan. XLA:CPU then still copies the whole cache a few times per step unless XLA_FLAGS has
 --xla_cpu_copy_insertion_use_region_analysis=true.
 """
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -50,7 +51,8 @@ from qwen2_jax.config import Qwen2Config
 from qwen2_jax.infer import sampling as sampling_lib
 from qwen2_jax.infer import validation
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
-from qwen2_jax.layers import dtype_of
+from qwen2_jax.kernels import cpu_matmul
+from qwen2_jax.layers import PACKED_SUFFIX, dtype_of
 from qwen2_jax.model import KVCache, Qwen2ForCausalLM
 
 Array = jax.Array
@@ -170,41 +172,43 @@ def decode(config: Qwen2Config, params, state: DecodeState, rp: RowParams,
   return jax.lax.while_loop(cond, body, state)
 
 
-def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False
-                  ) -> tuple[Qwen2Config, Any]:
+def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
+                  packed: int = 0) -> tuple[Qwen2Config, Any]:
   """The same model laid out for fast decoding on CPU: one param subtree per layer (unrolled)
-  and an explicit LM head: [H, V] (for tied models a copy of the embedding's transpose) or,
-  with `input_minor`, the MLP (and shared-expert) kernels and the head stored with their input
-  axis minor under marked names (`to_input_minor`; the tied head is then the embedding itself,
-  no copy). Marked params run only through the engines' programs, which restore the model's
-  layout (`from_input_minor`); the engines pass `input_minor=cpu_input_minor()`.
+  and an explicit LM head [H, V] (for tied models a copy of the embedding's transpose).
+
+  Two CPU variants move kernels to marked names, which only the engines' programs read:
+  - `packed` = NR > 0: the MLP (and shared-expert) kernels and the head packed into NR-column
+    panels for the prepacked CPU matmul (`to_packed`; the model multiplies them with
+    `cpu_matmul.packed_matmul`). The engines pass `cpu_packed_width(...)`.
+  - `input_minor`: those kernels transposed, input axis minor (`to_input_minor`; the tied
+    head is then the embedding itself, no copy); the engines' programs transpose them back
+    (`from_input_minor`) and XLA folds the transposes into its dots. The fallback where the
+    packed kernel is missing (`cpu_input_minor`).
 
   XLA:CPU copies each layer's weight slice out of a stacked [L, ...] array inside a layer scan,
   and multiplies by a [V, H] matrix slower than by [H, V] with its Eigen dots; both cost ~2-3x
-  in decode step time. With its default YNNPACK dot fusions the input-minor layout is the
-  faster one (`cpu_input_minor`). Costs extra host memory while the caller keeps the original
-  params: V * H for a tied [H, V] head, and with `input_minor` a transposed copy of every
-  moved kernel. The step functions of both engines restore the
-  model's layout inside their programs (`from_input_minor`), where XLA folds the transposes
-  into the dots.
+  in decode step time. Costs extra host memory while the caller keeps the original params:
+  V * H for a tied head, and a rearranged copy of every moved kernel.
   """
   out = model_lib.unstack_layers(params, config)
-  if input_minor:
-    out = to_input_minor(out)
   if config.tie_word_embeddings:
     emb = params["embed_tokens"]["embedding"]
-    if input_minor:  # already [V, H]: stored under the marked name as it is
-      out["lm_head" + INPUT_MINOR_SUFFIX] = emb
-    else:
-      out["lm_head"] = jnp.asarray(emb.T)
+    out["lm_head"] = emb if input_minor and not packed else jnp.asarray(emb.T)
+  if packed:
+    out = to_packed(out, packed)
+  elif input_minor:
+    if config.tie_word_embeddings:  # already [V, H]: stored under the marked name as it is
+      out["lm_head" + INPUT_MINOR_SUFFIX] = out.pop("lm_head")
+    out = to_input_minor(out)
   return config.replace(scan_layers=False, tie_word_embeddings=False), out
 
 
 # Dense [in, out] matmul kernels by param name -> the permutation that puts their input axis
-# minor. The attention projections ([H, heads, D], [N, D, H]; 9% of Qwen2-0.5B's layer weights)
-# keep their layout: input-minor, with the transposes folded into the dots, the decode step was
-# no faster (215-216 ms against 210-214, 2-core AVX-512 Xeon). MoE expert stacks (under
-# "experts") and the router keep theirs too.
+# minor; the same names are the kernels `to_packed` packs. The attention projections ([H,
+# heads, D], [N, D, H]; 9% of Qwen2-0.5B's layer weights) keep their layout: input-minor, with
+# the transposes folded into the dots, the decode step was no faster (215-216 ms against
+# 210-214, 2-core AVX-512 Xeon). MoE expert stacks (under "experts") and the router keep theirs.
 _INPUT_MINOR_PERMS = {"gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (1, 0),
                       "lm_head": (1, 0)}
 # Suffix of a param name whose array is stored input-minor (marks the layout in the tree's
@@ -212,28 +216,78 @@ _INPUT_MINOR_PERMS = {"gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (1, 0
 INPUT_MINOR_SUFFIX = "@input_minor"
 
 
-def to_input_minor(params):
-  """`params` with each dense matmul kernel transposed to input-minor and renamed with
-  INPUT_MINOR_SUFFIX."""
+def _map_kernels(params, fn, names=_INPUT_MINOR_PERMS):
+  """`params` with fn(name, leaf) -> (name, leaf) applied to each kernel named in `names`
+  outside MoE expert stacks (fn returns None to keep a leaf as it is)."""
   def walk(tree, inside_experts):
     out = {}
     for name, leaf in tree.items():
       if isinstance(leaf, dict):
         out[name] = walk(leaf, inside_experts or name == "experts")
         continue
-      perm = None if inside_experts else _INPUT_MINOR_PERMS.get(name)
-      if perm is not None and len(perm) == leaf.ndim:
-        out[name + INPUT_MINOR_SUFFIX] = jnp.transpose(leaf, perm)
-      else:
-        out[name] = leaf
+      moved = None
+      if not inside_experts and name in names:
+        moved = fn(name, leaf)
+      name, leaf = moved if moved is not None else (name, leaf)
+      out[name] = leaf
     return out
   return walk(params, False)
 
 
+def to_input_minor(params):
+  """`params` with each dense matmul kernel transposed to input-minor and renamed with
+  INPUT_MINOR_SUFFIX."""
+  def move(name, leaf):
+    if leaf.ndim != 2:
+      return None
+    return name + INPUT_MINOR_SUFFIX, jnp.transpose(leaf, _INPUT_MINOR_PERMS[name])
+  return _map_kernels(params, move)
+
+
+# Kernels that `to_packed` packs -> how many of their leading axes are the input: the MLP (and
+# shared-expert) kernels, the head and the attention projections ([H, heads, D], [N, D, H]).
+_PACKED_IN_DIMS = {"gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1, "q_proj": 1,
+                   "k_proj": 1, "v_proj": 1, "o_proj": 2}
+
+
+def to_packed(params, nr: int):
+  """`params` with each float32 dense kernel of _PACKED_IN_DIMS, as a [K, N] matrix whose N is
+  a multiple of nr, packed into [N / nr, K, nr] panels (`cpu_matmul.pack`) under its name +
+  PACKED_SUFFIX. Other kernels (another dtype, a width that is not a multiple) stay as they
+  are."""
+  def pack(name, leaf):
+    k = int(np.prod(leaf.shape[:_PACKED_IN_DIMS[name]]))
+    if leaf.dtype != jnp.float32 or (leaf.size // max(k, 1)) % nr:
+      return None
+    return name + PACKED_SUFFIX, cpu_matmul.pack(jnp.reshape(leaf, (k, -1)), nr)
+  return _map_kernels(params, pack, _PACKED_IN_DIMS)
+
+
 def from_input_minor(params):
-  """The model's layout of `params` (input-minor kernels transposed back; a no-op for params
-  without INPUT_MINOR_SUFFIX names). Inside a jitted program XLA folds these transposes into
-  the dots that read the kernels."""
+  """`params` with input-minor kernels transposed back (a no-op for params without
+  INPUT_MINOR_SUFFIX names; packed kernels stay packed: the model reads them). Inside a jitted
+  program XLA folds these transposes into the dots that read the kernels."""
+  return _restore(params, None)
+
+
+def model_layout(params, config: Qwen2Config):
+  """The model's layout of params stored by `decode_layout` for `config`: input-minor kernels
+  transposed back, packed kernels unpacked (copies of them)."""
+  return _restore(params, config)
+
+
+def _unpacked_shape(name: str, k: int, n: int, config: Qwen2Config) -> tuple[int, ...]:
+  D = config.head_size
+  if name == "q_proj":
+    return (k, config.num_attention_heads, D)
+  if name in ("k_proj", "v_proj"):
+    return (k, config.num_key_value_heads, D)
+  if name == "o_proj":
+    return (config.num_attention_heads, D, n)
+  return (k, n)
+
+
+def _restore(params, config: Qwen2Config | None):
   def walk(tree):
     out = {}
     for name, leaf in tree.items():
@@ -242,10 +296,36 @@ def from_input_minor(params):
       elif name.endswith(INPUT_MINOR_SUFFIX):
         base = name[:-len(INPUT_MINOR_SUFFIX)]
         out[base] = jnp.transpose(leaf, np.argsort(_INPUT_MINOR_PERMS[base]))
+      elif config is not None and name.endswith(PACKED_SUFFIX):
+        base = name[:-len(PACKED_SUFFIX)]
+        p, k, nr = leaf.shape
+        out[base] = jnp.reshape(cpu_matmul.unpack(leaf, p * nr),
+                                _unpacked_shape(base, k, p * nr, config))
       else:
         out[name] = leaf
     return out
   return walk(params) if isinstance(params, dict) else params
+
+
+def cpu_packed_width(config: Qwen2Config, mesh=None) -> int:
+  """Panel width NR with which the engines pack kernels (`decode_layout(packed=NR)`), or 0: on
+  the CPU backend, without a mesh, for float32 compute, where the `cpu_matmul` extension is
+  built and the CPU has AVX-512 (NR 32). On a 2-core AVX-512 Xeon (2026-12-04) a chain of
+  Qwen2-0.5B's 16-row decode matmuls took 117 ms packed against 168 ms with XLA's dots.
+
+  The environment variable QWEN2_JAX_PACKED_MATMUL: "auto" (default) as above; "0" never; "1"
+  also with the AVX2 kernel (NR 16), which is not the default: on that Xeon it was no faster
+  than XLA's dots limited to AVX2 (223 against 225 ms), and it was not measured on an AVX2 CPU.
+  """
+  mode = os.environ.get("QWEN2_JAX_PACKED_MATMUL", "auto")
+  if mode not in ("auto", "0", "1"):
+    raise validation.InvalidParameterError(
+        "QWEN2_JAX_PACKED_MATMUL", f"must be 'auto', '0' or '1', got {mode!r}")
+  if (jax.default_backend() != "cpu" or mesh is not None or mode == "0"
+      or dtype_of(config.dtype) != jnp.float32):
+    return 0
+  nr = cpu_matmul.panel_width()
+  return nr if nr == 32 or mode == "1" else 0
 
 
 @functools.cache
@@ -282,11 +362,19 @@ _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _CPU_DECODE_OPTIONS = {**_CPU_COMPILER_OPTIONS, "xla_cpu_use_onednn": True}
 
 
-def compile_lowered(lowered, *, decode: bool = False, input_minor: bool = False):
-  """`lowered.compile()` for a generation program. On the CPU backend with [in, out] kernels
-  (`input_minor` False): without YNNPACK dot fusions and, for `decode` programs, with oneDNN
-  matmuls, where this jaxlib has the options; with input-minor kernels XLA's defaults."""
-  if jax.default_backend() == "cpu" and not input_minor:
+def default_dots(input_minor: bool, packed: int) -> bool:
+  """Whether an engine's programs keep XLA:CPU's default dot fusions (YNNPACK): with
+  input-minor kernels, and with packed kernels on an AVX-512 CPU, where the attention
+  projections left to XLA are faster that way (a 16-row Qwen2-0.5B decode step: 169 ms against
+  188 ms without YNNPACK and with oneDNN, 2-core AVX-512 Xeon, 2026-12-04)."""
+  return input_minor or (bool(packed) and _cpu_has_avx512())
+
+
+def compile_lowered(lowered, *, decode: bool = False, default_dots: bool = False):
+  """`lowered.compile()` for a generation program. On the CPU backend, unless `default_dots`:
+  without YNNPACK dot fusions and, for `decode` programs, with oneDNN matmuls, where this
+  jaxlib has the options (see `default_dots` for when the engines keep XLA's defaults)."""
+  if jax.default_backend() == "cpu" and not default_dots:
     for options in ((_CPU_DECODE_OPTIONS,) if decode else ()) + (_CPU_COMPILER_OPTIONS,):
       try:
         return lowered.compile(compiler_options=options)
@@ -387,7 +475,8 @@ class StaticEngine:
       table or `Rules`) for sharded generation.
     min_prompt_bucket: smallest prompt bucket.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
-      "unrolled" (always `decode_layout`, [in, out] kernels) or "as_is".
+      "unrolled" (always `decode_layout`; packed kernels where `cpu_packed_width` allows) or
+      "as_is".
     vocab_limit: ids >= this are never generated (their logits are masked); None: every id of
       the model. `Generator` sets it to the tokenizer's size. An attribute; changing it never
       recompiles.
@@ -400,12 +489,14 @@ class StaticEngine:
     if layout not in ("auto", "unrolled", "as_is"):
       raise ValueError(f"layout must be 'auto', 'unrolled' or 'as_is', got {layout!r}")
     config = config.replace(remat_policy="none")
-    params = from_input_minor(params)  # e.g. another engine's params
-    self._input_minor = False
+    params = model_layout(params, config)  # e.g. another engine's params
+    self._input_minor, self._packed = False, 0
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
-      # [in, out] kernels always: a batch can be 1 row, and a 1-row decode step with
-      # input-minor kernels took 452 ms against 96 ms (XLA copies them back for a 1-row dot).
-      config, params = decode_layout(config, params, input_minor=self._input_minor)
+      # Packed kernels where `cpu_packed_width` allows, else [in, out] kernels: a batch can be 1
+      # row, and a 1-row decode step with input-minor kernels took 452 ms against 96 ms (XLA
+      # copies them back for a 1-row dot).
+      self._packed = cpu_packed_width(config, mesh)
+      config, params = decode_layout(config, params, packed=self._packed)
     self.config = config
     self.max_batch_size = int(max_batch_size)
     self.max_context = int(max_context or config.max_position_embeddings)
@@ -477,9 +568,9 @@ class StaticEngine:
 
   @property
   def params(self):
-    """The weights as a params tree of `self.config` (input-minor kernels transposed back: a
-    copy of them; see `cpu_input_minor`)."""
-    return from_input_minor(self._params)
+    """The weights as a params tree of `self.config` (packed kernels unpacked: a copy of them;
+    see `cpu_packed_width`)."""
+    return model_layout(self._params, self.config)
 
   @property
   def stats(self) -> dict[str, Any]:
@@ -548,7 +639,7 @@ class StaticEngine:
       t0 = time.perf_counter()
       self._compiled[key] = compile_lowered(self._jit(program, B, P + N, N).lower(*args),
                                              decode=program == "decode",
-                                             input_minor=self._input_minor)
+                                             default_dots=default_dots(False, self._packed))
       self.compile_seconds[key] = time.perf_counter() - t0
     return self._compiled[key](*args)
 

@@ -17,12 +17,44 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qwen2_jax.config import Qwen2Config
+from qwen2_jax.kernels import cpu_matmul
 
 Array = jax.Array
+
+# Suffix of a dense kernel's param name whose array is packed for `cpu_matmul.packed_matmul`
+# ([N / NR, K, NR] panels of the [K, N] kernel). Only the generation engines on CPU store such
+# params (`qwen2_jax.infer.static_engine.decode_layout`); a layer reads the packed form where the
+# params hold it instead of the plain name.
+PACKED_SUFFIX = "@packed"
 
 
 def dtype_of(name: str | None):
   return None if name is None else jnp.dtype(name)
+
+
+def kernel_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes, dtype,
+                 in_dims: int = 1):
+  """`module.param(name, ...)` of a dense kernel whose first `in_dims` axes are its input, or
+  `PackedKernel` where the params hold `name + PACKED_SUFFIX` in its place (the kernel as a
+  [prod(input axes), prod(output axes)] matrix, packed)."""
+  if module.has_variable("params", name + PACKED_SUFFIX):
+    return PackedKernel(module.get_variable("params", name + PACKED_SUFFIX),
+                        math.prod(shape[in_dims:]))
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class PackedKernel:
+  """A [K, n] kernel packed for `cpu_matmul.packed_matmul` (trace-time wrapper)."""
+
+  def __init__(self, panels: Array, n: int):
+    self.panels, self.n = panels, n
+
+
+def matmul(x: Array, kernel: Array | PackedKernel, dtype) -> Array:
+  """x [..., K] @ kernel [K, N] in `dtype`; a `PackedKernel` through the packed CPU kernel."""
+  if isinstance(kernel, PackedKernel):
+    return cpu_matmul.packed_matmul(x.astype(dtype), kernel.panels.astype(dtype), kernel.n)
+  return jnp.einsum("...K,KN->...N", x.astype(dtype), kernel.astype(dtype))
 
 
 def weight_init(config: Qwen2Config):
@@ -125,13 +157,12 @@ class SwiGLU(nn.Module):
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     init = weight_init(cfg)
     H, F = x.shape[-1], self.width
-    gate = self.param("gate_proj", nn.with_logical_partitioning(init, ("embed", "mlp")), (H, F), pdt)
-    up = self.param("up_proj", nn.with_logical_partitioning(init, ("embed", "mlp")), (H, F), pdt)
-    down = self.param("down_proj", nn.with_logical_partitioning(init, ("mlp", "embed")), (F, H), pdt)
-    x = x.astype(dt)
+    gate = kernel_param(self, "gate_proj", init, (H, F), ("embed", "mlp"), pdt)
+    up = kernel_param(self, "up_proj", init, (H, F), ("embed", "mlp"), pdt)
+    down = kernel_param(self, "down_proj", init, (F, H), ("mlp", "embed"), pdt)
     # Names for the remat policies (`qwen2_jax.remat`).
-    g = checkpoint_name(jnp.einsum("BTH,HF->BTF", x, gate.astype(dt)), "mlpwi_0")  # [B, T, F]
-    u = checkpoint_name(jnp.einsum("BTH,HF->BTF", x, up.astype(dt)), "mlpwi_1")    # [B, T, F]
+    g = checkpoint_name(matmul(x, gate, dt), "mlpwi_0")  # [B, T, F]
+    u = checkpoint_name(matmul(x, up, dt), "mlpwi_1")    # [B, T, F]
     h = nn.with_logical_constraint(jax.nn.silu(g) * u,
                                    ("activation_batch", "activation_length", "activation_mlp"))
-    return checkpoint_name(jnp.einsum("BTF,FH->BTH", h, down.astype(dt)), "mlpwo")
+    return checkpoint_name(matmul(h, down, dt), "mlpwo")

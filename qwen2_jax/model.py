@@ -42,7 +42,7 @@ from qwen2_jax import moe
 from qwen2_jax import remat as remat_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
-from qwen2_jax.layers import weight_init
+from qwen2_jax.layers import PackedKernel, kernel_param, matmul, weight_init
 
 Array = jax.Array
 
@@ -97,12 +97,28 @@ class PagedMeta(NamedTuple):
   write: bool = True
 
 
-def _paged_out_proj(out: Array, wo: Array) -> Array:
+def _paged_out_proj(out: Array, wo: Array | PackedKernel) -> Array:
   """o_proj of a paged step's attention output [T, N, D] -> [1, T, H], as one [T, N*D] x
   [N*D, H] matmul: with the einsum over (N, D), XLA:CPU transposed the weight (a copy per layer
   per step, 14% of a Qwen2-0.5B decode step) instead of the 16-row activation."""
   T, N, D = out.shape
+  if isinstance(wo, PackedKernel):
+    return matmul(out.reshape(T, N * D), wo, out.dtype)[None]
   return jnp.dot(out.reshape(T, N * D), wo.reshape(N * D, wo.shape[-1]))[None]
+
+
+def _out_proj(out: Array, wo: Array | PackedKernel) -> Array:
+  """out [B, T, N, D] through o_proj [N, D, H] -> [B, T, H]."""
+  if isinstance(wo, PackedKernel):
+    return matmul(out.reshape(*out.shape[:-2], -1), wo, out.dtype)
+  return jnp.einsum("BTND,NDH->BTH", out, wo)
+
+
+def _in_proj(x: Array, w: Array | PackedKernel, eq: str, heads: int, dt) -> Array:
+  """x [B, T, H] through a q/k/v kernel [H, heads, D] -> [B, T, heads, D]."""
+  if isinstance(w, PackedKernel):
+    return matmul(x, w, dt).reshape(*x.shape[:-1], heads, w.n // heads)
+  return jnp.einsum(eq, x, w)
 
 
 class Qwen2Attention(nn.Module):
@@ -120,18 +136,22 @@ class Qwen2Attention(nn.Module):
     init, zeros = weight_init(cfg), nn.initializers.zeros
     p = lambda name, init_fn, shape, axes: self.param(
         name, nn.with_logical_partitioning(init_fn, axes), shape, pdt).astype(dt)
-    wq = p("q_proj", init, (H, N, D), ("embed", "q_heads", "head_dim"))
+
+    def w(name, shape, axes, in_dims=1):  # a kernel, or its packed matrix (CPU engines)
+      kernel = kernel_param(self, name, init, shape, axes, pdt, in_dims)
+      return kernel if isinstance(kernel, PackedKernel) else kernel.astype(dt)
+    wq = w("q_proj", (H, N, D), ("embed", "q_heads", "head_dim"))
     bq = p("q_bias", zeros, (N, D), ("q_heads", "head_dim"))
-    wk = p("k_proj", init, (H, K, D), ("embed", "kv_heads", "head_dim"))
+    wk = w("k_proj", (H, K, D), ("embed", "kv_heads", "head_dim"))
     bk = p("k_bias", zeros, (K, D), ("kv_heads", "head_dim"))
-    wv = p("v_proj", init, (H, K, D), ("embed", "kv_heads", "head_dim"))
+    wv = w("v_proj", (H, K, D), ("embed", "kv_heads", "head_dim"))
     bv = p("v_bias", zeros, (K, D), ("kv_heads", "head_dim"))
-    wo = p("o_proj", init, (N, D, H), ("q_heads", "head_dim", "embed"))
+    wo = w("o_proj", (N, D, H), ("q_heads", "head_dim", "embed"), in_dims=2)
 
     x = x.astype(dt)
-    q = jnp.einsum("BTH,HND->BTND", x, wq) + bq  # [B, T, N, D]
-    k = jnp.einsum("BTH,HKD->BTKD", x, wk) + bk  # [B, T, K, D]
-    v = jnp.einsum("BTH,HKD->BTKD", x, wv) + bv  # [B, T, K, D]
+    q = _in_proj(x, wq, "BTH,HND->BTND", N, dt) + bq  # [B, T, N, D]
+    k = _in_proj(x, wk, "BTH,HKD->BTKD", K, dt) + bk  # [B, T, K, D]
+    v = _in_proj(x, wv, "BTH,HKD->BTKD", K, dt) + bv  # [B, T, K, D]
     v = checkpoint_name(nn.with_logical_constraint(v, BTKD), "value_proj")
     if cfg.dual_chunk is not None:  # cos / sin [4, B, T, D]: keys, then three query rotations
       k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos[0], sin[0]), BTKD),
@@ -143,7 +163,7 @@ class Qwen2Attention(nn.Module):
         out, pages = out
         return _paged_out_proj(out, wo), pages
       out = checkpoint_name(nn.with_logical_constraint(out, BTND), "context")
-      out = checkpoint_name(jnp.einsum("BTND,NDH->BTH", out, wo), "out_proj")
+      out = checkpoint_name(_out_proj(out, wo), "out_proj")
       return out if cache is None else (out, (k, v))
     q = checkpoint_name(nn.with_logical_constraint(apply_rope(q, cos, sin), BTND), "query_proj")
     k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos, sin), BTKD), "key_proj")
@@ -160,7 +180,7 @@ class Qwen2Attention(nn.Module):
       out = attn_lib.cached_attention(q, k, v, k_cache, v_cache, q_index, cache_valid,
                                       scale=D ** -0.5, sliding_window=sliding_window)
     out = checkpoint_name(nn.with_logical_constraint(out, BTND), "context")
-    out = checkpoint_name(jnp.einsum("BTND,NDH->BTH", out, wo), "out_proj")
+    out = checkpoint_name(_out_proj(out, wo), "out_proj")
     return out if cache is None else (out, (k, v))
 
   def _dual_chunk(self, qs, k, v, q_index, segment_ids, cache):
@@ -326,10 +346,9 @@ class Qwen2ForCausalLM(nn.Module):
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)  # [B, T, V]
     else:
-      kernel = self.param("lm_head", nn.with_logical_partitioning(weight_init(cfg),
-                                                                  ("embed", "vocab")),
-                          (cfg.hidden_size, cfg.vocab_size), pdt)
-      logits = jnp.einsum("BTH,HV->BTV", x, kernel.astype(dt))
+      kernel = kernel_param(self, "lm_head", weight_init(cfg), (cfg.hidden_size, cfg.vocab_size),
+                            ("embed", "vocab"), pdt)
+      logits = matmul(x, kernel, dt)  # [B, T, V]
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
                                                  "activation_vocab"))
     if cfg.logits_dtype is not None:

@@ -20,15 +20,18 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-# The stamp holds the hash of the setup.py last installed: a changed setup.py (an edit, a pull, a
-# checkout of another commit, whatever its mtime) reinstalls; a fresh clone has no stamp.
+# The stamp holds the hash of the build files last installed (setup.py, pyproject.toml, the C++
+# extension's source): a change to any (an edit, a pull, a checkout of another commit, whatever
+# its mtime) reinstalls, which also rebuilds the extension in place; a fresh clone has no stamp.
 stamp=.venv/.qwen2_jax_installed
-want=$(python -c 'import hashlib; print(hashlib.sha256(open("setup.py", "rb").read()).hexdigest())')
+want=$(python -c 'import hashlib; h = hashlib.sha256()
+for f in ("setup.py", "pyproject.toml", "qwen2_jax/kernels/cpu_matmul.cc"): h.update(open(f, "rb").read())
+print(h.hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # One installer at a time when several jobs start together (flock: Linux; optional).
   if command -v flock >/dev/null 2>&1; then exec 9>.venv/.install.lock; flock 9; fi
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[setup] installing qwen2-jax[test] into .venv (setup.py changed or first run)"
+    echo "[setup] installing qwen2-jax[test] into .venv (build files changed or first run)"
     python -m pip install -q --upgrade pip
     # torch 2.13.0 first (the test oracle), pinned so that no newer release is pulled in; on
     # Python 3.12 it is PyPI's CUDA build, which runs on the CPU.

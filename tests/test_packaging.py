@@ -15,6 +15,7 @@ import concurrent.futures
 import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = {"qwen2_jax": "qwen2_jax", "qwen2_jax.train": "train", "qwen2_jax.infer": "infer"}
 # Not copied into the build: environments, outputs, caches, earlier build products.
 COPY_IGNORE = shutil.ignore_patterns(".venv*", ".git", "out", "runs", "build", "dist", "*.egg-info",
-                                     "__pycache__", ".pytest_cache", "*.pyc")
+                                     "__pycache__", ".pytest_cache", "*.pyc", "*.so")
 
 # Run by the venv's python: imports every module of the installed package (recursively, as
 # pkgutil.walk_packages does, but recording any exception instead of stopping) and lists every
@@ -85,9 +86,12 @@ def _source_modules() -> set[str]:
 
 
 def _wheel_modules(wheel: Path) -> set[str]:
+  """Python modules and compiled extensions (`name.cpython-312-...so`) in the wheel."""
   with zipfile.ZipFile(wheel) as z:
     files = [n for n in z.namelist() if n.endswith(".py")]
-  return {n[:-len(".py")].removesuffix("/__init__").replace("/", ".") for n in files}
+    extensions = [n for n in z.namelist() if n.endswith(".so")]
+  return ({n[:-len(".py")].removesuffix("/__init__").replace("/", ".") for n in files}
+          | {n.split(".", 1)[0].replace("/", ".") for n in extensions})
 
 
 def _wheel_metadata(wheel: Path, field: str) -> list[str]:
@@ -203,6 +207,8 @@ def test_wheel_holds_every_source_module(wheel):
   assert not missing, (f"not in the wheel: {missing} (setup.py's packages; a folder without "
                        "__init__.py is not a package)")
   assert all(m.split(".")[0] == "qwen2_jax" for m in modules), sorted(modules)
+  if platform.machine().lower() in ("x86_64", "amd64"):  # built from source by the wheel build
+    assert "qwen2_jax._cpu_matmul" in modules, sorted(modules)
 
 
 def test_installed_wheel_imports_every_module(wheel, venv):

@@ -480,7 +480,7 @@ def test_decode_compile_options_keep_results():
   lowered = jax.jit(lambda x, w: jax.nn.softmax(x @ w, axis=-1)).lower(x, w)
   want = np.asarray(lowered.compile()(x, w))
   for decode in (True, False):
-    got = compile_lowered(lowered, decode=decode, input_minor=False)(x, w)
+    got = compile_lowered(lowered, decode=decode, default_dots=False)(x, w)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
 
@@ -516,40 +516,102 @@ def test_input_minor_layout_round_trips(tmp_path, tied):
   assert moved["shared_expert"]["gate_proj@input_minor"].shape == (5, 3)
 
 
-def test_input_minor_and_plain_layouts_generate_the_same(hf_tiny, monkeypatch):
-  """Both CPU layouts of the Engine (each with its compiler options) give the same greedy
-  tokens, and logprobs within 1e-5, whichever this machine's CPU picks by default; an Engine of
-  max_num_seqs < 4 and the StaticEngine keep [in, out] kernels."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_layout_round_trips(tmp_path, tied):
+  """`decode_layout(packed=nr)` stores each float32 MLP kernel, attention projection and the
+  head whose width is a multiple of nr as [N / nr, K, nr] panels of its [in, out] matrix under
+  marked names (a tied head from the embedding's transpose); `model_layout` gives back exactly
+  the model's layout; a width that is not a multiple stays plain."""
+  from qwen2_jax.infer import static_engine as se  # pylint: disable=import-outside-toplevel
+  make_hf_qwen2(tmp_path, seed=3, tie_word_embeddings=tied, vocab_size=256, intermediate_size=48)
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
+  plain_cfg, plain = se.decode_layout(config, params)
+  packed_cfg, packed = se.decode_layout(config, params, packed=16)
+  assert plain_cfg == packed_cfg
+  h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  mlp = packed["layers_0"]["mlp"]
+  assert sorted(mlp) == ["down_proj@packed", "gate_proj@packed", "up_proj@packed"]
+  assert mlp["gate_proj@packed"].shape == (f // 16, h, 16)
+  assert mlp["down_proj@packed"].shape == (h // 16, f, 16)
+  assert packed["lm_head@packed"].shape == (v // 16, h, 16)
+  attn = packed["layers_0"]["self_attn"]
+  n, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_size
+  assert attn["q_proj@packed"].shape == (n * d // 16, h, 16)
+  assert attn["k_proj@packed"].shape == (kv * d // 16, h, 16)
+  assert attn["o_proj@packed"].shape == (h // 16, n * d, 16)
+  assert sorted(attn) == ["k_bias", "k_proj@packed", "o_proj@packed", "q_bias", "q_proj@packed",
+                          "v_bias", "v_proj@packed"]
+  back = se.model_layout(packed, config)
+  assert jax.tree.structure(back) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert se.from_input_minor(packed) is not None  # leaves packed names alone:
+  assert "lm_head@packed" in se.from_input_minor(packed)
+  _, partly = se.decode_layout(config, params, packed=32)  # 48 is not a multiple of 32
+  assert sorted(partly["layers_0"]["mlp"]) == ["down_proj@packed", "gate_proj", "up_proj"]
+  moe = {"experts": {"gate_proj": jnp.zeros((2, 16, 32))},
+         "shared_expert": {"gate_proj": jnp.zeros((16, 32))}}
+  moved = se.to_packed({"mlp": moe}, 16)["mlp"]
+  assert list(moved["experts"]) == ["gate_proj"]
+  assert moved["shared_expert"]["gate_proj@packed"].shape == (2, 16, 16)
+
+
+def test_cpu_layouts_generate_the_same(tmp_path, monkeypatch):
+  """The Engine's CPU layouts ([in, out], input-minor, packed with panels of 8, 16 and this
+  CPU's width; each with its compiler options) give the same greedy tokens, and logprobs
+  within 1e-5; params stored packed are accepted by a new engine and by update_params. An
+  Engine of max_num_seqs < 4 stays [in, out] under input-minor; the StaticEngine packs but is
+  never input-minor."""
   from qwen2_jax.infer import static_engine  # pylint: disable=import-outside-toplevel
-  _, config, params = hf_tiny
+  from qwen2_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  make_hf_qwen2(tmp_path, seed=5, vocab_size=256, intermediate_size=64, head_dim=16)
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
   prompts, news = _stream(config.vocab_size, 5, 11)
   sps = [SamplingParams(max_new_tokens=n) for n in news]
   kw = dict(eos_token_ids=(), max_batch_size=4, max_num_batched_tokens=8, page_size=4)
-  marked = lambda tree: [jax.tree_util.keystr(p) for p, _ in
-                         jax.tree_util.tree_flatten_with_path(tree)[0]
-                         if "@input_minor" in jax.tree_util.keystr(p)]
-  out = {}
-  for minor in (False, True):
+  def marked(tree, mark):
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if mark in jax.tree_util.keystr(p)]
+  def patch(minor, nr):
     for mod in (engine_lib, static_engine):
-      monkeypatch.setattr(mod, "cpu_input_minor", lambda minor=minor: minor)
+      monkeypatch.setattr(mod, "cpu_input_minor", lambda: minor)
+      monkeypatch.setattr(mod, "cpu_packed_width", lambda *a, **k: nr)
+  layouts = [("plain", False, 0), ("input_minor", True, 0), ("packed8", False, 8),
+             ("packed16", False, 16)]
+  if cpu_matmul.panel_width() not in (0, 16):
+    layouts.append(("packed_cpu", False, cpu_matmul.panel_width()))
+  out, stored = {}, {}
+  for name, minor, nr in layouts:
+    patch(minor, nr)
     eng = Engine(config, params, **kw)
-    stored = eng._replicas[0].params  # pylint: disable=protected-access
-    assert len(marked(stored)) == (3 * config.num_hidden_layers + 1 if minor else 0)
-    assert not marked(eng.params)  # the model's layout
-    out[minor] = eng.generate(prompts, sps)
-  assert [r.output_ids for r in out[True]] == [r.output_ids for r in out[False]]
+    stored[name] = eng._replicas[0].params  # pylint: disable=protected-access
+    layers = config.num_hidden_layers
+    assert len(marked(stored[name], "@input_minor")) == (3 * layers + 1 if minor else 0)
+    assert len(marked(stored[name], "@packed")) == (7 * layers + 1 if nr else 0)
+    assert not marked(eng.params, "@")  # the model's layout
+    out[name] = eng.generate(prompts, sps)
+  for name, *_ in layouts[1:]:
+    assert [r.output_ids for r in out[name]] == [r.output_ids for r in out["plain"]], name
+    np.testing.assert_allclose(np.concatenate([r.logprobs for r in out[name]]),
+                               np.concatenate([r.logprobs for r in out["plain"]]), atol=1e-5)
   # Stored (marked) params are accepted as weights: by a new engine and by update_params.
-  again = Engine(eng.config, stored, **kw)
-  again.update_params(stored)
+  patch(False, 16)
+  again = Engine(eng.config, stored["input_minor"], **kw)
+  again.update_params(stored["packed8"])
   assert [r.output_ids for r in again.generate(prompts, sps)] == \
-      [r.output_ids for r in out[True]]
-  # Under the patched cpu_input_minor (True): small engines and the static engine stay plain.
+      [r.output_ids for r in out["plain"]]
+  # Under input-minor: small engines and the static engine stay [in, out]; the static engine
+  # packs where packing is on, and generates the same.
+  patch(True, 0)
   small = Engine(config, params, **dict(kw, max_batch_size=1))
-  assert not marked(small._replicas[0].params)  # pylint: disable=protected-access
+  assert not marked(small._replicas[0].params, "@")  # pylint: disable=protected-access
   static = StaticEngine(config, params, eos_token_ids=(), max_batch_size=8)
-  assert not marked(static._params)  # pylint: disable=protected-access
-  np.testing.assert_allclose(np.concatenate([r.logprobs for r in out[True]]),
-                             np.concatenate([r.logprobs for r in out[False]]), atol=1e-5)
+  assert not marked(static._params, "@")  # pylint: disable=protected-access
+  patch(False, 16)
+  static = StaticEngine(config, params, eos_token_ids=(), max_batch_size=8)
+  assert len(marked(static._params, "@packed")) == 7 * layers + 1  # pylint: disable=protected-access
+  assert [r.output_ids for r in static.generate(prompts, sps)] == \
+      [r.output_ids for r in out["plain"]]
 
 
 def test_split_requests_balances_work_and_keeps_equal_prompts_together():

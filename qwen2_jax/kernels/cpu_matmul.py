@@ -1,0 +1,76 @@
+"""Prepacked fp32 matmul for XLA:CPU: a C++ XLA FFI custom call (`cpu_matmul.cc`), for inference.
+
+XLA:CPU's dot back ends repack the weight on every call; for the few-row matmuls of a decode
+step that repacking costs more than the arithmetic. Here the weight [K, N] is packed once, at
+engine build, into panels [ceil(N / NR), K, NR] of NR output columns (zero-padded at the end),
+and the kernel streams them: AVX-512 (NR 32) or AVX2+FMA (NR 16) register kernels chosen at run
+time, split over panels with XLA's intra-op threads.
+
+`pack` / `unpack` convert kernels, `packed_matmul` multiplies, `packed_matmul_reference` is the
+plain jnp oracle. `panel_width()` is 0 where the extension is not built or the CPU has neither
+instruction set; callers then keep XLA's dots. No gradient: generation only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+TARGET = "qwen2_jax_packed_matmul"
+
+
+@functools.cache
+def _module():
+  try:
+    from qwen2_jax import _cpu_matmul
+  except ImportError:  # not built (a source tree without `setup.py build_ext`, or no compiler)
+    return None
+  jax.ffi.register_ffi_target(TARGET, _cpu_matmul.handler(), platform="cpu")
+  return _cpu_matmul
+
+
+def panel_width() -> int:
+  """Columns per panel of this CPU's register kernel: 32 (AVX-512), 16 (AVX2+FMA), or 0 when
+  the extension is missing or the CPU has neither (then nothing should be packed)."""
+  module = _module()
+  return 0 if module is None else int(module.panel_width())
+
+
+def pack(kernel, nr: int):
+  """[K, N] -> [ceil(N / nr), K, nr], zero-padded; numpy in, numpy out (jax in, jax out)."""
+  xp = np if isinstance(kernel, np.ndarray) else jnp
+  k, n = kernel.shape
+  panels = -(-n // nr)
+  padded = xp.pad(kernel, ((0, 0), (0, panels * nr - n)))
+  return xp.transpose(padded.reshape(k, panels, nr), (1, 0, 2))
+
+
+def unpack(packed, n: int):
+  """[P, K, nr] -> [K, n]: the inverse of `pack` for a kernel of n output columns."""
+  xp = np if isinstance(packed, np.ndarray) else jnp
+  p, k, nr = packed.shape
+  return xp.transpose(packed, (1, 0, 2)).reshape(k, p * nr)[:, :n]
+
+
+def packed_matmul(x: Array, packed: Array, n: int) -> Array:
+  """x [..., K] @ W [K, n] with W given as `pack(W, nr)`; fp32 on the CPU backend only."""
+  if _module() is None:
+    raise RuntimeError("packed_matmul: the qwen2_jax._cpu_matmul extension is not built "
+                       "(pip install . builds it; it needs a C++17 compiler)")
+  if x.dtype != jnp.float32 or packed.dtype != jnp.float32:
+    raise TypeError(f"packed_matmul: float32 only, got x {x.dtype}, packed {packed.dtype}")
+  p, k, nr = packed.shape
+  if x.shape[-1] != k or not (p - 1) * nr < n <= p * nr:
+    raise ValueError(f"packed_matmul: x {x.shape} and packed {packed.shape} do not make "
+                     f"[..., {n}]")
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
+  return jax.ffi.ffi_call(TARGET, out)(x, packed)
+
+
+def packed_matmul_reference(x: Array, packed: Array, n: int) -> Array:
+  """The oracle: unpack and multiply with XLA's dot at full fp32 precision."""
+  return jnp.matmul(x, unpack(packed, n), precision=jax.lax.Precision.HIGHEST)

@@ -1,0 +1,102 @@
+"""The prepacked CPU matmul (`qwen2_jax.kernels.cpu_matmul`): the C++ extension is built, and
+each register kernel (AVX-512 panels of 32, AVX2 panels of 16, the portable loop for any other
+width) equals the float64 product on random inputs, with padded panels, K blocks, row blocks
+and the thread split."""
+
+from __future__ import annotations
+
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen2_jax.kernels import cpu_matmul
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cpu_flags() -> set[str]:
+  with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+    for line in f:
+      if line.startswith("flags"):
+        return set(line.split(":", 1)[1].split())
+  return set()
+
+
+@pytest.mark.skipif(not X86, reason="the extension is built on x86-64 only")
+def test_extension_is_built_and_picks_this_cpus_kernel():
+  """`pip install` (editable or wheel) builds the extension on x86-64; its panel width follows
+  the CPU: 32 with AVX-512, 16 with AVX2+FMA."""
+  flags = _cpu_flags()
+  want = 32 if "avx512f" in flags else 16 if {"avx2", "fma"} <= flags else 0
+  assert cpu_matmul.panel_width() == want
+
+
+# (rows, K, N): one row; row counts that are not multiples of the row blocks (8 / 12 / 6); K
+# across the 256-row K blocks; N not a multiple of any panel width (zero-padded last panel);
+# a Qwen2-0.5B MLP shape large enough for the thread split.
+SHAPES = [(1, 64, 96), (3, 70, 45), (13, 257, 100), (16, 513, 33), (37, 96, 130),
+          (16, 896, 4864)]
+
+
+@pytest.mark.parametrize("nr", [32, 16, 8])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_packed_matmul_equals_the_float64_product(nr, m, k, n):
+  """Within 2e-6 of the largest |y| (float32 rounding over K <= 896 terms), for panel widths
+  32 (AVX-512 kernel where the CPU has it), 16 (AVX2) and 8 (the portable loop)."""
+  rng = np.random.default_rng(m * 1000 + k + n)
+  x = rng.standard_normal((m, k), np.float32)
+  w = rng.standard_normal((k, n), np.float32)
+  packed = cpu_matmul.pack(w, nr)
+  assert packed.shape == (-(-n // nr), k, nr)
+  got = np.asarray(jax.jit(cpu_matmul.packed_matmul, static_argnums=2)(x, packed, n))
+  want = x.astype(np.float64) @ w.astype(np.float64)
+  assert got.shape == (m, n)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+  ref = cpu_matmul.packed_matmul_reference(jnp.asarray(x), jnp.asarray(packed), n)
+  np.testing.assert_allclose(got, np.asarray(ref), rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_leading_axes_and_pack_round_trip():
+  """x [B, T, K] keeps its leading axes; `unpack(pack(w))` is w exactly, in numpy and jnp."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 40), np.float32)
+  w = rng.standard_normal((40, 70), np.float32)
+  for nr in (32, 16):
+    packed = cpu_matmul.pack(w, nr)
+    np.testing.assert_array_equal(cpu_matmul.unpack(packed, 70), w)
+    np.testing.assert_array_equal(np.asarray(cpu_matmul.unpack(cpu_matmul.pack(
+        jnp.asarray(w), nr), 70)), w)
+    got = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), jnp.asarray(packed), 70))
+    want = np.einsum("btk,kn->btn", x.astype(np.float64), w.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_bad_inputs_name_the_problem():
+  """Another dtype or shapes that do not fit raise one-line errors before any program runs."""
+  packed = jnp.zeros((2, 8, 16), jnp.float32)
+  with pytest.raises(TypeError, match="float32 only"):
+    cpu_matmul.packed_matmul(jnp.zeros((3, 8), jnp.bfloat16), packed, 32)
+  with pytest.raises(ValueError, match=r"do not make \[\.\.\., 32\]"):
+    cpu_matmul.packed_matmul(jnp.zeros((3, 9), jnp.float32), packed, 32)
+  with pytest.raises(ValueError, match=r"do not make \[\.\.\., 40\]"):
+    cpu_matmul.packed_matmul(jnp.zeros((3, 8), jnp.float32), packed, 40)
+
+
+def test_engines_pack_per_the_environment_switch(monkeypatch):
+  """QWEN2_JAX_PACKED_MATMUL: "auto" packs with the AVX-512 kernel only, "1" with any built
+  kernel, "0" never; float32 compute only; another value is a named error."""
+  # pylint: disable-next=import-outside-toplevel
+  from qwen2_jax.infer import static_engine, validation
+  from qwen2_jax import presets  # pylint: disable=import-outside-toplevel
+  config = presets.get_preset("qwen2-0.5b").replace(dtype="float32")
+  width = cpu_matmul.panel_width()
+  for mode, want in (("auto", width if width == 32 else 0), ("1", width), ("0", 0)):
+    monkeypatch.setenv("QWEN2_JAX_PACKED_MATMUL", mode)
+    assert static_engine.cpu_packed_width(config) == want
+    assert static_engine.cpu_packed_width(config.replace(dtype="bfloat16")) == 0
+  monkeypatch.setenv("QWEN2_JAX_PACKED_MATMUL", "yes")
+  with pytest.raises(validation.InvalidParameterError, match="QWEN2_JAX_PACKED_MATMUL"):
+    static_engine.cpu_packed_width(config)
