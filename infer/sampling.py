@@ -127,5 +127,6 @@ def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
   sampling = (rp.temperature > 0) & (rp.top_k != 1)
   drawn = jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
   token = jnp.where(sampling, drawn, greedy)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-  return token, logprob
+  # log_softmax at one id per row: logit - logsumexp (no [B, V] log-softmax array).
+  picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+  return token, picked - jax.nn.logsumexp(logits, axis=-1)

@@ -25,7 +25,19 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kKBlock = 256;  // rows of a panel kept in L1 while every row block uses them
+#ifndef QWEN2_JAX_KBLOCK_FEW
+#define QWEN2_JAX_KBLOCK_FEW 64
+#endif
+#ifndef QWEN2_JAX_KBLOCK_MANY
+#define QWEN2_JAX_KBLOCK_MANY 512
+#endif
+#ifndef QWEN2_JAX_FEW_ROWS
+#define QWEN2_JAX_FEW_ROWS 32
+#endif
+// Rows of a panel kept in cache while every row block uses them: short blocks for few rows
+// (the panels stream from memory), long ones for many (fewer partial sums stored and reloaded).
+constexpr int64_t kKBlockFew = QWEN2_JAX_KBLOCK_FEW, kKBlockMany = QWEN2_JAX_KBLOCK_MANY;
+constexpr int64_t kFewRows = QWEN2_JAX_FEW_ROWS;
 #ifndef QWEN2_JAX_PREFETCH
 #define QWEN2_JAX_PREFETCH 2048
 #endif
@@ -57,9 +69,10 @@ __attribute__((target("avx512f"))) void Block512(const float* x, int64_t ldx, co
     }
   }
   for (int64_t i = 0; i < kc; ++i) {
+    const char* line = reinterpret_cast<const char*>(w + i * 32);
     if (prefetch) {  // the stream of panels, kPrefetch bytes ahead (no fault past the end)
-      _mm_prefetch(reinterpret_cast<const char*>(w + i * 32) + kPrefetch, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + i * 32) + kPrefetch + 64, _MM_HINT_T0);
+      _mm_prefetch(line + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(line + kPrefetch + 64, _MM_HINT_T0);
     }
     const __m512 b0 = _mm512_loadu_ps(w + i * 32);
     const __m512 b1 = _mm512_loadu_ps(w + i * 32 + 16);
@@ -195,12 +208,13 @@ void RunPanels(const Problem& pb, int64_t p0, int64_t p1) {
   // Equal row blocks (16 rows: 8 + 8, not 12 + 4).
   rows_max = static_cast<int>((pb.m + (pb.m + rows_max - 1) / rows_max - 1) /
                               ((pb.m + rows_max - 1) / rows_max));
+  const int64_t kblock = pb.m <= kFewRows ? kKBlockFew : kKBlockMany;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t col = p * pb.nr;
     const int64_t ncols = std::min(pb.nr, pb.n - col);
     const float* panel = pb.w + p * pb.k * pb.nr;
-    for (int64_t k0 = 0; k0 < pb.k; k0 += kKBlock) {
-      const int64_t kc = std::min(kKBlock, pb.k - k0);
+    for (int64_t k0 = 0; k0 < pb.k; k0 += kblock) {
+      const int64_t kc = std::min(kblock, pb.k - k0);
       for (int64_t m0 = 0; m0 < pb.m; m0 += rows_max) {
         const int rows = static_cast<int>(std::min<int64_t>(rows_max, pb.m - m0));
         const float* xb = pb.x + m0 * pb.k + k0;
