@@ -53,8 +53,10 @@ class OptionalBuildExt(build_ext):
 
 
 # x86-64 only: the register kernels are AVX-512 / AVX2 intrinsics (chosen at run time).
+# optional=True: an editable install (`pip install -e .`) then also goes on without the library.
 EXTENSIONS = [Extension("qwen2_jax._cpu_matmul", ["qwen2_jax/kernels/cpu_matmul.cc"],
-                        extra_compile_args=["-O3", "-std=c++17"], language="c++")
+                        extra_compile_args=["-O3", "-std=c++17"], language="c++",
+                        optional=True)
               ] if platform.machine().lower() in ("x86_64", "amd64") else []
 
 # Known-good, pinned for tests and CI: jax/jaxlib 0.12.x, which needs Python 3.12 or newer

@@ -37,12 +37,12 @@ Where the mesh's "data" axis has size d > 1 (one process), the engine keeps d re
 split between them (`split_requests`) and they step concurrently, one host thread each.
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head), as
-the static engine does. Without a mesh, for float32, the MLP and head kernels are packed once for
-the prepacked CPU matmul (`kernels.cpu_matmul`, a C++ XLA FFI call; `static_engine.
-cpu_packed_width`), and on AVX-512 the programs keep XLA's default (YNNPACK) dots for the rest.
-Where that extension is missing, an AVX-512 CPU stores those kernels input-minor for XLA's dots
-instead (`static_engine.cpu_input_minor`; from max_num_seqs 4: a 1-row step was 5x slower that
-way). Off TPU, attention is
+the static engine does. Without a mesh, for float32 on an AVX-512 CPU, the kernels of the
+attention projections, the MLP and the head are packed once for the prepacked CPU matmul
+(`kernels.cpu_matmul`, a C++ XLA FFI call; `static_engine.cpu_packed_width`), and the programs
+keep XLA's default (YNNPACK) dots for the rest. Where that extension is missing, an AVX-512 CPU
+stores the MLP and head kernels input-minor for XLA's dots instead
+(`static_engine.cpu_input_minor`; from max_num_seqs 4: a 1-row step was 5x slower that way). Off TPU, attention is
 `kernels.ragged_paged_attention_blocked` (a loop over the (item, page block) pairs the step's
 queries see, merged by an online softmax, the step's own keys / values read from the layer's
 outputs), and the layers leave the pools alone: all layers' new keys / values are written in one
@@ -286,8 +286,9 @@ class Engine:
       (`split_requests`) and the replicas step concurrently, one host thread each.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
       "unrolled" (always `decode_layout`) or "as_is". Without a mesh, `decode_layout` packs the
-      MLP and head kernels (`cpu_packed_width`), or where it cannot, on an AVX-512 CPU with
-      max_num_seqs >= 4, stores them input-minor (`cpu_input_minor`).
+      attention, MLP and head kernels (`cpu_packed_width`), or where it cannot, on an AVX-512
+      CPU with max_num_seqs >= 4, stores the MLP and head kernels input-minor
+      (`cpu_input_minor`).
     vocab_limit: ids >= this are never generated; None: every id of the model. An attribute;
       changing it never recompiles.
     min_prompt_bucket: accepted for compatibility with the static engine; unused.

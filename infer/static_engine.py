@@ -27,8 +27,9 @@ logical shardings (FSDP and/or tensor parallel), the batch and the cache are spl
 batch axes, and the cache's KV-head axis follows "activation_kv_heads".
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit [H, V]
-head; the MLP and head kernels packed where `cpu_packed_width` allows, never input-minor, since
-its batches can be one row): about 3x faster decode steps than a layer scan. XLA:CPU then still copies the whole cache a few times per step unless XLA_FLAGS has
+head; the attention, MLP and head kernels packed where `cpu_packed_width` allows, never
+input-minor, since its batches can be one row): about 3x faster decode steps than a layer
+scan. XLA:CPU then still copies the whole cache a few times per step unless XLA_FLAGS has
 --xla_cpu_copy_insertion_use_region_analysis=true.
 """
 
@@ -178,10 +179,11 @@ def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
   and an explicit LM head [H, V] (for tied models a copy of the embedding's transpose).
 
   Two CPU variants move kernels to marked names, which only the engines' programs read:
-  - `packed` = NR > 0: the MLP (and shared-expert) kernels and the head packed into NR-column
-    panels for the prepacked CPU matmul (`to_packed`; the model multiplies them with
-    `cpu_matmul.packed_matmul`). The engines pass `cpu_packed_width(...)`.
-  - `input_minor`: those kernels transposed, input axis minor (`to_input_minor`; the tied
+  - `packed` = NR > 0: the attention projections, the MLP (and shared-expert) kernels and the
+    head packed into NR-column panels for the prepacked CPU matmul (`to_packed`; the model
+    multiplies them with `cpu_matmul.packed_matmul`). The engines pass `cpu_packed_width(...)`.
+  - `input_minor`: the MLP (and shared-expert) kernels and the head transposed, input axis
+    minor (`to_input_minor`; the tied
     head is then the embedding itself, no copy); the engines' programs transpose them back
     (`from_input_minor`) and XLA folds the transposes into its dots. The fallback where the
     packed kernel is missing (`cpu_input_minor`).
@@ -205,10 +207,10 @@ def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
 
 
 # Dense [in, out] matmul kernels by param name -> the permutation that puts their input axis
-# minor; the same names are the kernels `to_packed` packs. The attention projections ([H,
-# heads, D], [N, D, H]; 9% of Qwen2-0.5B's layer weights) keep their layout: input-minor, with
-# the transposes folded into the dots, the decode step was no faster (215-216 ms against
-# 210-214, 2-core AVX-512 Xeon). MoE expert stacks (under "experts") and the router keep theirs.
+# minor (`to_input_minor`). The attention projections ([H, heads, D], [N, D, H]; 9% of
+# Qwen2-0.5B's layer weights) keep their layout there: input-minor, with the transposes folded
+# into the dots, the decode step was no faster (215-216 ms against 210-214, 2-core AVX-512
+# Xeon). MoE expert stacks (under "experts") and the router keep theirs.
 _INPUT_MINOR_PERMS = {"gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (1, 0),
                       "lm_head": (1, 0)}
 # Suffix of a param name whose array is stored input-minor (marks the layout in the tree's
@@ -342,8 +344,8 @@ def _cpu_has_avx512() -> bool:
 
 def cpu_input_minor() -> bool:
   """Whether the `Engine` on this host's CPU uses input-minor kernels and XLA's default dot
-  fusions (YNNPACK), when it has no mesh and max_num_seqs >= 4 (the StaticEngine never does:
-  one-row dots are 5x slower that way): on an AVX-512 CPU (2-core Intel Xeon, 2026-12-04) a Qwen2-0.5B fp32
+  fusions (YNNPACK) where it does not pack them (`cpu_packed_width` is 0), when it has no mesh
+  and max_num_seqs >= 4 (the StaticEngine never does: one-row dots are 5x slower that way): on an AVX-512 CPU (2-core Intel Xeon, 2026-12-04) a Qwen2-0.5B fp32
   chain of 16-row decode matmuls took 168 ms that way against 222 ms for [in, out] kernels
   with Eigen dots; on a 2-core AVX2 AMD EPYC (2026-12-03) YNNPACK's dots were the slow ones
   (see `_CPU_COMPILER_OPTIONS`), so there the engines keep [in, out] kernels and Eigen /
@@ -354,7 +356,7 @@ def cpu_input_minor() -> bool:
 # XLA:CPU's YNNPACK dot fusions (on by default in jax 0.12) multiply the decode steps' skinny
 # matrices ([16, 896] x [896, 4864]) at 35-50 GFLOP/s on a 2-core AVX2 machine; XLA's Eigen dots
 # do 80-90 (and equal them at 512 rows). Measured 2026-12-03; see docs/benchmarks.md. Not used
-# where `cpu_input_minor` holds.
+# where `default_dots` holds.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # oneDNN matmuls for the decode programs (a few rows per step): the small projections ([16, 896]
 # x [896, 1152]) ran at 63 GFLOP/s against Eigen's 30, and a 16-row Qwen2-0.5B decode step took
@@ -364,9 +366,10 @@ _CPU_DECODE_OPTIONS = {**_CPU_COMPILER_OPTIONS, "xla_cpu_use_onednn": True}
 
 def default_dots(input_minor: bool, packed: int) -> bool:
   """Whether an engine's programs keep XLA:CPU's default dot fusions (YNNPACK): with
-  input-minor kernels, and with packed kernels on an AVX-512 CPU, where the attention
-  projections left to XLA are faster that way (a 16-row Qwen2-0.5B decode step: 169 ms against
-  188 ms without YNNPACK and with oneDNN, 2-core AVX-512 Xeon, 2026-12-04)."""
+  input-minor kernels, and with packed kernels on an AVX-512 CPU, where the dots left to XLA
+  (attention's, a MoE's experts and router) are faster that way: a 16-row Qwen2-0.5B decode step
+  took 158 ms against 168 ms without YNNPACK and with oneDNN, a 512-token step 1.61 s against
+  1.70 s (2-core AVX-512 Xeon, 2026-12-04)."""
   return input_minor or (bool(packed) and _cpu_has_avx512())
 
 

@@ -15,6 +15,9 @@ import pytest
 from qwen2_jax.kernels import cpu_matmul
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+# Elsewhere the extension is not built (setup.py), and the engines keep XLA's dots; on x86-64 a
+# missing extension fails `test_extension_is_built_and_picks_this_cpus_kernel`.
+needs_extension = pytest.mark.skipif(not X86, reason="the extension is built on x86-64 only")
 
 
 def _cpu_flags() -> set[str]:
@@ -25,7 +28,7 @@ def _cpu_flags() -> set[str]:
   return set()
 
 
-@pytest.mark.skipif(not X86, reason="the extension is built on x86-64 only")
+@needs_extension
 def test_extension_is_built_and_picks_this_cpus_kernel():
   """`pip install` (editable or wheel) builds the extension on x86-64; its panel width follows
   the CPU: 32 with AVX-512, 16 with AVX2+FMA."""
@@ -34,13 +37,15 @@ def test_extension_is_built_and_picks_this_cpus_kernel():
   assert cpu_matmul.panel_width() == want
 
 
-# (rows, K, N): one row; row counts that are not multiples of the row blocks (8 / 12 / 6); K
-# across the 256-row K blocks; N not a multiple of any panel width (zero-padded last panel);
-# a Qwen2-0.5B MLP shape large enough for the thread split.
-SHAPES = [(1, 64, 96), (3, 70, 45), (13, 257, 100), (16, 513, 33), (37, 96, 130),
-          (16, 896, 4864)]
+# (rows, K, N): one row; row counts that are not multiples of the row blocks (12 / 6 / 8); K
+# across the K blocks (64 panel rows for <= 32 rows, 512 above); N not a multiple of any panel
+# width (zero-padded last panel, less or more than half a panel); a Qwen2-0.5B MLP shape large
+# enough for the thread split.
+SHAPES = [(1, 64, 96), (3, 70, 45), (5, 40, 59), (13, 257, 100), (16, 513, 33), (37, 96, 130),
+          (40, 1100, 70), (16, 896, 4864)]
 
 
+@needs_extension
 @pytest.mark.parametrize("nr", [32, 16, 8])
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_packed_matmul_equals_the_float64_product(nr, m, k, n):
@@ -59,6 +64,20 @@ def test_packed_matmul_equals_the_float64_product(nr, m, k, n):
   np.testing.assert_allclose(got, np.asarray(ref), rtol=0, atol=2e-6 * np.abs(want).max())
 
 
+@needs_extension
+@pytest.mark.parametrize("nr", [32, 16])
+def test_empty_inputs(nr):
+  """No rows: an empty result; K = 0: zeros (the empty sum), not uninitialised memory."""
+  empty = cpu_matmul.packed_matmul(jnp.zeros((0, 8), jnp.float32),
+                                   jnp.ones((2, 8, nr), jnp.float32), nr + 3)
+  assert empty.shape == (0, nr + 3)
+  for _ in range(3):  # fresh output buffers each time
+    got = jax.jit(cpu_matmul.packed_matmul, static_argnums=2)(
+        jnp.ones((3, 0), jnp.float32), jnp.ones((2, 0, nr), jnp.float32), nr + 3)
+    np.testing.assert_array_equal(np.asarray(got), np.zeros((3, nr + 3), np.float32))
+
+
+@needs_extension
 def test_leading_axes_and_pack_round_trip():
   """x [B, T, K] keeps its leading axes; `unpack(pack(w))` is w exactly, in numpy and jnp."""
   rng = np.random.default_rng(0)
@@ -74,6 +93,7 @@ def test_leading_axes_and_pack_round_trip():
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
+@needs_extension
 def test_bad_inputs_name_the_problem():
   """Another dtype or shapes that do not fit raise one-line errors before any program runs."""
   packed = jnp.zeros((2, 8, 16), jnp.float32)

@@ -2,10 +2,10 @@
 // W stored once as panels [ceil(N / NR), K, NR] (NR output columns per panel, zero-padded).
 //
 // Why by hand: XLA:CPU's dot back ends (YNNPACK, Eigen, oneDNN) repack the weight on every call,
-// which dominates the few-row matmuls of a decode step; packing once at load and streaming the
-// panels was 1.6x faster for a Qwen2-0.5B decode step's matmuls (docs/benchmarks.md).
+// which dominates the few-row matmuls of a decode step; packed once at load and streamed, a chain
+// of Qwen2-0.5B's 16-row decode matmuls took 117-120 ms against 168 ms (docs/benchmarks.md).
 //
-// The register kernels are chosen at run time: AVX-512 (NR 32, up to 8 rows per block) or
+// The register kernels are chosen at run time: AVX-512 (NR 32, up to 12 rows per block) or
 // AVX2+FMA (NR 16, up to 6 rows); any other panel width runs a portable loop. Work is split over
 // panels between the caller and XLA's intra-op thread pool.
 
@@ -109,7 +109,7 @@ __attribute__((target("avx2,fma"))) void Block256(const float* x, int64_t ldx, c
     }
   }
   for (int64_t i = 0; i < kc; ++i) {
-    if (prefetch && (i & 1) == 0)
+    if (prefetch)  // one 64-byte line per row of the panel
       _mm_prefetch(reinterpret_cast<const char*>(w + i * 16) + kPrefetch, _MM_HINT_T0);
     const __m256 b0 = _mm256_loadu_ps(w + i * 16);
     const __m256 b1 = _mm256_loadu_ps(w + i * 16 + 8);
@@ -254,7 +254,9 @@ struct Shared {
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (wd.size() != 3 || xd.size() < 1 || yd.size() != xd.size())
+  bool shapes_ok = wd.size() == 3 && xd.size() >= 1 && yd.size() == xd.size();
+  for (size_t i = 0; shapes_ok && i + 1 < xd.size(); ++i) shapes_ok = xd[i] == yd[i];
+  if (!shapes_ok)
     return ffi::Error::InvalidArgument("packed_matmul: x [..., K], w [P, K, NR], y [..., N]");
   Problem pb;
   pb.k = xd.back();
@@ -263,7 +265,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   pb.nr = wd[2];
   if (wd[1] != pb.k || pb.panels * pb.nr < pb.n || (pb.panels - 1) * pb.nr >= pb.n)
     return ffi::Error::InvalidArgument("packed_matmul: w's panels do not match x's K and y's N");
-  pb.m = pb.k == 0 ? 0 : x.element_count() / pb.k;
+  pb.m = pb.n == 0 ? 0 : y->element_count() / pb.n;  // x's leading axes (equal to y's)
   pb.x = x.typed_data();
   pb.w = w.typed_data();
   pb.y = y->typed_data();

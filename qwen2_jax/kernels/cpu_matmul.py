@@ -7,8 +7,9 @@ and the kernel streams them: AVX-512 (NR 32) or AVX2+FMA (NR 16) register kernel
 time, split over panels with XLA's intra-op threads.
 
 `pack` / `unpack` convert kernels, `packed_matmul` multiplies, `packed_matmul_reference` is the
-plain jnp oracle. `panel_width()` is 0 where the extension is not built or the CPU has neither
-instruction set; callers then keep XLA's dots. No gradient: generation only.
+plain jnp oracle. `available()` says whether the extension is built (setup.py builds it on
+x86-64); `panel_width()` is 0 where it is not or the CPU has neither instruction set; callers
+then keep XLA's dots. No gradient: generation only.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def _module():
     return None
   jax.ffi.register_ffi_target(TARGET, _cpu_matmul.handler(), platform="cpu")
   return _cpu_matmul
+
+
+def available() -> bool:
+  """Whether the extension is built (then `packed_matmul` runs, with any panel width)."""
+  return _module() is not None
 
 
 def panel_width() -> int:
