@@ -345,8 +345,9 @@ def _cpu_has_avx512() -> bool:
 def cpu_input_minor() -> bool:
   """Whether the `Engine` on this host's CPU uses input-minor kernels and XLA's default dot
   fusions (YNNPACK) where it does not pack them (`cpu_packed_width` is 0), when it has no mesh
-  and max_num_seqs >= 4 (the StaticEngine never does: one-row dots are 5x slower that way): on an AVX-512 CPU (2-core Intel Xeon, 2026-12-04) a Qwen2-0.5B fp32
-  chain of 16-row decode matmuls took 168 ms that way against 222 ms for [in, out] kernels
+  and max_num_seqs >= 4 (the StaticEngine never does: one-row dots are 5x slower that way): on
+  an AVX-512 CPU (2-core Intel Xeon, 2026-12-04) a Qwen2-0.5B fp32 chain of 16-row decode
+  matmuls took 168 ms that way against 222 ms for [in, out] kernels
   with Eigen dots; on a 2-core AVX2 AMD EPYC (2026-12-03) YNNPACK's dots were the slow ones
   (see `_CPU_COMPILER_OPTIONS`), so there the engines keep [in, out] kernels and Eigen /
   oneDNN dots."""

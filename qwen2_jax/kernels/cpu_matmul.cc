@@ -58,7 +58,8 @@ __attribute__((target("avx512f"))) void Block512(const float* x, int64_t ldx, co
                                                  int64_t ncols, bool prefetch) {
   __m512 lo[MR], hi[MR];
   const __mmask16 mlo = ncols >= 16 ? 0xFFFF : (__mmask16)((1u << ncols) - 1);
-  const __mmask16 mhi = ncols >= 32 ? 0xFFFF : ncols <= 16 ? 0 : (__mmask16)((1u << (ncols - 16)) - 1);
+  const __mmask16 mhi =
+      ncols >= 32 ? 0xFFFF : ncols <= 16 ? 0 : (__mmask16)((1u << (ncols - 16)) - 1);
   for (int r = 0; r < MR; ++r) {
     if (first) {
       lo[r] = _mm512_setzero_ps();
