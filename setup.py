@@ -46,14 +46,12 @@ class OptionalBuildExt(build_ext):
       self.warn(f"{ext.name}: jaxlib's headers were not found; not built (XLA dots are used)")
       return
     ext.extra_compile_args += ["-isystem", include]  # its warnings are not ours
-    try:
-      super().build_extension(ext)
-    except Exception as e:  # a missing or failing compiler: the package works without it
-      self.warn(f"{ext.name}: not built ({e}); the generation engines use XLA's dots")
+    # A missing or failing compiler: setuptools warns and goes on, as the extension is optional.
+    super().build_extension(ext)
 
 
 # x86-64 only: the register kernels are AVX-512 / AVX2 intrinsics (chosen at run time).
-# optional=True: an editable install (`pip install -e .`) then also goes on without the library.
+# optional=True: a failed build warns and the install (editable too) goes on without it.
 EXTENSIONS = [Extension("qwen2_jax._cpu_matmul", ["qwen2_jax/kernels/cpu_matmul.cc"],
                         extra_compile_args=["-O3", "-std=c++17"], language="c++",
                         optional=True)

@@ -25,23 +25,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#ifndef QWEN2_JAX_KBLOCK_FEW
-#define QWEN2_JAX_KBLOCK_FEW 64
-#endif
-#ifndef QWEN2_JAX_KBLOCK_MANY
-#define QWEN2_JAX_KBLOCK_MANY 512
-#endif
-#ifndef QWEN2_JAX_FEW_ROWS
-#define QWEN2_JAX_FEW_ROWS 32
-#endif
 // Rows of a panel kept in cache while every row block uses them: short blocks for few rows
 // (the panels stream from memory), long ones for many (fewer partial sums stored and reloaded).
-constexpr int64_t kKBlockFew = QWEN2_JAX_KBLOCK_FEW, kKBlockMany = QWEN2_JAX_KBLOCK_MANY;
-constexpr int64_t kFewRows = QWEN2_JAX_FEW_ROWS;
-#ifndef QWEN2_JAX_PREFETCH
-#define QWEN2_JAX_PREFETCH 2048
-#endif
-constexpr int kPrefetch = QWEN2_JAX_PREFETCH;  // bytes ahead in the panel stream (first row block)
+constexpr int64_t kKBlockFew = 64, kKBlockMany = 512;
+constexpr int64_t kFewRows = 32;
+constexpr int kPrefetch = 2048;  // bytes ahead in the panel stream (first row block)
 
 struct Problem {
   const float* x;  // [M, K]
