@@ -36,23 +36,25 @@ def jaxlib_include() -> str | None:
 
 
 class OptionalBuildExt(build_ext):
-  """Builds `qwen2_jax._cpu_matmul` (the prepacked fp32 matmul the generation engines use on
-  x86-64 CPUs) where it can; where it cannot (no C++17 compiler, no jaxlib headers), it warns and
-  the install goes on: the engines then keep XLA's own dots."""
+  """Builds `qwen2_jax._cpu_kernels` (the prepacked fp32 matmul and the ragged paged attention
+  the generation engines use on x86-64 CPUs) where it can; where it cannot (no C++17 compiler, no
+  jaxlib headers), it warns and the install goes on: the engines then keep XLA's own ops."""
 
   def build_extension(self, ext):
     include = jaxlib_include()
     if include is None:
-      self.warn(f"{ext.name}: jaxlib's headers were not found; not built (XLA dots are used)")
+      self.warn(f"{ext.name}: jaxlib's headers were not found; not built (XLA's ops are used)")
       return
     ext.extra_compile_args += ["-isystem", include]  # its warnings are not ours
     # A missing or failing compiler: setuptools warns and goes on, as the extension is optional.
     super().build_extension(ext)
 
 
-# x86-64 only: the register kernels are AVX-512 / AVX2 intrinsics (chosen at run time).
+# x86-64 only: the kernels are AVX-512 / AVX2 code (chosen at run time).
 # optional=True: a failed build warns and the install (editable too) goes on without it.
-EXTENSIONS = [Extension("qwen2_jax._cpu_matmul", ["qwen2_jax/kernels/cpu_matmul.cc"],
+CPU_KERNEL_SOURCES = ["qwen2_jax/kernels/cpu_matmul.cc", "qwen2_jax/kernels/cpu_attention.cc",
+                      "qwen2_jax/kernels/cpu_kernels_module.cc"]
+EXTENSIONS = [Extension("qwen2_jax._cpu_kernels", CPU_KERNEL_SOURCES,
                         extra_compile_args=["-O3", "-std=c++17"], language="c++",
                         optional=True)
               ] if platform.machine().lower() in ("x86_64", "amd64") else []

@@ -115,11 +115,18 @@ def processed_logits(logits: Array, rp: RowParams) -> Array:
 def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
   """Next token [B] and its raw logprob [B] from logits [B, V]; `step` (a scalar, or [B] per
   row) is the index of the token being generated within its request."""
-  logits = mask_vocab(logits.astype(jnp.float32), rp.vocab_limit)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32)
+  V = logits.shape[-1]
+  ids = jnp.arange(V, dtype=jnp.int32)
+  x = jnp.where(ids[None, :] < rp.vocab_limit[:, None], logits, _NEG_INF)  # = mask_vocab
+  # argmax as max, then the first id holding it (or the first NaN, as jnp.argmax): two plain
+  # reductions that XLA:CPU fuses with the mask, where its variadic argmax reduce was slow.
+  top = jnp.max(x, axis=-1)
+  hit = (x == top[:, None]) | jnp.isnan(x)
+  greedy = jnp.min(jnp.where(hit, ids[None, :], V - 1), axis=-1)
 
   def draw(_):
-    x = processed_logits(logits, rp)
+    x = processed_logits(mask_vocab(logits, rp.vocab_limit), rp)
     steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), rp.seed.shape)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(rp.seed, steps)
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
@@ -127,6 +134,9 @@ def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
   sampling = (rp.temperature > 0) & (rp.top_k != 1)
   drawn = jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
   token = jnp.where(sampling, drawn, greedy)
-  # log_softmax at one id per row: logit - logsumexp (no [B, V] log-softmax array).
+  # log_softmax at one id per row: logit - logsumexp (no [B, V] log-softmax array). The token
+  # is below the row's vocab_limit, so its logit is the unmasked one.
   picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
-  return token, picked - jax.nn.logsumexp(logits, axis=-1)
+  shift = jnp.where(jnp.isfinite(top), top, 0.0)
+  lse = shift + jnp.log(jnp.sum(jnp.exp(x - shift[:, None]), axis=-1))
+  return token, picked - lse

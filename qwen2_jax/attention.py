@@ -98,6 +98,9 @@ def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Arra
     q_index: [B, T] token index of each new token.
     cache_valid: [B, S] True where a slot holds an earlier token of the row.
     scale: logit multiplier; sliding_window: optional window (int or scalar array).
+    impl: `Qwen2Config.attention_impl`. Off TPU, "auto" runs the C++ kernel
+      (`ragged_paged_attention_cpu`) on the CPU backend without a mesh for float32 q and
+      pools where the extension is built, else (and with "xla") `ragged_paged_attention_blocked`.
 
   Returns:
     out [B, T, N, D], equal to `xla_attention` over the whole sequence.
@@ -207,7 +210,8 @@ def layer_pages(k_pages: Array, v_pages: Array, page_indices: Array, layer: int 
 
 
 def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, meta, *,
-                    scale: float, sliding_window=None) -> tuple[Array, tuple[Array, Array]]:
+                    scale: float, sliding_window=None,
+                    impl: str = "auto") -> tuple[Array, tuple[Array, Array]]:
   """One layer of a ragged paged step (`model.PagedKVCache`): writes the T new keys / values
   into the pools and attends each query over its sequence's pages.
 
@@ -218,18 +222,24 @@ def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array
       write). With `meta.write` False (only where `paged_writes_deferred()`) the pools are not
       written and (k, v) come back in their place.
     scale: logit multiplier; sliding_window: optional window (int or scalar array).
+    impl: `Qwen2Config.attention_impl`. Off TPU, "auto" runs the C++ kernel
+      (`ragged_paged_attention_cpu`) on the CPU backend without a mesh for float32 q and
+      pools where the extension is built, else (and with "xla") `ragged_paged_attention_blocked`.
 
   Returns:
     (out [T, N, D], (k_pages, v_pages) updated, or (k, v) when not written). On TPU the pools
     are written first and read by the Pallas kernel (`kernels.ragged_paged_attention`); on
-    other backends `ragged_paged_attention_blocked` reads the step's keys / values from k, v
+    other backends the CPU kernel or the blocked path reads the step's keys / values from k, v
     and everything else from the pools as they were, so writing can come after (or later).
   """
   if paged_writes_deferred():
     kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
-    out = rpa.ragged_paged_attention_blocked(q, kl, vl, meta.kv_lens, table, meta.cu_q_lens,
-                                             meta.num_seqs, scale=scale,
-                                             sliding_window=sliding_window, k_new=k, v_new=v)
+    fn = rpa.ragged_paged_attention_blocked
+    if (impl == "auto" and traced_platform() == "cpu" and jax.sharding.get_abstract_mesh().empty
+        and rpa.cpu_kernel_applies(q, kl, vl)):
+      fn = rpa.ragged_paged_attention_cpu
+    out = fn(q, kl, vl, meta.kv_lens, table, meta.cu_q_lens, meta.num_seqs, scale=scale,
+             sliding_window=sliding_window, k_new=k, v_new=v)
     if not meta.write:
       return out, (k, v)
     return out, write_pages(k, v, k_pages, v_pages, meta.slot_mapping, meta.layer)

@@ -170,7 +170,8 @@ class Qwen2Attention(nn.Module):
 
     if cache is not None and isinstance(cache[2], PagedMeta):
       out, pages = attn_lib.paged_attention(q[0], k[0], v[0], *cache, scale=D ** -0.5,
-                                            sliding_window=sliding_window)
+                                            sliding_window=sliding_window,
+                                            impl=cfg.attention_impl)
       return _paged_out_proj(out, wo), pages
     if cache is None:
       out = attn_lib.causal_self_attention(q, k, v, q_index, segment_ids, impl=cfg.attention_impl,

@@ -21,11 +21,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 # The stamp holds the hash of the build files last installed (setup.py, pyproject.toml, the C++
-# extension's source): a change to any (an edit, a pull, a checkout of another commit, whatever
+# extension's sources): a change to any (an edit, a pull, a checkout of another commit, whatever
 # its mtime) reinstalls, which also rebuilds the extension in place; a fresh clone has no stamp.
 stamp=.venv/.qwen2_jax_installed
-want=$(python -c 'import hashlib; h = hashlib.sha256()
-for f in ("setup.py", "pyproject.toml", "qwen2_jax/kernels/cpu_matmul.cc"): h.update(open(f, "rb").read())
+want=$(python -c 'import glob, hashlib; h = hashlib.sha256()
+for f in ["setup.py", "pyproject.toml", *sorted(glob.glob("qwen2_jax/kernels/*.cc"))]:
+    h.update(open(f, "rb").read())
 print(h.hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # One installer at a time when several jobs start together (flock: Linux; optional).

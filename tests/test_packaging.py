@@ -208,7 +208,7 @@ def test_wheel_holds_every_source_module(wheel):
                        "__init__.py is not a package)")
   assert all(m.split(".")[0] == "qwen2_jax" for m in modules), sorted(modules)
   if platform.machine().lower() in ("x86_64", "amd64"):  # built from source by the wheel build
-    assert "qwen2_jax._cpu_matmul" in modules, sorted(modules)
+    assert "qwen2_jax._cpu_kernels" in modules, sorted(modules)
 
 
 def test_installed_wheel_imports_every_module(wheel, venv):

@@ -197,13 +197,18 @@ def _paged_forward_chunks(config, params, seqs, chunks, page_size, num_pages, se
   return [np.concatenate(x) for x in logits]
 
 
-@pytest.mark.parametrize("variant", ["scan", "unrolled_sliding_window", "dca"])
+@pytest.mark.parametrize("variant", ["scan", "unrolled_sliding_window",
+                                     "unrolled_sliding_window_jnp", "dca"])
 def test_paged_step_logits_equal_full_forward(variant):
   """Chunked prefill and decode steps over randomly placed pages (two sequences, interleaved,
-  ragged chunks) give the logits of `forward` over each whole sequence."""
+  ragged chunks) give the logits of `forward` over each whole sequence. On the CPU the paged
+  attention is the C++ kernel where it is built, and the jnp blocked path with
+  attention_impl "xla" (the "_jnp" variant)."""
   overrides = {"initializer_range": 0.3, "scan_layers": variant == "scan"}
-  if variant == "unrolled_sliding_window":
+  if variant.startswith("unrolled_sliding_window"):
     overrides.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+  if variant.endswith("_jnp"):
+    overrides.update(attention_impl="xla")
   config = q.get_preset("qwen2-tiny", **overrides)
   if variant == "dca":
     config = enable_dual_chunk_attention(config, chunk_size=8, local_size=2)
@@ -553,6 +558,35 @@ def test_packed_layout_round_trips(tmp_path, tied):
   moved = se.to_packed({"mlp": moe}, 16)["mlp"]
   assert list(moved["experts"]) == ["gate_proj"]
   assert moved["shared_expert"]["gate_proj@packed"].shape == (2, 16, 16)
+
+
+def test_cpu_attention_kernel_generates_the_same(hf_tiny, monkeypatch):
+  """The Engine's paged attention through the C++ kernel (attention_impl "auto" on the CPU,
+  where the extension is built) and through the jnp blocked path ("xla") give the same greedy
+  tokens, and logprobs within 1e-5, over a stream with prompt chunks, decodes and sliding-window
+  layers; the kernel is what "auto" traced, and "xla" never traces it."""
+  # pylint: disable-next=import-outside-toplevel
+  from qwen2_jax.kernels import ragged_paged_attention as rpa
+  if not rpa.cpu_extension.available():
+    pytest.skip("qwen2_jax._cpu_kernels is not built here (test_cpu_matmul checks it on x86-64)")
+  _, config, params = hf_tiny
+  config = config.replace(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+  prompts, news = _stream(config.vocab_size, 7, 12, max_prompt=30, max_new=12)
+  sps = [SamplingParams(max_new_tokens=n) for n in news]
+  traced = []
+  kernel = rpa.ragged_paged_attention_cpu
+  monkeypatch.setattr(rpa, "ragged_paged_attention_cpu",
+                      lambda *a, **k: traced.append(1) or kernel(*a, **k))
+  out = {}
+  for impl in ("xla", "auto"):
+    traced.clear()
+    eng = Engine(config.replace(attention_impl=impl), params, eos_token_ids=(),
+                 max_batch_size=4, max_num_batched_tokens=16, page_size=4)
+    out[impl] = eng.generate(prompts, sps)
+    assert bool(traced) == (impl == "auto"), impl
+  assert [r.output_ids for r in out["auto"]] == [r.output_ids for r in out["xla"]]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in out["auto"]]),
+                             np.concatenate([r.logprobs for r in out["xla"]]), atol=1e-5)
 
 
 def test_cpu_layouts_generate_the_same(tmp_path, monkeypatch):

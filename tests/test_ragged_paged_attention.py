@@ -243,6 +243,77 @@ def test_blocked_bf16_and_no_live_sequences():
                                 0.0)
 
 
+# ---------------------------------------------------------------- C++ kernel (the CPU path)
+
+needs_cpu_kernels = pytest.mark.skipif(
+    not rpa.cpu_extension.available(),
+    reason="qwen2_jax._cpu_kernels is not built here (test_cpu_matmul checks it is on x86-64)")
+
+CPU_CASES = [c[:7] + c[8:] for c in BLOCKED_CASES] + [
+    # (name, seqs, heads, kv_heads, page_size, pages_per_seq, t, window) with d below:
+    # Qwen2-0.5B's heads (14 / 2, D 64): long decodes, a 40-token chunk (3 items, the last
+    # partial), a first chunk, an empty slot; windows cutting inside tiles and items.
+    ("qwen05b", [(1, 300), (40, 90), (17, 17), (0, 5), (1, 64)], 14, 2, 16, 24, 64, None),
+    ("qwen05b_window37", [(1, 300), (40, 90), (17, 17), (1, 64)], 14, 2, 16, 24, 64, 37),
+    ("page7_window1", [(1, 30), (9, 20), (2, 2)], 4, 1, 7, 5, 16, 1),
+]
+CPU_HEAD_SIZES = {"qwen05b": 64, "qwen05b_window37": 128, "page7_window1": 24}
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
+def test_cpu_kernel_matches_reference(case):
+  """C++ kernel == reference and float64 attention (f32, 1e-5 of max(1, max|ref|)): the blocked
+  path's cases plus Qwen2-0.5B head shapes (D 64 and 128: the 16-lane transposes and 64-wide V
+  slices), D 24 (their scalar tails), chunks longer than an item (16 queries), key tiles
+  cut by a page size of 7 and by windows of 1 and 37. Unowned pool slots hold NaN, so a read of
+  one shows; padding rows are exactly 0. With the step's keys / values moved to k_new / v_new
+  (NaN in their pool slots) the result is the same."""
+  name, seqs, h, kh, ps, pps, t, window = case
+  d = CPU_HEAD_SIZES.get(name, 16)
+  args, dense = _batch(11, seqs, slots=len(seqs) + 2, heads=h, kv_heads=kh, d=d, page_size=ps,
+                       pages_per_seq=pps, t=t)
+  scale = d ** -0.5
+  run = jax.jit(lambda w, *a, **kw: rpa.ragged_paged_attention_cpu(
+      *a, scale=scale, sliding_window=w, **kw))
+  w = None if window is None else jnp.int32(window)
+  ref = np.asarray(rpa.ragged_paged_attention_reference(*args, scale=scale,
+                                                        sliding_window=window))
+  want = _dense_attention(args[0], dense, seqs, scale=scale, window=window)
+  n = int(args[5][len(seqs)])
+  out = np.asarray(run(w, *args))
+  assert _err(out, ref) < 1e-5 and _err(out, want) < 1e-5
+  assert not np.isnan(out).any() and np.all(out[n:] == 0)
+  moved, k_new, v_new = _new_kv_from_pools(args, seqs)
+  out_new = np.asarray(run(w, *moved, k_new=k_new, v_new=v_new))
+  assert _err(out_new, ref) < 1e-5
+  assert not np.isnan(out_new).any() and np.all(out_new[n:] == 0)
+
+
+@needs_cpu_kernels
+def test_cpu_kernel_refuses_bad_inputs():
+  """bf16 is a TypeError; shapes are checked as for the other paths; metadata that would read
+  outside the buffers (more queries than cached tokens, a page table too narrow for kv_lens,
+  cu_q_lens past T) is a runtime error naming it, never a read out of bounds; no live sequence
+  gives zeros."""
+  args, _ = _batch(12, [(2, 9), (1, 4)], slots=3, heads=4, kv_heads=2, d=16, page_size=4,
+                   pages_per_seq=3, t=4)
+  q, kp, vp, kv_lens, table, cu, ns = args
+  with pytest.raises(TypeError, match="float32"):
+    rpa.ragged_paged_attention_cpu(q.astype(jnp.bfloat16), *args[1:], scale=1.0)
+  with pytest.raises(rpa.RaggedPagedAttentionError, match="cu_q_lens"):
+    rpa.ragged_paged_attention_cpu(*args[:5], cu[:-1], ns, scale=1.0)
+  run = jax.jit(lambda *a: rpa.ragged_paged_attention_cpu(*a, scale=1.0))
+  bad = [(kv_lens.at[0].set(1), table, cu, "kv_lens do not fit"),       # 2 queries, 1 token
+         (kv_lens.at[1].set(13), table, cu, "kv_lens do not fit"),      # 4 pages, table of 3
+         (kv_lens, table, cu.at[2].set(9), "cu_q_lens out of order")]  # past T = 4
+  for kl, tb, c, match in bad:
+    with pytest.raises(Exception, match=match):
+      np.asarray(run(q, kp, vp, kl, tb, c, ns))
+  out = run(q, kp, vp, kv_lens, table, cu, jnp.zeros((1,), jnp.int32))
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
 # ----------------------------------------------------------------------- kernel (interpret)
 
 KERNEL_CASES = [

@@ -9,7 +9,6 @@
 // AVX2+FMA (NR 16, up to 6 rows); any other panel width runs a portable loop. Work is split over
 // panels between the caller and XLA's intra-op thread pool.
 
-#include <Python.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -291,28 +290,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// ------------------------------------------------------------------------------ Python module
-
-static PyObject* Handler(PyObject*, PyObject*) {
-  return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMatmul), nullptr, nullptr);
-}
-
-static PyObject* PanelWidth(PyObject*, PyObject*) {
+// The panel width of this CPU's register kernel (for `cpu_kernels_module.cc`).
+int Qwen2JaxPanelWidth() {
   switch (BestIsa()) {
-    case Isa::kAvx512: return PyLong_FromLong(32);
-    case Isa::kAvx2: return PyLong_FromLong(16);
-    default: return PyLong_FromLong(0);
+    case Isa::kAvx512: return 32;
+    case Isa::kAvx2: return 16;
+    default: return 0;
   }
 }
-
-static PyMethodDef kMethods[] = {
-    {"handler", Handler, METH_NOARGS, "The XLA FFI handler of the packed matmul (a capsule)."},
-    {"panel_width", PanelWidth, METH_NOARGS,
-     "Panel width NR of this CPU's register kernel: 32 (AVX-512), 16 (AVX2+FMA), 0 (none)."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_matmul",
-                              "Prepacked fp32 matmul for XLA:CPU (an XLA FFI custom call).", -1,
-                              kMethods};
-
-PyMODINIT_FUNC PyInit__cpu_matmul(void) { return PyModule_Create(&kModule); }

@@ -14,35 +14,24 @@ then keep XLA's dots. No gradient: generation only.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2_jax.kernels import cpu_extension
+
 Array = jax.Array
-TARGET = "qwen2_jax_packed_matmul"
-
-
-@functools.cache
-def _module():
-  try:
-    from qwen2_jax import _cpu_matmul
-  except ImportError:  # not built (a source tree without `setup.py build_ext`, or no compiler)
-    return None
-  jax.ffi.register_ffi_target(TARGET, _cpu_matmul.handler(), platform="cpu")
-  return _cpu_matmul
 
 
 def available() -> bool:
   """Whether the extension is built (then `packed_matmul` runs, with any panel width)."""
-  return _module() is not None
+  return cpu_extension.available()
 
 
 def panel_width() -> int:
   """Columns per panel of this CPU's register kernel: 32 (AVX-512), 16 (AVX2+FMA), or 0 when
   the extension is missing or the CPU has neither (then nothing should be packed)."""
-  module = _module()
+  module = cpu_extension.module()
   return 0 if module is None else int(module.panel_width())
 
 
@@ -64,9 +53,8 @@ def unpack(packed, n: int):
 
 def packed_matmul(x: Array, packed: Array, n: int) -> Array:
   """x [..., K] @ W [K, n] with W given as `pack(W, nr)`; fp32 on the CPU backend only."""
-  if _module() is None:
-    raise RuntimeError("packed_matmul: the qwen2_jax._cpu_matmul extension is not built "
-                       "(pip install . builds it; it needs a C++17 compiler)")
+  if not cpu_extension.available():
+    raise cpu_extension.missing("packed_matmul")
   if x.dtype != jnp.float32 or packed.dtype != jnp.float32:
     raise TypeError(f"packed_matmul: float32 only, got x {x.dtype}, packed {packed.dtype}")
   p, k, nr = packed.shape
@@ -74,7 +62,7 @@ def packed_matmul(x: Array, packed: Array, n: int) -> Array:
     raise ValueError(f"packed_matmul: x {x.shape} and packed {packed.shape} do not make "
                      f"[..., {n}]")
   out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out)(x, packed)
+  return jax.ffi.ffi_call(cpu_extension.MATMUL_TARGET, out)(x, packed)
 
 
 def packed_matmul_reference(x: Array, packed: Array, n: int) -> Array:

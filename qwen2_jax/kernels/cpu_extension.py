@@ -1,0 +1,42 @@
+"""The compiled CPU kernels, `qwen2_jax._cpu_kernels` (setup.py builds it on x86-64): XLA FFI
+custom calls for the generation engines, registered with jax on first use.
+
+- `cpu_matmul.cc`: the prepacked fp32 matmul (`cpu_matmul.packed_matmul`);
+- `cpu_attention.cc`: ragged paged attention over fp32 pools
+  (`ragged_paged_attention.ragged_paged_attention_cpu`).
+
+`module()` is None where the extension is not built (a source tree without `setup.py build_ext`,
+no C++ compiler, another architecture); callers then keep XLA's own ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+MATMUL_TARGET = "qwen2_jax_packed_matmul"
+ATTENTION_TARGET = "qwen2_jax_paged_attention"
+
+
+@functools.cache
+def module():
+  """The extension module with both targets registered for the CPU platform, or None."""
+  try:
+    from qwen2_jax import _cpu_kernels
+  except ImportError:
+    return None
+  jax.ffi.register_ffi_target(MATMUL_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
+  jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
+  return _cpu_kernels
+
+
+def available() -> bool:
+  """Whether the extension is built."""
+  return module() is not None
+
+
+def missing(what: str) -> RuntimeError:
+  """The error of a kernel called where the extension is not built."""
+  return RuntimeError(f"{what}: the qwen2_jax._cpu_kernels extension is not built "
+                      "(pip install . builds it on x86-64; it needs a C++17 compiler)")

@@ -1,0 +1,37 @@
+// The Python module `qwen2_jax._cpu_kernels`: capsules of the XLA FFI handlers of the CPU kernels
+// (`cpu_matmul.cc`, `cpu_attention.cc`) for `jax.ffi.register_ffi_target`, and the panel width
+// of this CPU's matmul register kernel.
+
+#include <Python.h>
+
+#include "xla/ffi/api/ffi.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPagedAttention);
+int Qwen2JaxPanelWidth();
+
+static PyObject* MatmulHandler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMatmul), nullptr, nullptr);
+}
+
+static PyObject* AttentionHandler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPagedAttention), nullptr, nullptr);
+}
+
+static PyObject* PanelWidth(PyObject*, PyObject*) { return PyLong_FromLong(Qwen2JaxPanelWidth()); }
+
+static PyMethodDef kMethods[] = {
+    {"matmul_handler", MatmulHandler, METH_NOARGS,
+     "The XLA FFI handler of the prepacked matmul (a capsule)."},
+    {"attention_handler", AttentionHandler, METH_NOARGS,
+     "The XLA FFI handler of the ragged paged attention (a capsule)."},
+    {"panel_width", PanelWidth, METH_NOARGS,
+     "Panel width NR of this CPU's matmul register kernel: 32 (AVX-512), 16 (AVX2+FMA), 0."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT, "_cpu_kernels",
+    "fp32 CPU kernels for the generation engines (XLA FFI custom calls).", -1, kMethods,
+    nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&kModule); }
