@@ -43,11 +43,13 @@ attention projections, the MLP and the head are packed once for the prepacked CP
 keep XLA's default (YNNPACK) dots for the rest. Where that extension is missing, an AVX-512 CPU
 stores the MLP and head kernels input-minor for XLA's dots instead
 (`static_engine.cpu_input_minor`; from max_num_seqs 4: a 1-row step was 5x slower that way).
-Off TPU, attention is `kernels.ragged_paged_attention_blocked` (a loop over the (item, page
-block) pairs the step's queries see, merged by an online softmax, the step's own keys / values
-read from the layer's outputs), and the layers leave the pools alone: all layers' new keys /
-values are written in one scatter at the end of the step (`attention.write_pages_all_layers`),
-in place. Elsewhere (AVX2
+Off TPU, attention is `kernels.ragged_paged_attention_cpu` (a C++ XLA FFI call: each
+query block and kv head walks its keys once from the pool pages; float32 pools, no mesh, the
+extension built, attention_impl "auto") or else `ragged_paged_attention_blocked` (a jnp loop
+over the (item, page block) pairs the step's queries see); both merge by an online softmax and
+read the step's own keys / values from the layer's outputs, so the layers leave the pools
+alone: all layers' new keys / values are written in one scatter at the end of the step
+(`attention.write_pages_all_layers`), in place. Elsewhere (AVX2
 CPUs, a mesh, max_num_seqs < 4 without packing) the programs are compiled without YNNPACK
 fusions and decode programs with oneDNN matmuls (`static_engine.compile_lowered`).
 """

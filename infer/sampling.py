@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2_jax.infer import validation
+from qwen2_jax.kernels import cpu_logits
 
 Array = jax.Array
 
@@ -116,14 +117,8 @@ def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
   """Next token [B] and its raw logprob [B] from logits [B, V]; `step` (a scalar, or [B] per
   row) is the index of the token being generated within its request."""
   logits = logits.astype(jnp.float32)
-  V = logits.shape[-1]
-  ids = jnp.arange(V, dtype=jnp.int32)
-  x = jnp.where(ids[None, :] < rp.vocab_limit[:, None], logits, _NEG_INF)  # = mask_vocab
-  # argmax as max, then the first id holding it (or the first NaN, as jnp.argmax): two plain
-  # reductions that XLA:CPU fuses with the mask, where its variadic argmax reduce was slow.
-  top = jnp.max(x, axis=-1)
-  hit = (x == top[:, None]) | jnp.isnan(x)
-  greedy = jnp.min(jnp.where(hit, ids[None, :], V - 1), axis=-1)
+  stats = cpu_logits.row_stats if cpu_logits.applies(logits) else cpu_logits.row_stats_reference
+  greedy, top, sumexp = stats(logits, rp.vocab_limit)
 
   def draw(_):
     x = processed_logits(mask_vocab(logits, rp.vocab_limit), rp)
@@ -137,6 +132,5 @@ def sample(logits: Array, rp: RowParams, step: Array) -> tuple[Array, Array]:
   # log_softmax at one id per row: logit - logsumexp (no [B, V] log-softmax array). The token
   # is below the row's vocab_limit, so its logit is the unmasked one.
   picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
-  shift = jnp.where(jnp.isfinite(top), top, 0.0)
-  lse = shift + jnp.log(jnp.sum(jnp.exp(x - shift[:, None]), axis=-1))
+  lse = jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(sumexp)
   return token, picked - lse

@@ -25,7 +25,7 @@ fi
 # its mtime) reinstalls, which also rebuilds the extension in place; a fresh clone has no stamp.
 stamp=.venv/.qwen2_jax_installed
 want=$(python -c 'import glob, hashlib; h = hashlib.sha256()
-for f in ["setup.py", "pyproject.toml", *sorted(glob.glob("qwen2_jax/kernels/*.cc"))]:
+for f in ["setup.py", "pyproject.toml", *sorted(glob.glob("qwen2_jax/kernels/*.[ch]*"))]:
     h.update(open(f, "rb").read())
 print(h.hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

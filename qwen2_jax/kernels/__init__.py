@@ -1,6 +1,7 @@
 """Pallas TPU kernels: each module holds a kernel, its `custom_vjp` and a pure-jnp `*_reference`.
-One CPU kernel too: `cpu_matmul`, a prepacked float32 matmul in C++ (an XLA FFI call, forward
-only, with `packed_matmul_reference`) that the generation engines use on x86-64 CPUs.
+Two CPU kernels in C++ too, XLA FFI calls that the generation engines use on x86-64 CPUs
+(forward only; one extension, `cpu_extension`): `cpu_matmul`, a prepacked float32 matmul (with
+`packed_matmul_reference`), and `ragged_paged_attention_cpu` in `ragged_paged_attention`.
 
 flash_attention  blockwise online-softmax attention (causal / non-causal, GQA, packed segments,
                  optional logsumexp), forward and backward, plus a `shard_map` wrapper.

@@ -21,14 +21,14 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// The 16-lane vectors below are only used inside functions compiled for one target each.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace {
+
+using namespace qwen2_jax_cpu;  // NOLINT: the 16-lane vector helpers
 
 constexpr int64_t kTile = 16;        // keys per tile
 constexpr int64_t kBlockQ = 16;      // query tokens per item
@@ -49,61 +49,6 @@ struct Step {
 struct Item {
   int64_t seq, tok, n;  // queries: tokens [tok, tok + n) of sequence seq
 };
-
-// GCC / Clang vector extensions: 16 lanes, lowered to whatever the function's target has (one
-// AVX-512 register, two AVX2 ones, four SSE ones); unaligned loads through the aligned(4) type.
-typedef float F16 __attribute__((vector_size(64)));
-typedef int32_t I16 __attribute__((vector_size(64)));
-typedef float F16u __attribute__((vector_size(64), aligned(4)));
-#define QWEN2_JAX_INLINE inline __attribute__((always_inline))
-
-QWEN2_JAX_INLINE F16 Load(const float* p) { return *reinterpret_cast<const F16u*>(p); }
-QWEN2_JAX_INLINE void Store(float* p, F16 v) { *reinterpret_cast<F16u*>(p) = v; }
-
-// exp(x) for x <= 0 by range reduction and a degree-6 polynomial (relative error ~2e-7).
-// Inputs below -87 give exp(-87) (~1.6e-38).
-QWEN2_JAX_INLINE F16 ExpNonPositive(F16 x) {
-  x = x < -87.0f ? F16{} - 87.0f : x;
-  const F16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const F16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;   // |r| <= ln 2 / 2
-  F16 p = F16{} + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;  // 2^n, n >= -126
-  return p * reinterpret_cast<F16>(bits);
-}
-
-// 16 lane indices f(0, b) ... f(15, b), as the constant arguments of __builtin_shufflevector
-// (GCC >= 12 and Clang): index l < 16 takes lane l of the first vector, 16 + l of the second.
-#define QWEN2_JAX_LANES(f, b)                                                                \
-  f(0, b), f(1, b), f(2, b), f(3, b), f(4, b), f(5, b), f(6, b), f(7, b), f(8, b), f(9, b),  \
-      f(10, b), f(11, b), f(12, b), f(13, b), f(14, b), f(15, b)
-
-constexpr int Swap(int l, int b) { return l ^ b; }  // lane l <- lane l ^ b
-
-QWEN2_JAX_INLINE float Max16(F16 v) {  // horizontal max, by halving
-  F16 w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 8));
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 4));
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 2));
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 1));
-  v = v > w ? v : w;
-  return v[0];
-}
-
-QWEN2_JAX_INLINE float Sum16(F16 v) {  // horizontal sum, by halving
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 8));
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 4));
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 2));
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 1));
-  return v[0];
-}
 
 // Swaps the off-diagonal b x b blocks of each 2b x 2b block of a 16 x 16 tile (rows x[i]); after
 // b = 8, 4, 2, 1 the tile is transposed. Two-source shuffles (vpermt2ps on AVX-512).

@@ -3,7 +3,8 @@ custom calls for the generation engines, registered with jax on first use.
 
 - `cpu_matmul.cc`: the prepacked fp32 matmul (`cpu_matmul.packed_matmul`);
 - `cpu_attention.cc`: ragged paged attention over fp32 pools
-  (`ragged_paged_attention.ragged_paged_attention_cpu`).
+  (`ragged_paged_attention.ragged_paged_attention_cpu`);
+- `cpu_logits.cc`: the sampler's per-row argmax / max / sum of exp (`cpu_logits.row_stats`).
 
 `module()` is None where the extension is not built (a source tree without `setup.py build_ext`,
 no C++ compiler, another architecture); callers then keep XLA's own ops.
@@ -17,17 +18,19 @@ import jax
 
 MATMUL_TARGET = "qwen2_jax_packed_matmul"
 ATTENTION_TARGET = "qwen2_jax_paged_attention"
+LOGITS_TARGET = "qwen2_jax_logit_row_stats"
 
 
 @functools.cache
 def module():
-  """The extension module with both targets registered for the CPU platform, or None."""
+  """The extension module with its targets registered for the CPU platform, or None."""
   try:
     from qwen2_jax import _cpu_kernels
   except ImportError:
     return None
   jax.ffi.register_ffi_target(MATMUL_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
   jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
+  jax.ffi.register_ffi_target(LOGITS_TARGET, _cpu_kernels.logits_handler(), platform="cpu")
   return _cpu_kernels
 
 

@@ -1,5 +1,5 @@
 // The Python module `qwen2_jax._cpu_kernels`: capsules of the XLA FFI handlers of the CPU kernels
-// (`cpu_matmul.cc`, `cpu_attention.cc`) for `jax.ffi.register_ffi_target`, and the panel width
+// (`cpu_matmul.cc`, `cpu_attention.cc`, `cpu_logits.cc`) for `jax.ffi.register_ffi_target`, and the panel width
 // of this CPU's matmul register kernel.
 
 #include <Python.h>
@@ -8,6 +8,7 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPagedAttention);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxLogitRowStats);
 int Qwen2JaxPanelWidth();
 
 static PyObject* MatmulHandler(PyObject*, PyObject*) {
@@ -18,6 +19,10 @@ static PyObject* AttentionHandler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPagedAttention), nullptr, nullptr);
 }
 
+static PyObject* LogitsHandler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxLogitRowStats), nullptr, nullptr);
+}
+
 static PyObject* PanelWidth(PyObject*, PyObject*) { return PyLong_FromLong(Qwen2JaxPanelWidth()); }
 
 static PyMethodDef kMethods[] = {
@@ -25,6 +30,8 @@ static PyMethodDef kMethods[] = {
      "The XLA FFI handler of the prepacked matmul (a capsule)."},
     {"attention_handler", AttentionHandler, METH_NOARGS,
      "The XLA FFI handler of the ragged paged attention (a capsule)."},
+    {"logits_handler", LogitsHandler, METH_NOARGS,
+     "The XLA FFI handler of the sampler's logit row statistics (a capsule)."},
     {"panel_width", PanelWidth, METH_NOARGS,
      "Panel width NR of this CPU's matmul register kernel: 32 (AVX-512), 16 (AVX2+FMA), 0."},
     {nullptr, nullptr, 0, nullptr}};

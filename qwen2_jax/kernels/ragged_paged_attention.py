@@ -29,10 +29,12 @@ from HBM with async copies, double-buffered across blocks and across items; page
 [first visible key, last query position] are never copied. Online softmax in f32, one running
 (max, sum, accumulator) per kv head. Results come back per item and are gathered to [T, H, D].
 
-Off TPU the engine runs `ragged_paged_attention_blocked`: the same items in plain jnp, looping
-over blocks of pages with an online softmax (block-major in decode steps; over the (item, block)
-pairs each item sees in steps with prompt chunks); it can take the step's own keys / values as
-arguments, so the pools may be written after it.
+Off TPU the engine runs `ragged_paged_attention_cpu` on the CPU backend (a C++ XLA FFI call,
+`cpu_attention.cc`: float32, items of up to 16 queries per kv head walking their keys 16 at a
+time straight from the pool pages) or else `ragged_paged_attention_blocked`: the same items in
+plain jnp, looping over blocks of pages with an online softmax (block-major in decode steps;
+over the (item, block) pairs each item sees in steps with prompt chunks). Both can take the
+step's own keys / values as arguments, so the pools may be written after them.
 `ragged_paged_attention_reference` (per-token gathers) is the oracle both are tested against.
 """
 
