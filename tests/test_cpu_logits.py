@@ -38,8 +38,9 @@ def _numpy_stats(x, limit):
 def test_row_stats_match_reference_and_float64(b, v):
   """Greedy ids and maxima exactly, sums of exp within 1e-6 (relative; the jnp reference 1e-5),
   for rows with the full vocabulary, a limit cutting inside a 16-lane block, a limit of 1 and of
-  0 (all masked: id 0, max -inf, sum 0), a tie for the max (the first id wins), -inf logits, a
-  NaN (the first NaN's id; sum NaN, and the C++ max NaN)."""
+  0 (all masked: id 0, max -inf, sum 0), ties for the max (the first id wins: across lanes,
+  within a lane, between the 16-lane part and the tail), -inf logits, a row of -inf, +inf, a NaN
+  after the max and one in the tail (the first NaN's id; max and sum NaN)."""
   rng = np.random.default_rng(v)
   x = rng.standard_normal((b, v)).astype(np.float32) * 4
   limit = np.full(b, v, np.int32)
@@ -50,8 +51,12 @@ def test_row_stats_match_reference_and_float64(b, v):
   if b >= 17:
     limit[3] = 0
     x[4, ::3] = -np.inf
-    x[5, 7] = x[5, 900] = np.nan
+    x[5, 3], x[5, 900] = 50.0, np.nan  # a NaN after the max: the NaN's id
     x[6, :] = -np.inf
+    x[7, 5] = x[7, 21] = 50.0          # a tie within one lane, across iterations
+    x[8, 37] = x[8, 992] = 50.0        # a tie between the 16-lane part and the tail
+    x[9, 995] = np.nan                 # a NaN only in the tail
+    x[10, 400] = np.inf                # +inf: its id, max inf, sum inf
   got = jax.jit(cpu_logits.row_stats)(jnp.asarray(x), jnp.asarray(limit))
   ref = jax.jit(cpu_logits.row_stats_reference)(jnp.asarray(x), jnp.asarray(limit))
   want = _numpy_stats(x, limit)
@@ -62,8 +67,6 @@ def test_row_stats_match_reference_and_float64(b, v):
       np.testing.assert_array_equal(r, w)
     else:
       np.testing.assert_allclose(g, w, rtol=1e-6, atol=0)
-      if name == "max":  # XLA:CPU's max may skip a NaN; the sum has it either way
-        r = np.where(np.isnan(w), np.nan, r)
       np.testing.assert_allclose(r, w, rtol=1e-5, atol=0)
 
 

@@ -563,15 +563,16 @@ def test_packed_layout_round_trips(tmp_path, tied):
 def test_cpu_attention_kernel_generates_the_same(hf_tiny, monkeypatch):
   """The Engine's paged attention through the C++ kernel (attention_impl "auto" on the CPU,
   where the extension is built) and through the jnp blocked path ("xla") give the same greedy
-  tokens, and logprobs within 1e-5, over a stream with prompt chunks, decodes and sliding-window
-  layers; the kernel is what "auto" traced, and "xla" never traces it."""
+  tokens, and logprobs within 1e-5, over a stream with prompt chunks (longer than the kernel's
+  16-query items), decodes and sliding-window layers; the kernel is what "auto" traced, and
+  "xla" never traces it."""
   # pylint: disable-next=import-outside-toplevel
   from qwen2_jax.kernels import ragged_paged_attention as rpa
   if not rpa.cpu_extension.available():
     pytest.skip("qwen2_jax._cpu_kernels is not built here (test_cpu_matmul checks it on x86-64)")
   _, config, params = hf_tiny
   config = config.replace(use_sliding_window=True, sliding_window=6, max_window_layers=1)
-  prompts, news = _stream(config.vocab_size, 7, 12, max_prompt=30, max_new=12)
+  prompts, news = _stream(config.vocab_size, 7, 12, max_prompt=60, max_new=12)
   sps = [SamplingParams(max_new_tokens=n) for n in news]
   traced = []
   kernel = rpa.ragged_paged_attention_cpu
@@ -581,7 +582,7 @@ def test_cpu_attention_kernel_generates_the_same(hf_tiny, monkeypatch):
   for impl in ("xla", "auto"):
     traced.clear()
     eng = Engine(config.replace(attention_impl=impl), params, eos_token_ids=(),
-                 max_batch_size=4, max_num_batched_tokens=16, page_size=4)
+                 max_batch_size=4, max_num_batched_tokens=48, page_size=4)
     out[impl] = eng.generate(prompts, sps)
     assert bool(traced) == (impl == "auto"), impl
   assert [r.output_ids for r in out["auto"]] == [r.output_ids for r in out["xla"]]

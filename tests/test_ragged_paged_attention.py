@@ -291,6 +291,21 @@ def test_cpu_kernel_matches_reference(case):
 
 
 @needs_cpu_kernels
+def test_cpu_kernel_window_edge_values():
+  """A traced window of 0 or less sees no key (rows 0, as the reference), a window as large as
+  int32 allows equals no window."""
+  args, _ = _batch(13, MIXED, slots=len(MIXED) + 1, heads=4, kv_heads=2, d=16, page_size=8,
+                   pages_per_seq=9, t=24)
+  run = jax.jit(lambda w, *a: rpa.ragged_paged_attention_cpu(*a, scale=0.25, sliding_window=w))
+  for w in (0, -3):
+    ref = rpa.ragged_paged_attention_reference(*args, scale=0.25, sliding_window=jnp.int32(w))
+    np.testing.assert_array_equal(np.asarray(run(jnp.int32(w), *args)), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(ref), 0.0)
+  full = np.asarray(run(jnp.int32(np.iinfo(np.int32).max), *args))
+  np.testing.assert_array_equal(full, np.asarray(run(None, *args)))
+
+
+@needs_cpu_kernels
 def test_cpu_kernel_refuses_bad_inputs():
   """bf16 is a TypeError; shapes are checked as for the other paths; metadata that would read
   outside the buffers (more queries than cached tokens, a page table too narrow for kv_lens,

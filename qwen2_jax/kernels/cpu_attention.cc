@@ -9,8 +9,9 @@
 // Here each (query block, kv head) walks its keys once, 16 at a time, from the pool pages.
 //
 // Shapes and masking are those of `ragged_paged_attention.py` (its module docstring): query t of
-// sequence i sits at p = kv_lens[i] - q_len_i + t and sees keys j <= p with p - j < window (no
-// window when window <= 0). Online softmax in f32. Rows of padding tokens are 0.
+// sequence i sits at p = kv_lens[i] - q_len_i + t and sees keys j <= p with p - j < window (the
+// caller passes INT32_MAX for no window; a window <= 0 sees nothing, as in the jnp reference).
+// Online softmax in f32. Rows of padding tokens, and rows that see no key, are 0.
 
 #include <algorithm>
 #include <atomic>
@@ -60,8 +61,8 @@ template <int B>
 QWEN2_JAX_INLINE void TransposeStage(F16* x) {
   for (int i = 0; i < 16; ++i) {
     if (i & B) continue;
-    const F16 lo = __builtin_shufflevector(x[i], x[i + B], QWEN2_JAX_LANES(LowLane, B));
-    const F16 hi = __builtin_shufflevector(x[i], x[i + B], QWEN2_JAX_LANES(HighLane, B));
+    const F16 lo = QWEN2_JAX_SHUFFLE(x[i], x[i + B], LowLane, B);
+    const F16 hi = QWEN2_JAX_SHUFFLE(x[i], x[i + B], HighLane, B);
     x[i] = lo;
     x[i + B] = hi;
   }
@@ -173,7 +174,7 @@ QWEN2_JAX_INLINE void AttendBody(const Step& st, const Item& it, int64_t head, f
   std::fill(run_max, run_max + rows, kNegInf);
   std::fill(run_sum, run_sum + rows, 0.0f);
   const int64_t last = first + it.n - 1;
-  const int64_t lo = st.window > 0 ? std::max<int64_t>(0, first - st.window + 1) : 0;
+  const int64_t lo = std::max<int64_t>(0, first - st.window + 1);
   const int32_t* pages = st.table + it.seq * st.pps;
   I16 lane;
   for (int c = 0; c < 16; ++c) lane[c] = c;
@@ -221,13 +222,13 @@ QWEN2_JAX_INLINE void AttendBody(const Step& st, const Item& it, int64_t head, f
       }
       for (int64_t r = r0; r < r0 + rg; ++r) {
         const int64_t pos = first + r / g;
-        const bool any = j0 <= pos && (st.window <= 0 || j0 + nk - 1 > pos - st.window);
+        const bool any = st.window > 0 && j0 <= pos && j0 + nk - 1 > pos - st.window;
         if (!any) {  // no key of this tile is visible to the row
           p[r] = F16{};
           continue;
         }
         I16 seen = (lane < static_cast<int32_t>(nk)) & (key <= static_cast<int32_t>(pos));
-        if (st.window > 0) seen &= key > static_cast<int32_t>(pos - st.window);
+        seen &= key > static_cast<int32_t>(std::max<int64_t>(pos - st.window, -1));
         const F16 s = seen ? sc[r - r0] : F16{} + kNegInf;
         const float m = std::max(run_max[r], Max16(s));  // finite: the tile has a visible key
         const float rescale =
@@ -250,7 +251,7 @@ QWEN2_JAX_INLINE void AttendBody(const Step& st, const Item& it, int64_t head, f
   }
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,prefer-vector-width=512")))
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
 void Attend512(const Step& st, const Item& it, int64_t head, float* scratch) {
   AttendBody(st, it, head, scratch);
 }

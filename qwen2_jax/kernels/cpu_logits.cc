@@ -91,7 +91,7 @@ QWEN2_JAX_INLINE void RowBody(const Rows& rs, int64_t b) {
   rs.sumexp[b] = static_cast<float>(total);
 }
 
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,prefer-vector-width=512")))
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
 void Row512(const Rows& rs, int64_t b) {
   RowBody(rs, b);
 }

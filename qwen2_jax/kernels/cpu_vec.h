@@ -39,31 +39,37 @@ QWEN2_JAX_INLINE F16 ExpNonPositive(F16 x) {
   return p * reinterpret_cast<F16>(bits);
 }
 
-// 16 lane indices f(0, b) ... f(15, b), as the constant arguments of __builtin_shufflevector
-// (GCC >= 12 and Clang): index l < 16 takes lane l of the first vector, 16 + l of the second.
+// 16 lane indices f(0, b) ... f(15, b) of a shuffle of two vectors: index l < 16 takes lane l
+// of the first, 16 + l lane l of the second. Clang's __builtin_shufflevector takes them as
+// constant arguments (GCC has it only from 12); GCC's __builtin_shuffle as a vector.
 #define QWEN2_JAX_LANES(f, b)                                                                \
   f(0, b), f(1, b), f(2, b), f(3, b), f(4, b), f(5, b), f(6, b), f(7, b), f(8, b), f(9, b),  \
       f(10, b), f(11, b), f(12, b), f(13, b), f(14, b), f(15, b)
+#if defined(__clang__)
+#define QWEN2_JAX_SHUFFLE(x, y, f, b) __builtin_shufflevector(x, y, QWEN2_JAX_LANES(f, b))
+#else
+#define QWEN2_JAX_SHUFFLE(x, y, f, b) __builtin_shuffle(x, y, I16{QWEN2_JAX_LANES(f, b)})
+#endif
 
 constexpr int Swap(int l, int b) { return l ^ b; }  // lane l <- lane l ^ b
 
 QWEN2_JAX_INLINE float Max16(F16 v) {  // horizontal max, by halving
-  F16 w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 8));
+  F16 w = QWEN2_JAX_SHUFFLE(v, v, Swap, 8);
   v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 4));
+  w = QWEN2_JAX_SHUFFLE(v, v, Swap, 4);
   v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 2));
+  w = QWEN2_JAX_SHUFFLE(v, v, Swap, 2);
   v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 1));
+  w = QWEN2_JAX_SHUFFLE(v, v, Swap, 1);
   v = v > w ? v : w;
   return v[0];
 }
 
 QWEN2_JAX_INLINE float Sum16(F16 v) {  // horizontal sum, by halving
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 8));
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 4));
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 2));
-  v += __builtin_shufflevector(v, v, QWEN2_JAX_LANES(Swap, 1));
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 8);
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 4);
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 2);
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 1);
   return v[0];
 }
 

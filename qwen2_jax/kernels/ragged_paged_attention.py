@@ -263,7 +263,9 @@ def ragged_paged_attention_cpu(q: Array, k_pages: Array, v_pages: Array, kv_lens
   kh = k_pages.shape[1]
   if k_new is None:  # every key from the pools
     k_new = v_new = jnp.zeros((0, kh, d), jnp.float32)
-  window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32).reshape(1)
+  no_window = np.iinfo(np.int32).max  # every position is fewer than this behind any query
+  window = jnp.asarray(no_window if sliding_window is None else sliding_window,
+                       jnp.int32).reshape(1)
   i32 = lambda x: jnp.asarray(x, jnp.int32)
   out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
   return jax.ffi.ffi_call(cpu_extension.ATTENTION_TARGET, out)(
