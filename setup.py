@@ -55,7 +55,7 @@ class OptionalBuildExt(build_ext):
 CPU_KERNEL_SOURCES = ["qwen2_jax/kernels/cpu_matmul.cc", "qwen2_jax/kernels/cpu_attention.cc",
                       "qwen2_jax/kernels/cpu_logits.cc", "qwen2_jax/kernels/cpu_kernels_module.cc"]
 EXTENSIONS = [Extension("qwen2_jax._cpu_kernels", CPU_KERNEL_SOURCES,
-                        depends=["qwen2_jax/kernels/cpu_vec.h"],
+                        depends=["qwen2_jax/kernels/cpu_common.h"],
                         extra_compile_args=["-O3", "-std=c++17"], language="c++",
                         optional=True)
               ] if platform.machine().lower() in ("x86_64", "amd64") else []

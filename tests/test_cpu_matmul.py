@@ -31,9 +31,10 @@ def _cpu_flags() -> set[str]:
 @needs_extension
 def test_extension_is_built_and_picks_this_cpus_kernel():
   """`pip install` (editable or wheel) builds the extension on x86-64; its panel width follows
-  the CPU: 32 with AVX-512, 16 with AVX2+FMA."""
+  the CPU: 32 with AVX-512 (F, VL, BW, DQ), 16 with AVX2+FMA."""
   flags = _cpu_flags()
-  want = 32 if "avx512f" in flags else 16 if {"avx2", "fma"} <= flags else 0
+  avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
+  want = 32 if avx512 else 16 if {"avx2", "fma"} <= flags else 0
   assert cpu_matmul.panel_width() == want
 
 

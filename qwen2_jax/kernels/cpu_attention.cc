@@ -14,22 +14,19 @@
 // Online softmax in f32. Rows of padding tokens, and rows that see no key, are 0.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "cpu_vec.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace qwen2_jax_cpu;  // NOLINT: the 16-lane vector helpers
+using namespace qwen2_jax_cpu;  // NOLINT: the shared helpers
 
 constexpr int64_t kTile = 16;        // keys per tile
 constexpr int64_t kBlockQ = 16;      // query tokens per item
@@ -267,38 +264,6 @@ void AttendGeneric(const Step& st, const Item& it, int64_t head, float* scratch)
 
 using AttendFn = void (*)(const Step&, const Item&, int64_t, float*);
 
-AttendFn BestAttend() {
-  static const AttendFn fn = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return &Attend512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &Attend256;
-    return &AttendGeneric;
-  }();
-  return fn;
-}
-
-// Units (item, kv head), shared by the caller and the pool's threads; held by shared_ptr so a
-// helper that starts after the caller returned finds no unit left and touches nothing else.
-struct Shared {
-  Step st;
-  std::vector<Item> items;
-  int64_t units;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    std::vector<float> scratch;
-    const AttendFn attend = BestAttend();
-    for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-      if (scratch.empty()) scratch.resize(Scratch(st));
-      attend(st, items[u / st.kh], u % st.kh, scratch.data());
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
                           ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> table,
@@ -341,7 +306,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   st.cu = cu_q_lens.typed_data();
   st.out = out->typed_data();
   const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, s);
-  auto shared = std::make_shared<Shared>();
+  std::vector<Item> items;
   const int64_t begin = live > 0 ? st.cu[0] : 0;
   int64_t end = begin;  // tokens [begin, end) belong to live sequences
   if (begin < 0 || begin > t)
@@ -357,18 +322,19 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       return ffi::Error::InvalidArgument("paged_attention_cpu: kv_lens do not fit the queries "
                                          "or the page table");
     for (int64_t tok = a; tok < b; tok += kBlockQ)
-      shared->items.push_back({i, tok, std::min(kBlockQ, b - tok)});
+      items.push_back({i, tok, std::min(kBlockQ, b - tok)});
     end = b;
   }
   if (st.d == 0 || st.h == 0) return ffi::Error::Success();
   std::fill(st.out, st.out + begin * st.h * st.d, 0.0f);
   std::fill(st.out + end * st.h * st.d, st.out + t * st.h * st.d, 0.0f);
-  shared->st = st;
-  shared->units = static_cast<int64_t>(shared->items.size()) * st.kh;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
+  const AttendFn attend = ForBestIsa<AttendFn>(&Attend512, &Attend256, &AttendGeneric);
+  const int64_t scratch_floats = Scratch(st);
+  ParallelFor(pool, static_cast<int64_t>(items.size()) * st.kh, [&](int64_t u) {
+    thread_local std::vector<float> scratch;  // per thread, reused across calls
+    if (static_cast<int64_t>(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);
+    attend(st, items[u / st.kh], u % st.kh, scratch.data());
+  });
   return ffi::Error::Success();
 }
 

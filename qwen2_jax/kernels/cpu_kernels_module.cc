@@ -1,6 +1,6 @@
 // The Python module `qwen2_jax._cpu_kernels`: capsules of the XLA FFI handlers of the CPU kernels
-// (`cpu_matmul.cc`, `cpu_attention.cc`, `cpu_logits.cc`) for `jax.ffi.register_ffi_target`, and the panel width
-// of this CPU's matmul register kernel.
+// (`cpu_matmul.cc`, `cpu_attention.cc`, `cpu_logits.cc`) for `jax.ffi.register_ffi_target`, and the
+// panel width of this CPU's matmul register kernel.
 
 #include <Python.h>
 

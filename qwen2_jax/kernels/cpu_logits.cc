@@ -1,26 +1,24 @@
-// Row statistics of a step's logits for the sampler, as an XLA FFI custom call: for each row b
-// of x [B, V], over the ids below limit[b] (the vocabulary mask), the first id holding the
-// row's max (or its first NaN, as jnp.argmax does), the max, and sum(exp(x - max)) (the max
-// taken as 0 when it is not finite: the sum is then 0 for a row of -inf, inf with a +inf, NaN
-// with a NaN). A -inf logit in a finite row adds exp(-87) (~1.6e-38), not 0. The sampler's greedy token and logsumexp in one read of
-// the logits, where XLA:CPU's fusions of the same took ~8 ms of a Qwen2-0.5B 16-row decode step.
+// Row statistics of a step's logits for the sampler, as an XLA FFI custom call: for each row b of x
+// [B, V], over the ids below limit[b] (the vocabulary mask), the first id holding the row's max (or
+// its first NaN, as jnp.argmax does), the max, and sum(exp(x - max)) (the max taken as 0 when it is
+// not finite: the sum is then 0 for a row of -inf, inf with a +inf, NaN with a NaN). A -inf logit
+// in a finite row adds exp(-87) (~1.6e-38), not 0. The sampler's greedy token and logsumexp in one
+// read of the logits, where XLA:CPU's fusions of the same took ~8 ms of a Qwen2-0.5B 16-row decode
+// step.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
-#include <thread>
 
-#include "cpu_vec.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace qwen2_jax_cpu;  // NOLINT: the 16-lane vector helpers
+using namespace qwen2_jax_cpu;  // NOLINT: the shared helpers
 
 constexpr int64_t kSumBlock = 1024;  // ids per float partial sum (then added in double)
 
@@ -102,34 +100,6 @@ void RowGeneric(const Rows& rs, int64_t b) { RowBody(rs, b); }
 
 using RowFn = void (*)(const Rows&, int64_t);
 
-RowFn BestRow() {
-  static const RowFn fn = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return &Row512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &Row256;
-    return &RowGeneric;
-  }();
-  return fn;
-}
-
-// Rows shared by the caller and the pool's threads (see cpu_matmul.cc's Shared).
-struct Shared {
-  Rows rs;
-  int64_t rows;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    const RowFn row = BestRow();
-    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < rows;) {
-      row(rs, b);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error LogitRowStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::S32> limit, ffi::ResultBuffer<ffi::S32> argmax,
                          ffi::ResultBuffer<ffi::F32> max, ffi::ResultBuffer<ffi::F32> sumexp) {
@@ -140,14 +110,10 @@ ffi::Error LogitRowStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       static_cast<int64_t>(max->element_count()) != rows ||
       static_cast<int64_t>(sumexp->element_count()) != rows)
     return ffi::Error::InvalidArgument("logit_row_stats: x [B, V], limit [B], results [B]");
-  auto shared = std::make_shared<Shared>();
-  shared->rs = {x.typed_data(), limit.typed_data(), argmax->typed_data(), max->typed_data(),
-                sumexp->typed_data(), xd[1]};
-  shared->rows = rows;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), rows) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < rows) std::this_thread::yield();
+  const Rows rs = {x.typed_data(), limit.typed_data(), argmax->typed_data(), max->typed_data(),
+                   sumexp->typed_data(), xd[1]};
+  const RowFn row = ForBestIsa<RowFn>(&Row512, &Row256, &RowGeneric);
+  ParallelFor(pool, rows, [&](int64_t b) { row(rs, b); });
   return ffi::Error::Success();
 }
 

@@ -3,10 +3,10 @@
 
 For logits [B, V] and a vocabulary limit [B] (ids >= limit[b] are masked out of row b), each row
 gives the greedy id (the first id holding the row's max; the first NaN if the row has one, as
-`jnp.argmax`), the max (NaN with a NaN), and sum(exp(logits - shift)) with shift the max where
-it is finite, else 0 (so 0 for a row of -inf); the row's logsumexp is shift + log(sum). One pass of the logits where XLA:CPU's fusions of
-the same took ~8 ms of a Qwen2-0.5B 16-row decode step (a [16, 151936] reduction) on a 2-core
-Xeon. float32, CPU backend, no gradient.
+`jnp.argmax`), the max (NaN with a NaN), and sum(exp(logits - shift)) with shift the max where it is
+finite, else 0 (so 0 for a row of -inf); the row's logsumexp is shift + log(sum). One pass of the
+logits where XLA:CPU's fusions of the same took ~8 ms of a Qwen2-0.5B 16-row decode step (a [16,
+151936] reduction) on a 2-core Xeon. float32, CPU backend, no gradient.
 """
 
 from __future__ import annotations

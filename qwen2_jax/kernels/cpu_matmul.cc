@@ -12,17 +12,17 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using namespace qwen2_jax_cpu;  // NOLINT: the shared helpers
 
 // Rows of a panel kept in cache while every row block uses them: short blocks for few rows
 // (the panels stream from memory), long ones for many (fewer partial sums stored and reloaded).
@@ -135,18 +135,6 @@ void BlockGeneric(const float* x, int64_t ldx, const float* w, int64_t nr, int64
   }
 }
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa BestIsa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kGeneric;
-  }();
-  return isa;
-}
-
 // The register kernel for this panel width on this CPU (`rows_max` rows per block).
 Isa KernelFor(int64_t nr, int* rows_max) {
   const Isa best = BestIsa();
@@ -223,22 +211,6 @@ void RunPanels(const Problem& pb, int64_t p0, int64_t p1) {
   }
 }
 
-// Work shared by the caller and the pool's threads. Held by shared_ptr: a helper that starts
-// after the caller has returned finds no chunk left and touches nothing else.
-struct Shared {
-  Problem pb;
-  int64_t chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      RunPanels(pb, c * chunk, std::min(pb.panels, (c + 1) * chunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -266,18 +238,13 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t panel_flops = 2 * pb.m * pb.k * pb.nr;
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 21) / panel_flops);
   const int64_t chunks = (pb.panels + chunk - 1) / chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  if (helpers <= 0) {
+  if (chunks < 2) {
     RunPanels(pb, 0, pb.panels);
     return ffi::Error::Success();
   }
-  auto shared = std::make_shared<Shared>();
-  shared->pb = pb;
-  shared->chunk = chunk;
-  shared->chunks = chunks;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    RunPanels(pb, c * chunk, std::min(pb.panels, (c + 1) * chunk));
+  });
   return ffi::Error::Success();
 }
 

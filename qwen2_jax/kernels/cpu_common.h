@@ -1,0 +1,142 @@
+// What the CPU kernels (`cpu_matmul.cc`, `cpu_attention.cc`, `cpu_logits.cc`) share: the
+// instruction set chosen at run time, a parallel loop over XLA's intra-op threads, and 16-lane
+// float vectors (GCC / Clang vector extensions, lowered to whatever the including function's
+// target has: one AVX-512 register, two AVX2 ones, four SSE ones; every helper is always
+// inlined, so each kernel compiled for several targets gets its own copy).
+
+#ifndef QWEN2_JAX_KERNELS_CPU_COMMON_H_
+#define QWEN2_JAX_KERNELS_CPU_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+// The vectors are only passed between functions compiled for one target each (inlined).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace qwen2_jax_cpu {
+
+// ------------------------------------------------------------------- instruction set, threads
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// The widest of the kernels' instruction sets this CPU has (AVX-512 F/VL/BW/DQ; AVX2 + FMA).
+inline Isa BestIsa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kGeneric;
+  }();
+  return isa;
+}
+
+// The one of a kernel's builds (function pointers) for BestIsa().
+template <typename Fn>
+Fn ForBestIsa(Fn avx512, Fn avx2, Fn generic) {
+  switch (BestIsa()) {
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx2: return avx2;
+    default: return generic;
+  }
+}
+
+// fn(i) for i in [0, n), claimed one at a time by the caller and up to num_threads - 1 tasks of
+// XLA's intra-op pool; returns when all are done. The state is held by shared_ptr and every
+// index is claimed before fn runs, so a task that starts after the caller has returned finds
+// nothing left and touches nothing but the state (fn may refer to the caller's stack).
+template <typename Fn>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct State {
+    Fn fn;
+    int64_t n;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    State(Fn f, int64_t count) : fn(std::move(f)), n(count) {}
+    void Work() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        fn(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  if (n <= 0) return;
+  auto state = std::make_shared<State>(std::move(fn), n);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->Work(); });
+  state->Work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// ------------------------------------------------------------------------------ 16-lane vectors
+
+// Unaligned loads and stores go through the aligned(4) type.
+typedef float F16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+typedef float F16u __attribute__((vector_size(64), aligned(4)));
+#define QWEN2_JAX_INLINE inline __attribute__((always_inline))
+
+QWEN2_JAX_INLINE F16 Load(const float* p) { return *reinterpret_cast<const F16u*>(p); }
+QWEN2_JAX_INLINE void Store(float* p, F16 v) { *reinterpret_cast<F16u*>(p) = v; }
+
+// exp(x) for x <= 0 by range reduction and a degree-6 polynomial (relative error ~2e-7).
+// Inputs below -87 give exp(-87) (~1.6e-38).
+QWEN2_JAX_INLINE F16 ExpNonPositive(F16 x) {
+  x = x < -87.0f ? F16{} - 87.0f : x;
+  const F16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const F16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;   // |r| <= ln 2 / 2
+  F16 p = F16{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;  // 2^n, n >= -126
+  return p * reinterpret_cast<F16>(bits);
+}
+
+// 16 lane indices f(0, b) ... f(15, b) of a shuffle of two vectors: index l < 16 takes lane l
+// of the first, 16 + l lane l of the second. Clang's __builtin_shufflevector takes them as
+// constant arguments (GCC has it only from 12); GCC's __builtin_shuffle as a vector.
+#define QWEN2_JAX_LANES(f, b)                                                                \
+  f(0, b), f(1, b), f(2, b), f(3, b), f(4, b), f(5, b), f(6, b), f(7, b), f(8, b), f(9, b),  \
+      f(10, b), f(11, b), f(12, b), f(13, b), f(14, b), f(15, b)
+#if defined(__clang__)
+#define QWEN2_JAX_SHUFFLE(x, y, f, b) __builtin_shufflevector(x, y, QWEN2_JAX_LANES(f, b))
+#else
+#define QWEN2_JAX_SHUFFLE(x, y, f, b) __builtin_shuffle(x, y, I16{QWEN2_JAX_LANES(f, b)})
+#endif
+
+constexpr int Swap(int l, int b) { return l ^ b; }  // lane l <- lane l ^ b
+
+QWEN2_JAX_INLINE float Max16(F16 v) {  // horizontal max, by halving
+  F16 w = QWEN2_JAX_SHUFFLE(v, v, Swap, 8);
+  v = v > w ? v : w;
+  w = QWEN2_JAX_SHUFFLE(v, v, Swap, 4);
+  v = v > w ? v : w;
+  w = QWEN2_JAX_SHUFFLE(v, v, Swap, 2);
+  v = v > w ? v : w;
+  w = QWEN2_JAX_SHUFFLE(v, v, Swap, 1);
+  v = v > w ? v : w;
+  return v[0];
+}
+
+QWEN2_JAX_INLINE float Sum16(F16 v) {  // horizontal sum, by halving
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 8);
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 4);
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 2);
+  v += QWEN2_JAX_SHUFFLE(v, v, Swap, 1);
+  return v[0];
+}
+
+}  // namespace qwen2_jax_cpu
+
+#endif  // QWEN2_JAX_KERNELS_CPU_COMMON_H_
