@@ -36,9 +36,10 @@ def jaxlib_include() -> str | None:
 
 
 class OptionalBuildExt(build_ext):
-  """Builds `qwen2_jax._cpu_kernels` (the prepacked fp32 matmul and the ragged paged attention
-  the generation engines use on x86-64 CPUs) where it can; where it cannot (no C++17 compiler, no
-  jaxlib headers), it warns and the install goes on: the engines then keep XLA's own ops."""
+  """Builds `qwen2_jax._cpu_kernels` (the fp32 kernels the generation engines use on x86-64
+  CPUs: the prepacked matmul, ragged paged attention, the sampler's row reductions) where it can;
+  where it cannot (no C++17 compiler, no jaxlib headers), it warns and the install goes on: the
+  engines then keep XLA's own ops."""
 
   def build_extension(self, ext):
     include = jaxlib_include()

@@ -98,9 +98,6 @@ def cached_attention(q: Array, k: Array, v: Array, k_cache: Array, v_cache: Arra
     q_index: [B, T] token index of each new token.
     cache_valid: [B, S] True where a slot holds an earlier token of the row.
     scale: logit multiplier; sliding_window: optional window (int or scalar array).
-    impl: `Qwen2Config.attention_impl`. Off TPU, "auto" runs the C++ kernel
-      (`ragged_paged_attention_cpu`) on the CPU backend without a mesh for float32 q and
-      pools where the extension is built, else (and with "xla") `ragged_paged_attention_blocked`.
 
   Returns:
     out [B, T, N, D], equal to `xla_attention` over the whole sequence.
