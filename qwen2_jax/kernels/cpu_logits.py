@@ -22,10 +22,8 @@ Array = jax.Array
 def applies(logits: Array) -> bool:
   """Whether `row_stats` can run here: the extension is built, float32 logits [B, V], lowering
   for the CPU backend without a mesh (a sharded program keeps the jnp path)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
   return (cpu_extension.available() and logits.dtype == jnp.float32 and logits.ndim == 2
-          and mesh.empty and platform == "cpu")
+          and jax.sharding.get_abstract_mesh().empty and jax.default_backend() == "cpu")
 
 
 def row_stats(logits: Array, limit: Array) -> tuple[Array, Array, Array]:
