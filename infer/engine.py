@@ -12,9 +12,12 @@ step, and a token is sampled per sequence. The pools are donated, so they are up
 The host reads back the S sampled tokens, records them for the sequences whose chunk ended at
 their last token, finishes sequences (stop id, EOS, max_new_tokens), and plans the next step.
 
-Compilations. T is S for a step of at most S tokens (decodes only), else the power of two
-covering the step's tokens, at most `max_num_batched_tokens` (`Engine.token_buckets`); a planned
-step filling less than 3/4 of its bucket is cut to the bucket below (`Engine.fit_tokens`). The
+Compilations. A step of at most S tokens (decodes only, or a short chunk) is padded to the power
+of two covering its tokens, at least 16 and at most S, and has as many sequence rows (a step with
+few running sequences computes and samples no more rows than it needs); a longer one to the power
+of two covering its tokens, at most `max_num_batched_tokens`, with S rows
+(`Engine.token_buckets`); a planned step filling less than 3/4 of its bucket is cut to the
+bucket below (`Engine.fit_tokens`). The
 engine's block-table width is the power of two of pages that covers the longest request seen so
 far (at least 256 tokens' worth): it only grows, so a call with shorter requests never
 recompiles. Off TPU each step's table is narrower where it can be: the power of two of pages
@@ -98,6 +101,10 @@ _DEVICE_MEMORY_FRACTION = 0.5
 # with them took 501 ms against 89 ms (XLA copies the kernels back for a 1-row dot), 2 rows 144
 # against 132 ms, 8 rows 186 against 211 ms (Qwen2-0.5B fp32, 2-core AVX-512 Xeon, 2026-12-04).
 _INPUT_MINOR_MIN_SEQS = 4
+# Smallest token bucket (and row count) of a step below max_num_seqs: on the 2-core AVX-512
+# Xeon, a Qwen2-0.5B fp32 decode step of 1 row padded to 16 took 124 ms against 132 ms for 16
+# rows, while 48 rows took 270 ms (2026-12-05), so smaller buckets would save little there.
+_MIN_ROW_BUCKET = 16
 # Smallest block-table width, in tokens.
 _MIN_TABLE_TOKENS = 256
 # A step whose n tokens fill less than this share of their token bucket is cut to the bucket
@@ -423,7 +430,7 @@ class Engine:
 
   @property
   def compile_seconds(self) -> dict[tuple, float]:
-    """Compile time per program key (T, S, pages_per_seq), summed over the replicas."""
+    """Compile time per program key (T, rows, pages_per_seq), summed over the replicas."""
     out: dict[tuple, float] = {}
     for r in self._replicas:
       for k, s in r.compile_seconds.items():
@@ -527,7 +534,7 @@ class Engine:
     prefixes = [r.scheduler.prefix for r in reps if r.scheduler.prefix is not None]
     out = {"num_compilations": sum(len(r.compiled) for r in reps),
            "compile_seconds": round(sum(sum(r.compile_seconds.values()) for r in reps), 3),
-           "programs": {f"step(T={k[0]}, S={k[1]}, pages_per_seq={k[2]})": round(v, 3)
+           "programs": {f"step(T={k[0]}, rows={k[1]}, pages_per_seq={k[2]})": round(v, 3)
                         for k, v in self.compile_seconds.items()},
            "steps": self.num_steps, "step_tokens": self.num_step_tokens,
            "preemptions": sum(r.scheduler.num_preemptions for r in reps),
@@ -645,8 +652,8 @@ class Engine:
 
   def _run_step(self, replica: _Replica, plan: paged.StepPlan, table
                 ) -> tuple[np.ndarray, np.ndarray]:
-    S = self.max_num_seqs
     T = self.token_bucket(plan.num_tokens)
+    S = self.row_bucket(T)
     pps = self._step_table_width(replica, plan)
     a = replica.scheduler.arrays(plan, T, S, pages_per_seq=pps)
     rows = a.rids  # -1 picks the trailing greedy entry of the table
@@ -669,17 +676,25 @@ class Engine:
     return np.asarray(token), np.asarray(logprob)
 
   def token_bucket(self, n: int) -> int:
-    """Padded token count T of a step computing n tokens: max_num_seqs, then powers of two,
-    capped at max_num_batched_tokens (one compiled program per bucket and table width)."""
-    if n <= self.max_num_seqs:
-      return self.max_num_seqs
+    """Padded token count T of a step computing n tokens (one compiled program per bucket and
+    table width): up to max_num_seqs, the powers of two from _MIN_ROW_BUCKET below it, then
+    max_num_seqs; above, the powers of two capped at max_num_batched_tokens."""
+    S = self.max_num_seqs
+    if n <= S:
+      return min(S, max(_MIN_ROW_BUCKET, _bucket(n)))
     return min(self.max_num_batched_tokens, _bucket(n))
+
+  def row_bucket(self, num_tokens: int) -> int:
+    """Sequence rows R of a step padded to num_tokens (T): T where T <= max_num_seqs (a step
+    of decodes only needs no more rows than tokens), else max_num_seqs."""
+    return min(num_tokens, self.max_num_seqs)
 
   @property
   def token_buckets(self) -> list[int]:
     """Every T a step may be padded to, ascending."""
     S, T = self.max_num_seqs, self.max_num_batched_tokens
-    return sorted({S, T} | {1 << i for i in range(T.bit_length()) if S < 1 << i < T})
+    return sorted({S, T} | {1 << i for i in range(T.bit_length())
+                            if min(_MIN_ROW_BUCKET, S) <= 1 << i < T and 1 << i != S})
 
   def _step_table_width(self, replica: _Replica, plan: paged.StepPlan) -> int:
     """Block-table width of a step. Off TPU: the power of two of pages covering the step's

@@ -5,6 +5,7 @@ and the thread split."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import jax
@@ -30,12 +31,18 @@ def _cpu_flags() -> set[str]:
 
 @needs_extension
 def test_extension_is_built_and_picks_this_cpus_kernel():
-  """`pip install` (editable or wheel) builds the extension on x86-64; its panel width follows
-  the CPU: 32 with AVX-512 (F, VL, BW, DQ), 16 with AVX2+FMA."""
+  """`pip install` (editable or wheel) builds the extension on x86-64; it runs the widest build
+  the CPU has (AVX-512 F/VL/BW/DQ, else AVX2+FMA), or a narrower one named by
+  QWEN2_JAX_CPU_ISA (`tests/test_cpu_extension.py` runs the kernel tests that way); the panel
+  width follows: 32, 16, 0."""
   flags = _cpu_flags()
-  avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
-  want = 32 if avx512 else 16 if {"avx2", "fma"} <= flags else 0
-  assert cpu_matmul.panel_width() == want
+  best = ("avx512" if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
+          else "avx2" if {"avx2", "fma"} <= flags else "generic")
+  order = ["generic", "avx2", "avx512"]
+  asked = os.environ.get("QWEN2_JAX_CPU_ISA", "avx512")
+  want = order[min(order.index(asked), order.index(best))]
+  assert cpu_matmul.cpu_extension.module().isa() == want
+  assert cpu_matmul.panel_width() == {"avx512": 32, "avx2": 16, "generic": 0}[want]
 
 
 # (rows, K, N): one row; row counts that are not multiples of the row blocks (12 / 6 / 8); K

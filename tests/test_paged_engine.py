@@ -300,6 +300,34 @@ def test_step_token_buckets(hf_tiny):
   assert used <= set(eng.token_buckets) and len(used) >= 3
 
 
+def test_steps_with_few_sequences_use_fewer_rows(hf_tiny):
+  """With max_num_seqs above the smallest bucket (16), a step of fewer tokens is padded to the
+  power of two covering them (16, 32) or to max_num_seqs, with as many rows: a batch whose
+  sequences finish one by one runs its tail in smaller programs, and generates what an engine
+  with one decode program (max_num_seqs 16) generates (tokens, logprobs within 1e-5)."""
+  _, config, params = hf_tiny
+  kw = dict(eos_token_ids=(), max_num_batched_tokens=64, page_size=4)
+  eng = Engine(config, params, max_num_seqs=40, **kw)
+  assert eng.token_buckets == [16, 32, 40, 64]
+  assert [eng.token_bucket(n) for n in (1, 16, 17, 32, 33, 40, 41)] == [16, 16, 32, 32, 40, 40,
+                                                                        64]
+  assert [eng.row_bucket(t) for t in (16, 32, 40, 64)] == [16, 32, 40, 40]
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, config.vocab_size, int(rng.integers(1, 5))).tolist()
+             for _ in range(36)]
+  sps = [SamplingParams(max_new_tokens=2 + i) for i in range(36)]  # one finishes per step
+  got = eng.generate(prompts, sps)
+  programs = {(int(k.split("T=")[1].split(",")[0]), int(k.split("rows=")[1].split(",")[0]))
+              for k in eng.stats["programs"]}
+  assert {(16, 16), (32, 32), (40, 40)} <= programs, programs
+  assert all(r == min(t, 40) for t, r in programs)
+  small = Engine(config, params, max_num_seqs=16, **kw)
+  want = small.generate(prompts, sps)
+  assert [r.output_ids for r in got] == [r.output_ids for r in want]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
+                             np.concatenate([r.logprobs for r in want]), atol=1e-5)
+
+
 def test_greedy_equals_transformers_for_a_stream_in_several_orders(hf_tiny):
   """11 requests (mixed prompt and output lengths) through 3 slots with a 12-token budget and a
   pool small enough to preempt: every request's greedy tokens equal transformers' generate of

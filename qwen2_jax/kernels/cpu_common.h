@@ -7,10 +7,14 @@
 #ifndef QWEN2_JAX_KERNELS_CPU_COMMON_H_
 #define QWEN2_JAX_KERNELS_CPU_COMMON_H_
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <thread>
 #include <utility>
 
@@ -25,17 +29,49 @@ namespace qwen2_jax_cpu {
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 
-// The widest of the kernels' instruction sets this CPU has (AVX-512 F/VL/BW/DQ; AVX2 + FMA).
+// The widest of the kernels' instruction sets this CPU and OS support, from cpuid and xgetbv
+// (not __builtin_cpu_supports, which some toolchains' runtimes leave unset: zig's Clang
+// answered 0 for everything on an AVX-512 CPU).
+inline Isa DetectIsa() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::kGeneric;
+  const bool fma = c & bit_FMA;
+  if (!(c & bit_OSXSAVE) || !(c & bit_AVX)) return Isa::kGeneric;
+  unsigned xcr0, xcr0_hi;
+  __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0 & 0x6) != 0x6) return Isa::kGeneric;  // the OS saves XMM and YMM state
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::kGeneric;
+  const bool avx512 = (b & bit_AVX512F) && (b & bit_AVX512VL) && (b & bit_AVX512BW) &&
+                      (b & bit_AVX512DQ) && (xcr0 & 0xE0) == 0xE0;  // and opmask / ZMM state
+  if (avx512 && fma) return Isa::kAvx512;
+  if ((b & bit_AVX2) && fma) return Isa::kAvx2;
+  return Isa::kGeneric;
+}
+
+// The kernels' instruction set: DetectIsa(), or a narrower one named by QWEN2_JAX_CPU_ISA
+// ("avx2", "generic"), read once: the tests run every build on one CPU that way. A name this
+// CPU cannot run, or an unknown one, leaves DetectIsa()'s (`cpu_extension.module()` refuses
+// unknown names before any kernel runs).
 inline Isa BestIsa() {
   static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kGeneric;
+    const Isa best = DetectIsa();
+    const char* want = std::getenv("QWEN2_JAX_CPU_ISA");
+    if (want == nullptr) return best;
+    const std::string name(want);
+    const Isa asked = name == "generic" ? Isa::kGeneric
+                      : name == "avx2"  ? Isa::kAvx2
+                                        : Isa::kAvx512;
+    return std::min(asked, best);
   }();
   return isa;
+}
+
+inline const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
 }
 
 // The one of a kernel's builds (function pointers) for BestIsa().

@@ -8,22 +8,37 @@ custom calls for the generation engines, registered with jax on first use.
 
 `module()` is None where the extension is not built (a source tree without `setup.py build_ext`,
 no C++ compiler, another architecture); callers then keep XLA's own ops.
+
+Each kernel is compiled for AVX-512 (F/VL/BW/DQ), AVX2 + FMA and baseline x86-64, and runs the
+widest build this CPU has. `QWEN2_JAX_CPU_ISA` ("avx512", "avx2", "generic"), read once per
+process, picks a narrower one (the tests run every build on one CPU that way); a build this CPU
+cannot run is never picked. `module().isa()` names the build in use.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
+
+from qwen2_jax.errors import UserError
 
 MATMUL_TARGET = "qwen2_jax_packed_matmul"
 ATTENTION_TARGET = "qwen2_jax_paged_attention"
 LOGITS_TARGET = "qwen2_jax_logit_row_stats"
+ISA_VARIABLE = "QWEN2_JAX_CPU_ISA"
+ISAS = ("avx512", "avx2", "generic")
+
+
+class IsaChoiceError(UserError, ValueError):
+  """QWEN2_JAX_CPU_ISA names no build of the kernels."""
 
 
 @functools.cache
 def module():
   """The extension module with its targets registered for the CPU platform, or None."""
+  check_isa_variable()
   try:
     from qwen2_jax import _cpu_kernels
   except ImportError:
@@ -32,6 +47,13 @@ def module():
   jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
   jax.ffi.register_ffi_target(LOGITS_TARGET, _cpu_kernels.logits_handler(), platform="cpu")
   return _cpu_kernels
+
+
+def check_isa_variable() -> None:
+  """Raises IsaChoiceError if QWEN2_JAX_CPU_ISA is set to no build's name."""
+  want = os.environ.get(ISA_VARIABLE)
+  if want is not None and want not in ISAS:
+    raise IsaChoiceError(f"{ISA_VARIABLE}={want!r}: must be one of {', '.join(ISAS)}")
 
 
 def available() -> bool:

@@ -10,6 +10,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPagedAttention);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxLogitRowStats);
 int Qwen2JaxPanelWidth();
+const char* Qwen2JaxIsa();
 
 static PyObject* MatmulHandler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMatmul), nullptr, nullptr);
@@ -25,6 +26,8 @@ static PyObject* LogitsHandler(PyObject*, PyObject*) {
 
 static PyObject* PanelWidth(PyObject*, PyObject*) { return PyLong_FromLong(Qwen2JaxPanelWidth()); }
 
+static PyObject* IsaName(PyObject*, PyObject*) { return PyUnicode_FromString(Qwen2JaxIsa()); }
+
 static PyMethodDef kMethods[] = {
     {"matmul_handler", MatmulHandler, METH_NOARGS,
      "The XLA FFI handler of the prepacked matmul (a capsule)."},
@@ -34,6 +37,9 @@ static PyMethodDef kMethods[] = {
      "The XLA FFI handler of the sampler's logit row statistics (a capsule)."},
     {"panel_width", PanelWidth, METH_NOARGS,
      "Panel width NR of this CPU's matmul register kernel: 32 (AVX-512), 16 (AVX2+FMA), 0."},
+    {"isa", IsaName, METH_NOARGS,
+     "The instruction set the kernels run: 'avx512', 'avx2' or 'generic' (the widest this CPU "
+     "has, or a narrower one named by QWEN2_JAX_CPU_ISA)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {

@@ -265,3 +265,6 @@ int Qwen2JaxPanelWidth() {
     default: return 0;
   }
 }
+
+// The instruction set the kernels run (for `cpu_kernels_module.cc`).
+const char* Qwen2JaxIsa() { return IsaName(BestIsa()); }

@@ -1,0 +1,69 @@
+"""The CPU kernels' builds (`qwen2_jax.kernels.cpu_extension`): each kernel is compiled for
+AVX-512, AVX2 + FMA and baseline x86-64, and a process runs one of them. The kernel tests run in
+the widest build in the main suite; here they run again in processes that pick the AVX2 and the
+generic build with QWEN2_JAX_CPU_ISA, so every build is checked against its reference on this
+CPU, not only on a CPU that has no wider one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen2_jax.kernels import cpu_extension
+
+needs_extension = pytest.mark.skipif(
+    not cpu_extension.available(),
+    reason="qwen2_jax._cpu_kernels is not built here (test_cpu_matmul checks it is on x86-64)")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tests of the three kernels and of their use by the sampler; the first one checks that the
+# process runs the build asked for.
+KERNEL_TESTS = [
+    "tests/test_cpu_matmul.py::test_extension_is_built_and_picks_this_cpus_kernel",
+    "tests/test_cpu_matmul.py::test_packed_matmul_equals_the_float64_product",
+    "tests/test_cpu_matmul.py::test_empty_inputs",
+    "tests/test_cpu_matmul.py::test_leading_axes_and_pack_round_trip",
+    "tests/test_ragged_paged_attention.py::test_cpu_kernel_matches_reference",
+    "tests/test_ragged_paged_attention.py::test_cpu_kernel_window_edge_values",
+    "tests/test_ragged_paged_attention.py::test_cpu_kernel_refuses_bad_inputs",
+    "tests/test_cpu_logits.py",
+]
+
+
+def _cpu_flags() -> set[str]:
+  with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+    for line in f:
+      if line.startswith("flags"):
+        return set(line.split(":", 1)[1].split())
+  return set()
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_each_build_passes_the_kernel_tests(isa):
+  """The kernel tests pass in a process running the `isa` build (every test of the list runs:
+  none is skipped, none is deselected)."""
+  if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+    pytest.skip("this CPU has no AVX2 + FMA")
+  env = dict(os.environ, QWEN2_JAX_CPU_ISA=isa, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "-m", "", "-rs", *KERNEL_TESTS], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert "passed" in summary and "skipped" not in summary and "deselected" not in summary, \
+      summary
+
+
+def test_unknown_isa_name_is_a_named_error(monkeypatch):
+  """A QWEN2_JAX_CPU_ISA that names no build is a one-line error naming the variable."""
+  monkeypatch.setenv("QWEN2_JAX_CPU_ISA", "avx10")
+  with pytest.raises(cpu_extension.IsaChoiceError, match="QWEN2_JAX_CPU_ISA='avx10'"):
+    cpu_extension.check_isa_variable()
+  for name in cpu_extension.ISAS:
+    monkeypatch.setenv("QWEN2_JAX_CPU_ISA", name)
+    cpu_extension.check_isa_variable()
