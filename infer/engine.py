@@ -9,21 +9,22 @@ to S = max_num_seqs sequences (decode tokens and prefill chunks mixed) runs thro
 every layer writes its new keys / values into the pools and attends over each sequence's pages
 (`attention.paged_attention`); logits are computed only at each sequence's last token of the
 step, and a token is sampled per sequence. The pools are donated, so they are updated in place.
-The host reads back the S sampled tokens, records them for the sequences whose chunk ended at
-their last token, finishes sequences (stop id, EOS, max_new_tokens), and plans the next step.
+The host reads back the step's sampled tokens (one per row), records them for the sequences
+whose chunk ended at their last token, finishes sequences (stop id, EOS, max_new_tokens), and
+plans the next step.
 
-Compilations. A step of at most S tokens (decodes only, or a short chunk) is padded to the power
-of two covering its tokens, at least 16 and at most S, and has as many sequence rows (a step with
-few running sequences computes and samples no more rows than it needs); a longer one to the power
-of two covering its tokens, at most `max_num_batched_tokens`, with S rows
-(`Engine.token_buckets`); a planned step filling less than 3/4 of its bucket is cut to the
-bucket below (`Engine.fit_tokens`). The
-engine's block-table width is the power of two of pages that covers the longest request seen so
-far (at least 256 tokens' worth): it only grows, so a call with shorter requests never
-recompiles. Off TPU each step's table is narrower where it can be: the power of two of pages
-covering the step's longest sequence (at least 256 tokens' worth, at most the engine's width);
-so there are at most 2 x (1 + log2(width / floor)) programs, each compiled the first time a step
-needs it. (Since the CPU attention stops after the last visible key, the width now matters
+Compilations. Off TPU, a step of at most S tokens (decodes only, or a short chunk) is padded to
+the power of two covering its tokens, at least 16 and at most S, and has as many sequence rows (a
+step with few running sequences computes and samples no more rows than it needs); on TPU to S.
+A longer step is padded to the power of two covering its tokens, at most
+`max_num_batched_tokens`, with S rows (`Engine.token_buckets`). A planned step filling less than
+3/4 of its bucket is cut to the bucket below where its prefill chunks allow
+(`Engine.fit_tokens`). The engine's block-table width is the power of two of pages that covers
+the longest request seen so far (at least 256 tokens' worth): it only grows, so a call with
+shorter requests never recompiles. Off TPU each step's table is narrower where it can be: the
+power of two of pages covering the step's longest sequence (at least 256 tokens' worth, at most
+the engine's width); so there are at most len(token_buckets) x (1 + log2(width / floor))
+programs, each compiled the first time a step needs it. (Since the CPU attention stops after the last visible key, the width now matters
 little there: a 16-row Qwen2-0.5B decode step took 250 ms at 16 pages and 255 ms at 32.)
 Admitting, finishing, chunking and sampling settings never recompile beyond those.
 `Engine.stats` reports compilations (each program's key), steps, preemptions and prefix-cache
@@ -383,6 +384,9 @@ class Engine:
     self._width_lock = threading.Lock()
     self._table_floor = paged.pages_for(min(_MIN_TABLE_TOKENS, self.max_context), self.page_size)
     self._bucket_tables = jax.default_backend() != "tpu"  # see _step_table_width
+    # Steps of fewer tokens than max_num_seqs get fewer rows off TPU (see token_bucket); on TPU
+    # a decode step reads the weights whatever its rows, and each bucket is one more compile.
+    self._min_row_bucket = _MIN_ROW_BUCKET if self._bucket_tables else S
     self._enable_prefix_caching = enable_prefix_caching
     self._replicas = [_Replica(m, self._place(params, m), self._new_scheduler()) for m in meshes]
 
@@ -398,12 +402,14 @@ class Engine:
   def fit_tokens(self, n: int) -> int:
     """Tokens a step planned with n tokens computes: n, or the next smaller token bucket when n
     fills less than _FIT_UTIL of its own bucket (the step's last prefill chunks are shortened
-    and the rest runs in a later step; decode tokens are never cut). Padding rows cost as much
-    as real ones, so this trades a step that is mostly padding for a full smaller one."""
+    and the rest runs in a later step; decode tokens are never cut, so a step may still end
+    above the smaller bucket). Padding rows cost as much as real ones, so this trades a step
+    that is mostly padding for a full smaller one."""
     up = self.token_bucket(n)
-    if n <= self.max_num_seqs or n >= _FIT_UTIL * up:
+    below = [b for b in self.token_buckets if b < up]
+    if not below or n >= _FIT_UTIL * up:
       return n
-    return max(b for b in self.token_buckets if b < up)
+    return max(below)
 
   def _place(self, params, mesh):
     if mesh is None:
@@ -677,11 +683,12 @@ class Engine:
 
   def token_bucket(self, n: int) -> int:
     """Padded token count T of a step computing n tokens (one compiled program per bucket and
-    table width): up to max_num_seqs, the powers of two from _MIN_ROW_BUCKET below it, then
-    max_num_seqs; above, the powers of two capped at max_num_batched_tokens."""
+    table width): up to max_num_seqs, off TPU the powers of two from _MIN_ROW_BUCKET below it,
+    then max_num_seqs (on TPU max_num_seqs only); above, the powers of two capped at
+    max_num_batched_tokens."""
     S = self.max_num_seqs
     if n <= S:
-      return min(S, max(_MIN_ROW_BUCKET, _bucket(n)))
+      return min(S, max(self._min_row_bucket, _bucket(n)))
     return min(self.max_num_batched_tokens, _bucket(n))
 
   def row_bucket(self, num_tokens: int) -> int:
@@ -694,7 +701,7 @@ class Engine:
     """Every T a step may be padded to, ascending."""
     S, T = self.max_num_seqs, self.max_num_batched_tokens
     return sorted({S, T} | {1 << i for i in range(T.bit_length())
-                            if min(_MIN_ROW_BUCKET, S) <= 1 << i < T and 1 << i != S})
+                            if min(self._min_row_bucket, S) <= 1 << i < T and 1 << i != S})
 
   def _step_table_width(self, replica: _Replica, plan: paged.StepPlan) -> int:
     """Block-table width of a step. Off TPU: the power of two of pages covering the step's

@@ -300,11 +300,12 @@ def test_step_token_buckets(hf_tiny):
   assert used <= set(eng.token_buckets) and len(used) >= 3
 
 
-def test_steps_with_few_sequences_use_fewer_rows(hf_tiny):
+def test_steps_with_few_sequences_use_fewer_rows(hf_tiny, monkeypatch):
   """With max_num_seqs above the smallest bucket (16), a step of fewer tokens is padded to the
   power of two covering them (16, 32) or to max_num_seqs, with as many rows: a batch whose
   sequences finish one by one runs its tail in smaller programs, and generates what an engine
-  with one decode program (max_num_seqs 16) generates (tokens, logprobs within 1e-5)."""
+  with one decode program (max_num_seqs 16) generates (tokens, logprobs within 1e-5). On TPU
+  such steps keep max_num_seqs (one decode program)."""
   _, config, params = hf_tiny
   kw = dict(eos_token_ids=(), max_num_batched_tokens=64, page_size=4)
   eng = Engine(config, params, max_num_seqs=40, **kw)
@@ -326,6 +327,10 @@ def test_steps_with_few_sequences_use_fewer_rows(hf_tiny):
   assert [r.output_ids for r in got] == [r.output_ids for r in want]
   np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
                              np.concatenate([r.logprobs for r in want]), atol=1e-5)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  tpu = Engine(config, params, max_num_seqs=40, layout="as_is", **kw)
+  assert tpu.token_buckets == [40, 64]
+  assert [tpu.token_bucket(n) for n in (1, 17, 40, 41)] == [40, 40, 40, 64]
 
 
 def test_greedy_equals_transformers_for_a_stream_in_several_orders(hf_tiny):
