@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from qwen2_jax.kernels import cpu_extension
+from test_cpu_matmul import _cpu_flags
 
 needs_extension = pytest.mark.skipif(
     not cpu_extension.available(),
@@ -33,14 +34,6 @@ KERNEL_TESTS = [
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_refuses_bad_inputs",
     "tests/test_cpu_logits.py",
 ]
-
-
-def _cpu_flags() -> set[str]:
-  with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-    for line in f:
-      if line.startswith("flags"):
-        return set(line.split(":", 1)[1].split())
-  return set()
 
 
 @needs_extension
