@@ -24,8 +24,9 @@ the longest request seen so far (at least 256 tokens' worth): it only grows, so 
 shorter requests never recompiles. Off TPU each step's table is narrower where it can be: the
 power of two of pages covering the step's longest sequence (at least 256 tokens' worth, at most
 the engine's width); so there are at most len(token_buckets) x (1 + log2(width / floor))
-programs, each compiled the first time a step needs it. (Since the CPU attention stops after the last visible key, the width now matters
-little there: a 16-row Qwen2-0.5B decode step took 250 ms at 16 pages and 255 ms at 32.)
+programs, each compiled the first time a step needs it. (Since the CPU attention stops after the
+last visible key, the width now matters little there: a 16-row Qwen2-0.5B decode step took 250
+ms at 16 pages and 255 ms at 32.)
 Admitting, finishing, chunking and sampling settings never recompile beyond those.
 `Engine.stats` reports compilations (each program's key), steps, preemptions and prefix-cache
 hits.
