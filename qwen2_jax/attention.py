@@ -232,8 +232,7 @@ def paged_attention(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array
   if paged_writes_deferred():
     kl, vl, table = layer_pages(k_pages, v_pages, meta.page_indices, meta.layer)
     fn = rpa.ragged_paged_attention_blocked
-    if (impl == "auto" and jax.sharding.get_abstract_mesh().empty
-        and jax.default_backend() == "cpu" and rpa.cpu_kernel_applies(q, kl, vl)):
+    if impl == "auto" and rpa.cpu_kernel_applies(q, kl, vl):
       fn = rpa.ragged_paged_attention_cpu
     out = fn(q, kl, vl, meta.kv_lens, table, meta.cu_q_lens, meta.num_seqs, scale=scale,
              sliding_window=sliding_window, k_new=k, v_new=v)

@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["cpu_matmul.cc", "cpu_attention.cc", "cpu_logits.cc", "cpu_kernels_module.cc"]
+# Every .cc of the kernels directory, as setup.py's CPU_KERNEL_SOURCES.
+SOURCES = sorted((ROOT / "qwen2_jax" / "kernels").glob("*.cc"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -37,7 +38,7 @@ def build(cxx: str, flags: str, out: Path) -> None:
   cmd = [*shlex.split(cxx), "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall",
          *shlex.split(flags), "-isystem", jax.ffi.include_dir(),
          "-I", sysconfig.get_paths()["include"],
-         *(str(ROOT / "qwen2_jax" / "kernels" / s) for s in SOURCES), "-o", str(out)]
+         *map(str, SOURCES), "-o", str(out)]
   print("+", shlex.join(cmd), flush=True)
   subprocess.run(cmd, check=True)
 

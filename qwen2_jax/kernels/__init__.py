@@ -1,7 +1,8 @@
 """Pallas TPU kernels: each module holds a kernel, its `custom_vjp` and a pure-jnp `*_reference`.
-Two CPU kernels in C++ too, XLA FFI calls that the generation engines use on x86-64 CPUs
+Three CPU kernels in C++ too, XLA FFI calls that the generation engines use on x86-64 CPUs
 (forward only; one extension, `cpu_extension`): `cpu_matmul`, a prepacked float32 matmul (with
-`packed_matmul_reference`), and `ragged_paged_attention_cpu` in `ragged_paged_attention`.
+`packed_matmul_reference`), `ragged_paged_attention_cpu` in `ragged_paged_attention`, and
+`cpu_logits`, the sampler's per-row greedy id / max / sum of exp (with `row_stats_reference`).
 
 flash_attention  blockwise online-softmax attention (causal / non-causal, GQA, packed segments,
                  optional logsumexp), forward and backward, plus a `shard_map` wrapper.

@@ -61,6 +61,13 @@ def available() -> bool:
   return module() is not None
 
 
+def runs_here() -> bool:
+  """Whether a program traced now can call the kernels: the extension is built, and the program
+  lowers for the CPU backend without a mesh (sharded programs keep XLA's ops)."""
+  return (available() and jax.default_backend() == "cpu"
+          and jax.sharding.get_abstract_mesh().empty)
+
+
 def missing(what: str) -> RuntimeError:
   """The error of a kernel called where the extension is not built."""
   return RuntimeError(f"{what}: the qwen2_jax._cpu_kernels extension is not built "

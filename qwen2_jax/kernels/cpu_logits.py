@@ -20,10 +20,9 @@ Array = jax.Array
 
 
 def applies(logits: Array) -> bool:
-  """Whether `row_stats` can run here: the extension is built, float32 logits [B, V], lowering
-  for the CPU backend without a mesh (a sharded program keeps the jnp path)."""
-  return (cpu_extension.available() and logits.dtype == jnp.float32 and logits.ndim == 2
-          and jax.sharding.get_abstract_mesh().empty and jax.default_backend() == "cpu")
+  """Whether `row_stats` can run here (`cpu_extension.runs_here`) on these float32 logits
+  [B, V]; else the sampler takes the jnp path."""
+  return cpu_extension.runs_here() and logits.dtype == jnp.float32 and logits.ndim == 2
 
 
 def row_stats(logits: Array, limit: Array) -> tuple[Array, Array, Array]:

@@ -234,9 +234,9 @@ def ragged_paged_attention_blocked(q: Array, k_pages: Array, v_pages: Array, kv_
 
 
 def cpu_kernel_applies(q: Array, k_pages: Array, v_pages: Array) -> bool:
-  """Whether `ragged_paged_attention_cpu` can run these operands: the extension is built and
-  q and the pools are float32 (the caller checks that it lowers for the CPU backend)."""
-  return (cpu_extension.available()
+  """Whether `ragged_paged_attention_cpu` can run here (`cpu_extension.runs_here`) on these
+  operands: q and the pools are float32."""
+  return (cpu_extension.runs_here()
           and all(x.dtype == jnp.float32 for x in (q, k_pages, v_pages)))
 
 
