@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="order in which the continuous batchers take the batch's requests: "
                       "most max_tokens first (the Engine's default), or as generated; vLLM gets "
                       "its requests added in the same order (its scheduler admits them in order)")
+  parser.add_argument("--matmul-precision", choices=("highest", "high"), default=None,
+                      help="jax-new: Engine(matmul_precision=...); 'high' runs the packed CPU "
+                      "matmuls in bf16x3 on AMX where the CPU has it (default: fp32)")
   parser.add_argument("--max-num-seqs", type=int, default=16,
                       help="sequences at once (static engine: rows per batch)")
   parser.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -155,6 +158,7 @@ def format_report(result: dict) -> str:
            f" (prompt {w['prompt_tokens']} tokens, output {w['output_tokens']} tokens), "
            f"max_num_seqs {result['max_num_seqs']}, max_num_batched_tokens "
            f"{result['max_num_batched_tokens']}, admission {result.get('admission', 'fifo')}, "
+           f"jax-new matmul_precision {result.get('matmul_precision') or 'default (fp32)'}, "
            f"median of {result['repeats']} runs",
            f"machine: {m['cpu_count']} CPUs ({m['cpu_model']}), load average "
            f"{m['load_average_start']} -> {m['load_average_end']}", "",
@@ -244,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
           "repeats": args.repeats, "warmup": args.warmup, "max_num_seqs": args.max_num_seqs,
           "max_num_batched_tokens": args.max_num_batched_tokens,
           "kv_cache_gib": args.kv_cache_gib, "max_model_len": max_model_len(workload),
-          "admission": args.admission}
+          "admission": args.admission, "matmul_precision": args.matmul_precision}
   spec_path = workdir / "spec.json"
   spec_path.write_text(json.dumps(spec, indent=2))
   stacks = {}
@@ -276,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
             "repeats": args.repeats, "warmup": args.warmup, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_gib": args.kv_cache_gib, "vllm_cpus": args.vllm_cpus,
-            "admission": args.admission, "machine": machine,
+            "admission": args.admission, "matmul_precision": args.matmul_precision,
+            "machine": machine,
             "workload": _workload_facts(workload), "stacks": stacks}
   result.update(_compare(stacks))
   path = Path(args.json or workdir / "results.json")

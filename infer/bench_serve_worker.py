@@ -63,7 +63,9 @@ def _build(stack: str, spec: dict, config, params):
                max_num_batched_tokens=spec["max_num_batched_tokens"],
                kv_cache_memory=int(spec["kv_cache_gib"] * 2**30),
                max_context=spec["max_model_len"], enable_prefix_caching=False,
-               **({"admission": spec["admission"]} if "admission" in spec else {}))
+               **({"admission": spec["admission"]} if "admission" in spec else {}),
+               **({"matmul_precision": spec["matmul_precision"]}
+                  if spec.get("matmul_precision") else {}))
   return static(config, params, max_batch_size=S, max_context=spec["max_model_len"])
 
 

@@ -61,6 +61,7 @@ fusions and decode programs with oneDNN matmuls (`static_engine.compile_lowered`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -82,6 +83,7 @@ from qwen2_jax.infer.static_engine import (DecodeState, GenerationResult, Static
                                            compile_lowered, cpu_input_minor, cpu_packed_width,
                                            decode_layout, default_dots, from_input_minor,
                                            init_cache, model_layout, write_kv)
+from qwen2_jax.kernels import cpu_matmul
 from qwen2_jax.layers import dtype_of
 from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
 
@@ -129,6 +131,8 @@ def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_
 
 
 ADMISSION_ORDERS = ("longest_first", "fifo")
+# `Engine(matmul_precision=...)`: lax.Precision names for the steps' fp32 matmuls.
+MATMUL_PRECISIONS = ("highest", "high")
 
 
 def admission_order(requests: Sequence[tuple[Sequence[int], SamplingParams]],
@@ -307,6 +311,12 @@ class Engine:
     admission: the order in which a batch's requests wait for slots: "longest_first" (default:
       most max_new_tokens first, which shortens a mixed batch's tail) or "fifo" (as given).
       Results are always in the order given, and samples do not depend on it.
+    matmul_precision: the steps' fp32 matmuls, as lax.Precision names: None (default: the
+      precision in force, i.e. jax's default_matmul_precision, full fp32 on CPU; the packed
+      CPU kernels in fp32), "highest" (fp32 everywhere) or "high" (three bf16 passes: bf16x3
+      on TPU; with packed kernels on a CPU with AMX-BF16, `cpu_matmul.pack_bf16x3` tiles,
+      about 1e-5 relative error per product against fp32's 1e-7, and `params` then gives the
+      weights back as hi + lo, within 2^-16 of each; on CPUs without AMX, fp32).
   """
 
   def __init__(self, config: Qwen2Config, params, *, max_num_seqs: int | None = None,
@@ -316,7 +326,7 @@ class Engine:
                max_context: int | None = None, eos_token_ids: Sequence[int] | None = None,
                mesh=None, rules: Any = "fsdp_tp", layout: str = "auto",
                vocab_limit: int | None = None, min_prompt_bucket: int | None = None,
-               admission: str = "longest_first"):
+               admission: str = "longest_first", matmul_precision: str | None = None):
     del min_prompt_bucket
     if layout not in ("auto", "unrolled", "as_is"):
       raise ValueError(f"layout must be 'auto', 'unrolled' or 'as_is', got {layout!r}")
@@ -324,6 +334,10 @@ class Engine:
     if admission not in ADMISSION_ORDERS:
       raise bad("admission", f"must be one of {ADMISSION_ORDERS}, got {admission!r}")
     self.admission = admission
+    if matmul_precision not in (None, *MATMUL_PRECISIONS):
+      raise bad("matmul_precision",
+                f"must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+    self.matmul_precision = matmul_precision
     S = int(max_num_seqs if max_num_seqs is not None else max_batch_size)
     if S < 1:
       raise bad("max_num_seqs", f"must be >= 1, got {S}")
@@ -335,16 +349,17 @@ class Engine:
     config = config.replace(remat_policy="none")
     params = model_layout(params, config)  # e.g. another engine's params
     self._layout_source = None  # the config before decode_layout, when it was applied
-    self._input_minor, self._packed = False, 0
+    self._input_minor, self._packed, self._bf16x3 = False, 0, False
     if layout == "unrolled" or (layout == "auto" and jax.default_backend() == "cpu"):
       self._layout_source = config
       # Packed or input-minor kernels only without a mesh: the param shardings follow the
       # model's layout.
       self._packed = cpu_packed_width(config, mesh)
+      self._bf16x3 = bool(self._packed) and matmul_precision == "high" and cpu_matmul.amx()
       self._input_minor = (not self._packed and cpu_input_minor() and mesh is None
                            and S >= _INPUT_MINOR_MIN_SEQS)
       config, params = decode_layout(config, params, input_minor=self._input_minor,
-                                     packed=self._packed)
+                                     packed=self._packed, bf16x3=self._bf16x3)
     self.config = config
     self.max_num_seqs = self.max_batch_size = S
     self.max_num_batched_tokens = T
@@ -578,7 +593,7 @@ class Engine:
     params = model_layout(params, self.config)
     if self._layout_source is not None:
       _, params = decode_layout(self._layout_source, params, input_minor=self._input_minor,
-                                packed=self._packed)
+                                packed=self._packed, bf16x3=self._bf16x3)
     for r in self._replicas:
       r.params = self._place(params, r.mesh)
     self.reset_prefix_cache()
@@ -736,7 +751,11 @@ class Engine:
                         None if replica.mesh is None else pool_sharding(replica.mesh, self.rules,
                                                                         k.shape))
       t0 = time.perf_counter()
-      replica.compiled[key] = compile_lowered(jitted.lower(replica.params, k, v, *args),
+      # None leaves the precision in force (jax's config, an enclosing context) as it is.
+      with (contextlib.nullcontext() if self.matmul_precision is None
+            else jax.default_matmul_precision(self.matmul_precision)):
+        lowered = jitted.lower(replica.params, k, v, *args)
+      replica.compiled[key] = compile_lowered(lowered,
                                               decode=T == S,
                                               default_dots=default_dots(self._input_minor,
                                                                         self._packed))

@@ -174,7 +174,7 @@ def decode(config: Qwen2Config, params, state: DecodeState, rp: RowParams,
 
 
 def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
-                  packed: int = 0) -> tuple[Qwen2Config, Any]:
+                  packed: int = 0, bf16x3: bool = False) -> tuple[Qwen2Config, Any]:
   """The same model laid out for fast decoding on CPU: one param subtree per layer (unrolled)
   and an explicit LM head [H, V] (for tied models a copy of the embedding's transpose).
 
@@ -182,6 +182,9 @@ def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
   - `packed` = NR > 0: the attention projections, the MLP (and shared-expert) kernels and the
     head packed into NR-column panels for the prepacked CPU matmul (`to_packed`; the model
     multiplies them with `cpu_matmul.packed_matmul`). The engines pass `cpu_packed_width(...)`.
+    With `bf16x3` (the engines' matmul_precision "high" where `cpu_matmul.amx()`), kernels
+    whose K is a multiple of 32 and N of 16 are packed as AMX tiles instead
+    (`cpu_matmul.pack_bf16x3`: bf16x3 products).
   - `input_minor`: the MLP (and shared-expert) kernels and the head transposed, input axis
     minor (`to_input_minor`; the tied
     head is then the embedding itself, no copy); the engines' programs transpose them back
@@ -198,7 +201,7 @@ def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
     emb = params["embed_tokens"]["embedding"]
     out["lm_head"] = emb if input_minor and not packed else jnp.asarray(emb.T)
   if packed:
-    out = to_packed(out, packed)
+    out = to_packed(out, packed, bf16x3=bf16x3)
   elif input_minor:
     if config.tie_word_embeddings:  # already [V, H]: stored under the marked name as it is
       out["lm_head" + INPUT_MINOR_SUFFIX] = out.pop("lm_head")
@@ -252,14 +255,20 @@ _PACKED_IN_DIMS = {"gate_proj": 1, "up_proj": 1, "down_proj": 1, "lm_head": 1, "
                    "k_proj": 1, "v_proj": 1, "o_proj": 2}
 
 
-def to_packed(params, nr: int):
+def to_packed(params, nr: int, *, bf16x3: bool = False):
   """`params` with each float32 dense kernel of _PACKED_IN_DIMS, as a [K, N] matrix whose N is
   a multiple of nr, packed into [N / nr, K, nr] panels (`cpu_matmul.pack`) under its name +
-  PACKED_SUFFIX. Other kernels (another dtype, a width that is not a multiple) stay as they
-  are."""
+  PACKED_SUFFIX; with `bf16x3`, a kernel whose K is a multiple of 32 and N of 16 is packed as
+  AMX tiles (`cpu_matmul.pack_bf16x3`) instead. Other kernels (another dtype, a width that is
+  not a multiple) stay as they are."""
   def pack(name, leaf):
     k = int(np.prod(leaf.shape[:_PACKED_IN_DIMS[name]]))
-    if leaf.dtype != jnp.float32 or (leaf.size // max(k, 1)) % nr:
+    n = leaf.size // max(k, 1)
+    if leaf.dtype != jnp.float32:
+      return None
+    if bf16x3 and k % 32 == 0 and n % 16 == 0:
+      return name + PACKED_SUFFIX, cpu_matmul.pack_bf16x3(jnp.reshape(leaf, (k, n)))
+    if n % nr:
       return None
     return name + PACKED_SUFFIX, cpu_matmul.pack(jnp.reshape(leaf, (k, -1)), nr)
   return _map_kernels(params, pack, _PACKED_IN_DIMS)
@@ -300,9 +309,13 @@ def _restore(params, config: Qwen2Config | None):
         out[base] = jnp.transpose(leaf, np.argsort(_INPUT_MINOR_PERMS[base]))
       elif config is not None and name.endswith(PACKED_SUFFIX):
         base = name[:-len(PACKED_SUFFIX)]
-        p, k, nr = leaf.shape
-        out[base] = jnp.reshape(cpu_matmul.unpack(leaf, p * nr),
-                                _unpacked_shape(base, k, p * nr, config))
+        if leaf.ndim == 4:  # bf16x3 tiles of a [Kb * 32, P * 16] kernel: hi + lo
+          k, n = leaf.shape[1] * 32, leaf.shape[0] * 16
+          matrix = cpu_matmul.unpack_bf16x3(leaf, k, n)
+        else:
+          p, k, nr = leaf.shape
+          n, matrix = p * nr, cpu_matmul.unpack(leaf, p * nr)
+        out[base] = jnp.reshape(matrix, _unpacked_shape(base, k, n, config))
       else:
         out[name] = leaf
     return out

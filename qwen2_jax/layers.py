@@ -22,7 +22,7 @@ from qwen2_jax.kernels import cpu_matmul
 Array = jax.Array
 
 # Suffix of a dense kernel's param name whose array is packed for `cpu_matmul.packed_matmul`
-# ([N / NR, K, NR] panels of the [K, N] kernel). Only the generation engines on CPU store such
+# ([N / NR, K, NR] panels of the [K, N] kernel, or `cpu_matmul.pack_bf16x3` tiles). Only the generation engines on CPU store such
 # params (`qwen2_jax.infer.static_engine.decode_layout`); a layer reads the packed form where the
 # params hold it instead of the plain name.
 PACKED_SUFFIX = "@packed"
@@ -53,6 +53,8 @@ class PackedKernel:
 def matmul(x: Array, kernel: Array | PackedKernel, dtype) -> Array:
   """x [..., K] @ kernel [K, N] in `dtype`; a `PackedKernel` through the packed CPU kernel."""
   if isinstance(kernel, PackedKernel):
+    if kernel.panels.dtype == jnp.bfloat16:  # bf16x3 tiles (`cpu_matmul.pack_bf16x3`)
+      return cpu_matmul.packed_matmul(x.astype(jnp.float32), kernel.panels, kernel.n)
     return cpu_matmul.packed_matmul(x.astype(dtype), kernel.panels.astype(dtype), kernel.n)
   return jnp.einsum("...K,KN->...N", x.astype(dtype), kernel.astype(dtype))
 

@@ -1,5 +1,5 @@
 """Builds the CPU kernels (`qwen2_jax._cpu_kernels`) with another C++ compiler and runs the kernel
-tests against that build, once per instruction set (QWEN2_JAX_CPU_ISA avx512, avx2, generic;
+tests against that build, once per instruction set (QWEN2_JAX_CPU_ISA amx, avx512, avx2, generic;
 those this CPU lacks are reported as not run). The installed extension is left alone: the build
 goes to a temporary directory and the tests import it in its place. Other arguments go to
 pytest (e.g. -x).
@@ -56,8 +56,9 @@ def run_tests(so: str, pytest_args: list[str]) -> int:
   from qwen2_jax.kernels import cpu_extension  # pylint: disable=import-outside-toplevel
   if cpu_extension.module() is not mod:
     raise SystemExit("the build under test was not the one imported")
-  print(f"{so}: {mod.isa()} build", flush=True)
-  if mod.isa() != os.environ.get("QWEN2_JAX_CPU_ISA", mod.isa()):
+  running = "amx" if mod.amx() else mod.isa()
+  print(f"{so}: {running} build", flush=True)
+  if running != os.environ.get("QWEN2_JAX_CPU_ISA", running):
     print(f"this CPU cannot run the {os.environ['QWEN2_JAX_CPU_ISA']} build", flush=True)
     return 3
   import pytest  # pylint: disable=import-outside-toplevel
@@ -76,7 +77,7 @@ def main() -> int:
   with tempfile.TemporaryDirectory() as tmp:
     so = Path(tmp) / ("_cpu_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
     build(args.cxx, args.flags, so)
-    for isa in ("avx512", "avx2", "generic"):
+    for isa in ("amx", "avx512", "avx2", "generic"):
       env = dict(os.environ, QWEN2_JAX_CPU_ISA=isa, JAX_PLATFORMS="cpu")
       code = subprocess.run([sys.executable, __file__, "--so", str(so), *_kernel_tests(),
                              *rest], cwd=ROOT, env=env, check=False).returncode

@@ -1,8 +1,9 @@
 """The CPU kernels' builds (`qwen2_jax.kernels.cpu_extension`): each kernel is compiled for
-AVX-512, AVX2 + FMA and baseline x86-64, and a process runs one of them. The kernel tests run in
-the widest build in the main suite; here they run again in processes that pick the AVX2 and the
-generic build with QWEN2_JAX_CPU_ISA, so every build is checked against its reference on this
-CPU, not only on a CPU that has no wider one."""
+AVX-512, AVX2 + FMA and baseline x86-64, and a process runs one of them; the bf16x3 matmul runs
+on AMX tiles or a portable loop. The kernel tests run in the widest build in the main suite;
+here they run again in processes that pick the AVX2 and the generic build with
+QWEN2_JAX_CPU_ISA, and on a CPU with AMX the AVX-512 build without it, so every build is checked
+against its reference on this CPU, not only on a CPU that has no wider one."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ KERNEL_TESTS = [
     "tests/test_cpu_matmul.py::test_packed_matmul_equals_the_float64_product",
     "tests/test_cpu_matmul.py::test_empty_inputs",
     "tests/test_cpu_matmul.py::test_leading_axes_and_pack_round_trip",
+    "tests/test_cpu_matmul.py::test_bf16x3_matmul_equals_its_reference",
+    "tests/test_cpu_matmul.py::test_bf16x3_pack_round_trip_and_leading_axes",
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_matches_reference",
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_window_edge_values",
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_refuses_bad_inputs",
@@ -37,12 +40,14 @@ KERNEL_TESTS = [
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_each_build_passes_the_kernel_tests(isa):
   """The kernel tests pass in a process running the `isa` build (every test of the list runs:
   none is skipped, none is deselected)."""
   if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
     pytest.skip("this CPU has no AVX2 + FMA")
+  if isa == "avx512" and not {"amx_tile", "amx_bf16"} <= _cpu_flags():
+    pytest.skip("the main suite runs the AVX-512 build (this CPU has no AMX to turn off)")
   env = dict(os.environ, QWEN2_JAX_CPU_ISA=isa, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "-m", "", "-rs", *KERNEL_TESTS], cwd=ROOT, env=env,

@@ -39,10 +39,14 @@ def test_extension_is_built_and_picks_this_cpus_kernel():
   best = ("avx512" if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags
           else "avx2" if {"avx2", "fma"} <= flags else "generic")
   order = ["generic", "avx2", "avx512"]
-  asked = os.environ.get("QWEN2_JAX_CPU_ISA", "avx512")
+  asked = os.environ.get("QWEN2_JAX_CPU_ISA", "avx512").replace("amx", "avx512")
   want = order[min(order.index(asked), order.index(best))]
   assert cpu_matmul.cpu_extension.module().isa() == want
   assert cpu_matmul.panel_width() == {"avx512": 32, "avx2": 16, "generic": 0}[want]
+  # AMX for the bf16x3 matmul: the CPU has it (and the kernel grants the tile state, Linux
+  # 5.16+) and the variable is unset or "amx".
+  has_amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags and want == "avx512"
+  assert cpu_matmul.amx() == (has_amx and os.environ.get("QWEN2_JAX_CPU_ISA", "amx") == "amx")
 
 
 # (rows, K, N): one row; row counts that are not multiples of the row blocks (12 / 6 / 8); K
@@ -128,3 +132,62 @@ def test_engines_pack_per_the_environment_switch(monkeypatch):
   monkeypatch.setenv("QWEN2_JAX_PACKED_MATMUL", "yes")
   with pytest.raises(validation.InvalidParameterError, match="QWEN2_JAX_PACKED_MATMUL"):
     static_engine.cpu_packed_width(config)
+
+
+# (rows, K, N): one row; rows across the 16-row tiles (17, 40: a partial last tile, several row
+# blocks and the L2-sized panel chunks; 70, 130: x split into hi and lo by 16-row tasks); K not
+# a multiple of the 32-row k-block; N not a multiple of the 16-column panel, and across the
+# 4-panel tile pass; a Qwen2-0.5B MLP shape large enough for the thread split.
+SHAPES_X3 = [(1, 64, 96), (3, 70, 45), (16, 31, 17), (17, 100, 130), (40, 257, 70),
+             (70, 100, 40), (130, 64, 48), (16, 896, 4864), (48, 896, 1152)]
+
+
+@needs_extension
+@pytest.mark.parametrize("m,k,n", SHAPES_X3)
+def test_bf16x3_matmul_equals_its_reference(m, k, n):
+  """The bf16x3 kernel (AMX tiles where `amx()`, else the portable loop) equals the three fp32
+  products of the bf16 parts within 2e-6 of the largest |y| (fp32 sums in another order), and
+  the float64 product within 3e-5 (the bf16x3 error: ~2^-16 per product)."""
+  rng = np.random.default_rng(m * 1000 + k + n)
+  x = rng.standard_normal((m, k), np.float32)
+  w = rng.standard_normal((k, n), np.float32)
+  packed = cpu_matmul.pack_bf16x3(w)
+  assert packed.shape == (-(-n // 16), -(-k // 32), 2, 512) and packed.dtype == jnp.bfloat16
+  got = np.asarray(jax.jit(cpu_matmul.packed_matmul, static_argnums=2)(x, packed, n))
+  assert got.shape == (m, n)
+  ref = np.asarray(cpu_matmul.packed_matmul_bf16x3_reference(jnp.asarray(x),
+                                                             jnp.asarray(packed), n))
+  exact = x.astype(np.float64) @ w.astype(np.float64)
+  scale = np.abs(exact).max()
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * scale)
+  np.testing.assert_allclose(got, exact, rtol=0, atol=3e-5 * scale)
+
+
+@needs_extension
+def test_bf16x3_pack_round_trip_and_leading_axes():
+  """`unpack_bf16x3(pack_bf16x3(w))` is w to 2^-16 of each |w| (hi + lo keep 16 significand
+  bits), the same in numpy and jnp; hi is w rounded to bf16; x [B, T, K] keeps its leading axes;
+  K = 0 gives zeros; wrong tiles are a named error."""
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((40, 70), np.float32)
+  packed = cpu_matmul.pack_bf16x3(w)
+  np.testing.assert_array_equal(np.asarray(cpu_matmul.pack_bf16x3(jnp.asarray(w))).view(np.uint16),
+                                packed.view(np.uint16))
+  back = cpu_matmul.unpack_bf16x3(packed, 40, 70)
+  assert back.shape == (40, 70) and back.dtype == np.float32
+  assert np.all(np.abs(back - w) <= 2.0 ** -16 * np.abs(w))
+  hi_only = packed.copy()
+  hi_only[:, :, 1] = 0
+  np.testing.assert_array_equal(cpu_matmul.unpack_bf16x3(hi_only, 40, 70),
+                                w.astype(jnp.bfloat16).astype(np.float32))
+  x = rng.standard_normal((2, 5, 40), np.float32)
+  got = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), jnp.asarray(packed), 70))
+  want = np.einsum("btk,kn->btn", x.astype(np.float64), w.astype(np.float64))
+  np.testing.assert_allclose(got, want, rtol=0, atol=3e-5 * np.abs(want).max())
+  zeros = cpu_matmul.packed_matmul(jnp.ones((3, 0), jnp.float32),
+                                   jnp.ones((2, 0, 2, 512), jnp.bfloat16), 20)
+  np.testing.assert_array_equal(np.asarray(zeros), np.zeros((3, 20), np.float32))
+  with pytest.raises(ValueError, match=r"bf16x3 tiles .* do not make \[\.\.\., 70\]"):
+    cpu_matmul.packed_matmul(jnp.zeros((3, 70), jnp.float32), jnp.asarray(packed), 70)
+  with pytest.raises(TypeError, match="x must be float32"):
+    cpu_matmul.packed_matmul(jnp.zeros((3, 40), jnp.bfloat16), jnp.asarray(packed), 70)

@@ -55,6 +55,23 @@ def test_prompt_mode_prints_the_completion(model_dir, gen, capsys):
   assert capsys.readouterr().out == expected.text + "\n"
 
 
+def test_matmul_precision_flag_reaches_the_engine(model_dir, capsys, monkeypatch):
+  """--matmul-precision is passed to the Engine (default None: the precision in force), and
+  "high" generates (here the same 4 greedy tokens)."""
+  seen = []
+  original = Generator.from_pretrained.__func__
+  def spy(cls, *args, **kwargs):
+    seen.append(kwargs.get("matmul_precision"))
+    return original(cls, *args, **kwargs)
+  monkeypatch.setattr(Generator, "from_pretrained", classmethod(spy))
+  outs = []
+  for flags in ([], ["--matmul-precision", "high"]):
+    assert _cli(["generate", str(model_dir), "--prompt-ids", "1", "2", "3",
+                 "--max-new-tokens", "4", *flags]) == 0
+    outs.append(capsys.readouterr().out)
+  assert seen == [None, "high"] and outs[0] == outs[1]
+
+
 def test_chat_streams_and_keeps_the_conversation(gen, loaded, model_dir, capsys, monkeypatch):
   """Chat streams the reply in token chunks; turn 2 is generated from the whole conversation."""
   sp = SamplingParams(max_new_tokens=9, ignore_eos=True)

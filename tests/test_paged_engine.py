@@ -684,6 +684,50 @@ def test_cpu_layouts_generate_the_same(tmp_path, monkeypatch):
       [r.output_ids for r in out["plain"]]
 
 
+def test_bf16x3_matmuls_generate_the_same(tmp_path, monkeypatch):
+  """matmul_precision "high" where `cpu_matmul.amx()` stores every packed kernel as bf16x3 tiles
+  (K multiple of 32, N of 16; here all of them) and gives the fp32 engine's greedy tokens, and
+  logprobs within 1e-4, on a stream with prompt chunks and decodes; `params` gives the weights
+  back to 2^-16 of each; update_params keeps the tiles. Where AMX is missing it keeps fp32
+  panels. (`amx()` is patched to True off AMX CPUs: the kernel then runs the same products in
+  its portable loop.) Another precision name is a named error."""
+  from qwen2_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
+  if not cpu_matmul.available():
+    pytest.skip("qwen2_jax._cpu_kernels is not built here (test_cpu_matmul checks it on x86-64)")
+  make_hf_qwen2(tmp_path, seed=5, vocab_size=256, intermediate_size=64, head_dim=16)
+  config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
+  prompts, news = _stream(config.vocab_size, 6, 13, max_prompt=40, max_new=12)
+  sps = [SamplingParams(max_new_tokens=n) for n in news]
+  monkeypatch.setattr(engine_lib, "cpu_packed_width", lambda *a, **k: 16)
+  kw = dict(eos_token_ids=(), max_batch_size=4, max_num_batched_tokens=24, page_size=4)
+  def packed(eng):
+    # pylint: disable-next=protected-access
+    leaves = jax.tree_util.tree_flatten_with_path(eng._replicas[0].params)[0]
+    return [leaf.dtype for p, leaf in leaves if "@packed" in jax.tree_util.keystr(p)]
+  layers = config.num_hidden_layers
+  monkeypatch.setattr(cpu_matmul, "amx", lambda: False)
+  assert packed(Engine(config, params, matmul_precision="high", **kw)) == \
+      [jnp.float32] * (7 * layers + 1)
+  monkeypatch.setattr(cpu_matmul, "amx", lambda: True)
+  fp32 = Engine(config, params, **kw)
+  x3 = Engine(config, params, matmul_precision="high", **kw)
+  assert packed(fp32) == [jnp.float32] * (7 * layers + 1)
+  assert packed(x3) == [jnp.bfloat16] * (7 * layers + 1)
+  want, got = fp32.generate(prompts, sps), x3.generate(prompts, sps)
+  assert [r.output_ids for r in got] == [r.output_ids for r in want]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
+                             np.concatenate([r.logprobs for r in want]), atol=1e-4)
+  assert jax.tree.structure(x3.params) == jax.tree.structure(fp32.params)
+  for a, b in zip(jax.tree.leaves(x3.params), jax.tree.leaves(fp32.params)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and np.all(np.abs(a - b) <= 2.0 ** -16 * np.abs(b)), a.shape
+  x3.update_params(params)
+  assert packed(x3) == [jnp.bfloat16] * (7 * layers + 1)
+  assert [r.output_ids for r in x3.generate(prompts, sps)] == [r.output_ids for r in want]
+  with pytest.raises(validation.InvalidParameterError, match="matmul_precision"):
+    Engine(config, params, matmul_precision="bf16", **kw)
+
+
 def test_split_requests_balances_work_and_keeps_equal_prompts_together():
   """Pieces of equal prompts (at most ceil(n / replicas) requests) go largest first to the least
   loaded replica; each replica's indices are in the given order and every request is placed

@@ -8,6 +8,8 @@
 #define QWEN2_JAX_KERNELS_CPU_COMMON_H_
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -64,6 +66,44 @@ inline Isa BestIsa() {
     return std::min(asked, best);
   }();
   return isa;
+}
+
+// Compilers that know the AMX intrinsics (GCC 11, Clang 12); built with an older one, the bf16x3
+// matmul has only its portable loop.
+#if (defined(__clang__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define QWEN2_JAX_HAVE_AMX 1
+#else
+#define QWEN2_JAX_HAVE_AMX 0
+#endif
+
+// Whether the bf16x3 matmul can use AMX: it was compiled in (QWEN2_JAX_HAVE_AMX); the CPU has
+// AMX-TILE, AMX-BF16 and AVX512-BF16; the OS saves the tile state (XCR0 bits 17, 18) and grants
+// this process the tile data (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), Linux 5.16+);
+// and QWEN2_JAX_CPU_ISA is unset or "amx" (any narrower build name turns AMX off). Asked once
+// per process.
+inline bool AmxUsable() {
+  static const bool usable = [] {
+    if (!QWEN2_JAX_HAVE_AMX) return false;
+    const char* want = std::getenv("QWEN2_JAX_CPU_ISA");
+    if (want != nullptr && std::string(want) != "amx") return false;
+    if (BestIsa() != Isa::kAvx512) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tiles = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    const bool avx512_bf16 = a & (1u << 5);
+    unsigned xcr0, xcr0_hi;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+    if (!tiles || !avx512_bf16 || (xcr0 & 0x60000) != 0x60000) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
 }
 
 inline const char* IsaName(Isa isa) {

@@ -1,7 +1,8 @@
 """The compiled CPU kernels, `qwen2_jax._cpu_kernels` (setup.py builds it on x86-64): XLA FFI
 custom calls for the generation engines, registered with jax on first use.
 
-- `cpu_matmul.cc`: the prepacked fp32 matmul (`cpu_matmul.packed_matmul`);
+- `cpu_matmul.cc`: the prepacked fp32 matmul (`cpu_matmul.packed_matmul`), and its bf16x3
+  variant on AMX tiles (`cpu_matmul.pack_bf16x3`);
 - `cpu_attention.cc`: ragged paged attention over fp32 pools
   (`ragged_paged_attention.ragged_paged_attention_cpu`);
 - `cpu_logits.cc`: the sampler's per-row argmax / max / sum of exp (`cpu_logits.row_stats`).
@@ -10,9 +11,11 @@ custom calls for the generation engines, registered with jax on first use.
 no C++ compiler, another architecture); callers then keep XLA's own ops.
 
 Each kernel is compiled for AVX-512 (F/VL/BW/DQ), AVX2 + FMA and baseline x86-64, and runs the
-widest build this CPU has. `QWEN2_JAX_CPU_ISA` ("avx512", "avx2", "generic"), read once per
-process, picks a narrower one (the tests run every build on one CPU that way); a build this CPU
-cannot run is never picked. `module().isa()` names the build in use.
+widest build this CPU has. `QWEN2_JAX_CPU_ISA` ("amx", "avx512", "avx2", "generic"), read once
+per process, picks a narrower one (the tests run every build on one CPU that way); a build this
+CPU cannot run is never picked. `module().isa()` names the build in use. The bf16x3 matmul uses
+AMX tiles where `module().amx()` (the CPU has AMX-BF16, the OS grants the tile state, and the
+variable is unset or "amx"), else a slow portable loop.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import jax
 from qwen2_jax.errors import UserError
 
 MATMUL_TARGET = "qwen2_jax_packed_matmul"
+MATMUL_BF16X3_TARGET = "qwen2_jax_packed_matmul_bf16x3"
 ATTENTION_TARGET = "qwen2_jax_paged_attention"
 LOGITS_TARGET = "qwen2_jax_logit_row_stats"
 ISA_VARIABLE = "QWEN2_JAX_CPU_ISA"
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("amx", "avx512", "avx2", "generic")
 
 
 class IsaChoiceError(UserError, ValueError):
@@ -44,6 +48,8 @@ def module():
   except ImportError:
     return None
   jax.ffi.register_ffi_target(MATMUL_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
+  jax.ffi.register_ffi_target(MATMUL_BF16X3_TARGET, _cpu_kernels.matmul_bf16x3_handler(),
+                              platform="cpu")
   jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
   jax.ffi.register_ffi_target(LOGITS_TARGET, _cpu_kernels.logits_handler(), platform="cpu")
   return _cpu_kernels

@@ -1,19 +1,25 @@
 // The Python module `qwen2_jax._cpu_kernels`: capsules of the XLA FFI handlers of the CPU kernels
 // (`cpu_matmul.cc`, `cpu_attention.cc`, `cpu_logits.cc`) for `jax.ffi.register_ffi_target`, and the
-// panel width of this CPU's matmul register kernel.
+// panel width of this CPU's matmul register kernel, and whether the bf16x3 matmul has AMX.
 
 #include <Python.h>
 
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmulBf16x3);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPagedAttention);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxLogitRowStats);
 int Qwen2JaxPanelWidth();
 const char* Qwen2JaxIsa();
+bool Qwen2JaxAmx();
 
 static PyObject* MatmulHandler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMatmul), nullptr, nullptr);
+}
+
+static PyObject* MatmulBf16x3Handler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMatmulBf16x3), nullptr, nullptr);
 }
 
 static PyObject* AttentionHandler(PyObject*, PyObject*) {
@@ -28,9 +34,13 @@ static PyObject* PanelWidth(PyObject*, PyObject*) { return PyLong_FromLong(Qwen2
 
 static PyObject* IsaName(PyObject*, PyObject*) { return PyUnicode_FromString(Qwen2JaxIsa()); }
 
+static PyObject* Amx(PyObject*, PyObject*) { return PyBool_FromLong(Qwen2JaxAmx()); }
+
 static PyMethodDef kMethods[] = {
     {"matmul_handler", MatmulHandler, METH_NOARGS,
      "The XLA FFI handler of the prepacked matmul (a capsule)."},
+    {"matmul_bf16x3_handler", MatmulBf16x3Handler, METH_NOARGS,
+     "The XLA FFI handler of the prepacked bf16x3 matmul (a capsule)."},
     {"attention_handler", AttentionHandler, METH_NOARGS,
      "The XLA FFI handler of the ragged paged attention (a capsule)."},
     {"logits_handler", LogitsHandler, METH_NOARGS,
@@ -40,6 +50,9 @@ static PyMethodDef kMethods[] = {
     {"isa", IsaName, METH_NOARGS,
      "The instruction set the kernels run: 'avx512', 'avx2' or 'generic' (the widest this CPU "
      "has, or a narrower one named by QWEN2_JAX_CPU_ISA)."},
+    {"amx", Amx, METH_NOARGS,
+     "Whether the bf16x3 matmul runs on AMX tiles here (the CPU has AMX-BF16, the OS grants "
+     "the tile state, QWEN2_JAX_CPU_ISA is unset or 'amx')."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {

@@ -8,12 +8,16 @@
 // The register kernels are chosen at run time: AVX-512 (NR 32, up to 12 rows per block) or
 // AVX2+FMA (NR 16, up to 6 rows); any other panel width runs a portable loop. Work is split over
 // panels between the caller and XLA's intra-op thread pool.
+//
+// A second custom call multiplies in three bf16 passes on AMX tiles (see "bf16x3" below), for
+// the engines' opt-in matmul_precision "high".
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -248,6 +252,254 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ----------------------------------------------------------------------- bf16x3 (AMX-BF16)
+//
+// y = x @ W in three bf16 products accumulated in fp32: x_hi W_hi + x_lo W_hi + x_hi W_lo, where
+// v_hi = bf16(v) and v_lo = bf16(v - v_hi) (the algorithm of lax.DotAlgorithmPreset
+// BF16_BF16_F32_X3; Henry, Tang and Heinecke, "Leveraging the bfloat16 Artificial Intelligence
+// Datatype For Higher-Precision Computations", 2019). W is packed once as [P, Kb, 2, 512] bf16:
+// for panel p (16 output columns) and k-block b (32 input rows), the hi and then the lo part,
+// each a 16x32 AMX tile in VNNI order (element (k, j) at (k / 2) * 32 + j * 2 + k % 2), zero-
+// padded past K and N. 4 bytes per weight, as fp32, so a decode step streams the same bytes; the
+// products run on the tile unit instead of the FMA units.
+
+constexpr int64_t kTileElems = 512;  // bf16 per 16 x 32 tile
+
+struct ProblemX3 {
+  const uint16_t* xh;  // [mpad, kpad] hi parts of x, zero-padded
+  const uint16_t* xl;  // [mpad, kpad] lo parts
+  const uint16_t* w;   // [P, Kb, 2, 512]
+  float* y;            // [M, N]
+  int64_t m, mpad, kb, n, panels;
+};
+
+inline uint16_t Bf16Scalar(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float Bf16ToFloat(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Rows [r0, r1) of x [m, k] -> hi and lo parts [mpad, kpad], zero-padded.
+void SplitRowsScalar(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t r0, int64_t r1,
+                     uint16_t* xh, uint16_t* xl) {
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* h = xh + r * kpad;
+    uint16_t* l = xl + r * kpad;
+    int64_t i = 0;
+    if (r < m) {
+      for (; i < k; ++i) {
+        const float v = x[r * k + i];
+        h[i] = Bf16Scalar(v);
+        l[i] = Bf16Scalar(v - Bf16ToFloat(h[i]));
+      }
+    }
+    std::fill(h + i, h + kpad, uint16_t{0});
+    std::fill(l + i, l + kpad, uint16_t{0});
+  }
+}
+
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint16_t U16x16u __attribute__((vector_size(32), aligned(2)));
+
+// The bf16 bits of 16 floats, in the low halves (round to nearest even; NaN stays NaN).
+QWEN2_JAX_INLINE U32x16 Bf16Bits(F16 v) {
+  const U32x16 u = reinterpret_cast<U32x16>(v);
+  const U32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded;
+}
+
+__attribute__((target("avx512f,avx512bw"))) void SplitRows512(const float* x, int64_t m,
+                                                              int64_t k, int64_t kpad, int64_t r0,
+                                                              int64_t r1, uint16_t* xh,
+                                                              uint16_t* xl) {
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* h = xh + r * kpad;
+    uint16_t* l = xl + r * kpad;
+    const int64_t valid = r < m ? k : 0;
+    int64_t i = 0;
+    for (; i + 16 <= valid; i += 16) {
+      const F16 v = Load(x + r * k + i);
+      const U32x16 hb = Bf16Bits(v);
+      const U32x16 lb = Bf16Bits(v - reinterpret_cast<F16>(hb << 16));
+      *reinterpret_cast<U16x16u*>(h + i) = __builtin_convertvector(hb, U16x16);
+      *reinterpret_cast<U16x16u*>(l + i) = __builtin_convertvector(lb, U16x16);
+    }
+    for (; i < valid; ++i) {
+      const float v = x[r * k + i];
+      h[i] = Bf16Scalar(v);
+      l[i] = Bf16Scalar(v - Bf16ToFloat(h[i]));
+    }
+    std::fill(h + i, h + kpad, uint16_t{0});
+    std::fill(l + i, l + kpad, uint16_t{0});
+  }
+}
+
+struct TileConfig {
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+#if QWEN2_JAX_HAVE_AMX
+// Panels [p0, p1) for every row block of 16: tiles 0-3 accumulate four panels, 4 and 5 hold
+// x_hi and x_lo of one k-block, 6 and 7 a panel's W_hi and W_lo.
+__attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& pb, int64_t p0,
+                                                                  int64_t p1) {
+  // Eight tiles of 16 rows x 64 bytes (static: some compilers' _tile_loadconfig declares it
+  // reads only the first 8 bytes, so stores to a local could be dropped as dead).
+  static const TileConfig config = [] {
+    TileConfig c{};
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+    return c;
+  }();
+  _tile_loadconfig(&config);
+  alignas(64) float out[4][256];
+  const int64_t kpad = pb.kb * 32;
+  for (int64_t r0 = 0; r0 < pb.mpad; r0 += 16) {
+    const uint16_t* xh = pb.xh + r0 * kpad;
+    const uint16_t* xl = pb.xl + r0 * kpad;
+    for (int64_t q = p0; q < p1; q += 4) {
+      const int64_t np = std::min<int64_t>(4, p1 - q);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t b = 0; b < pb.kb; ++b) {
+        _tile_loadd(4, xh + b * 32, kpad * 2);
+        _tile_loadd(5, xl + b * 32, kpad * 2);
+#define QWEN2_JAX_PANEL(J)                                                  \
+  if (J < np) {                                                             \
+    const uint16_t* t = pb.w + (((q + J) * pb.kb + b) * 2) * kTileElems;    \
+    _tile_loadd(6, t, 64);                                                  \
+    _tile_dpbf16ps(J, 4, 6);                                                \
+    _tile_dpbf16ps(J, 5, 6);                                                \
+    _tile_loadd(7, t + kTileElems, 64);                                     \
+    _tile_dpbf16ps(J, 4, 7);                                                \
+  }
+        QWEN2_JAX_PANEL(0)
+        QWEN2_JAX_PANEL(1)
+        QWEN2_JAX_PANEL(2)
+        QWEN2_JAX_PANEL(3)
+#undef QWEN2_JAX_PANEL
+      }
+      _tile_stored(0, out[0], 64);
+      _tile_stored(1, out[1], 64);
+      _tile_stored(2, out[2], 64);
+      _tile_stored(3, out[3], 64);
+      const int64_t rows = std::min<int64_t>(16, pb.m - r0);
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t col = (q + j) * 16, cols = std::min<int64_t>(16, pb.n - col);
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(pb.y + (r0 + r) * pb.n + col, out[j] + r * 16, cols * sizeof(float));
+      }
+    }
+  }
+  _tile_release();
+}
+#endif  // QWEN2_JAX_HAVE_AMX
+
+// The same products without AMX, one output at a time (where the CPU or OS lacks it, or
+// QWEN2_JAX_CPU_ISA names a narrower build): slow, for correctness anywhere.
+void RunPanelsPortable(const ProblemX3& pb, int64_t p0, int64_t p1) {
+  const int64_t kpad = pb.kb * 32;
+  for (int64_t r = 0; r < pb.m; ++r) {
+    const uint16_t* xh = pb.xh + r * kpad;
+    const uint16_t* xl = pb.xl + r * kpad;
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t j = 0; j < 16 && p * 16 + j < pb.n; ++j) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < pb.kb; ++b) {
+          const uint16_t* t = pb.w + ((p * pb.kb + b) * 2) * kTileElems;
+          for (int64_t i = 0; i < 32; ++i) {
+            const int64_t at = (i / 2) * 32 + j * 2 + i % 2;
+            const float wh = Bf16ToFloat(t[at]), wl = Bf16ToFloat(t[kTileElems + at]);
+            const float ah = Bf16ToFloat(xh[b * 32 + i]), al = Bf16ToFloat(xl[b * 32 + i]);
+            acc += ah * wh + al * wh + ah * wl;
+          }
+        }
+        pb.y[r * pb.n + p * 16 + j] = acc;
+      }
+    }
+  }
+}
+
+ffi::Error PackedMatmulBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  bool shapes_ok = wd.size() == 4 && wd[2] == 2 && wd[3] == kTileElems && xd.size() >= 1 &&
+                   yd.size() == xd.size();
+  for (size_t i = 0; shapes_ok && i + 1 < xd.size(); ++i) shapes_ok = xd[i] == yd[i];
+  if (!shapes_ok)
+    return ffi::Error::InvalidArgument(
+        "packed_matmul (bf16x3): x [..., K], w [P, Kb, 2, 512], y [..., N]");
+  const int64_t k = xd.back();
+  ProblemX3 pb;
+  pb.n = yd.back();
+  pb.panels = wd[0];
+  pb.kb = wd[1];
+  if (pb.kb != (k + 31) / 32 || pb.panels != (pb.n + 15) / 16)
+    return ffi::Error::InvalidArgument(
+        "packed_matmul (bf16x3): w's tiles do not match x's K and y's N");
+  pb.m = pb.n == 0 ? 0 : y->element_count() / pb.n;
+  pb.y = y->typed_data();
+  if (pb.m == 0 || pb.n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::fill(pb.y, pb.y + pb.m * pb.n, 0.0f);
+    return ffi::Error::Success();
+  }
+  pb.mpad = (pb.m + 15) / 16 * 16;
+  const int64_t kpad = pb.kb * 32;
+  // The caller's scratch, reused across calls: it keeps its largest size (10 MiB for 512 rows
+  // of K 4864) for the life of the thread.
+  thread_local std::vector<uint16_t> split;
+  split.resize(static_cast<size_t>(2 * pb.mpad * kpad));
+  uint16_t* xh = split.data();
+  uint16_t* xl = split.data() + pb.mpad * kpad;
+  auto split_rows = BestIsa() == Isa::kAvx512 ? SplitRows512 : SplitRowsScalar;
+  const float* xs = x.typed_data();
+  if (pb.mpad >= 64) {  // 16 rows per task
+    ParallelFor(pool, pb.mpad / 16, [&](int64_t c) {
+      split_rows(xs, pb.m, k, kpad, c * 16, c * 16 + 16, xh, xl);
+    });
+  } else {
+    split_rows(xs, pb.m, k, kpad, 0, pb.mpad, xh, xl);
+  }
+  pb.xh = xh;
+  pb.xl = xl;
+  pb.w = reinterpret_cast<const uint16_t*>(w.untyped_data());
+#if QWEN2_JAX_HAVE_AMX
+  void (*run)(const ProblemX3&, int64_t, int64_t) =
+      AmxUsable() ? RunPanelsAmx : RunPanelsPortable;
+#else
+  void (*run)(const ProblemX3&, int64_t, int64_t) = RunPanelsPortable;
+#endif
+  // A chunk of panels per task: 4 (one tile pass) for up to 16 rows, where the panels stream
+  // from memory once; for more rows, as many as fit in about 1 MiB of L2, which every row block
+  // then reads.
+  int64_t chunk = 4;
+  if (pb.mpad > 16) chunk = std::max<int64_t>(4, ((int64_t{1} << 20) / (pb.kb * 2048)) / 4 * 4);
+  const int64_t chunks = (pb.panels + chunk - 1) / chunk;
+  if (chunks < 2) {
+    run(pb, 0, pb.panels);
+    return ffi::Error::Success();
+  }
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    run(pb, c * chunk, std::min(pb.panels, (c + 1) * chunk));
+  });
+  return ffi::Error::Success();
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul, PackedMatmul,
@@ -256,6 +508,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmulBf16x3, PackedMatmulBf16x3,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether the bf16x3 matmul runs on AMX here (for `cpu_kernels_module.cc`).
+bool Qwen2JaxAmx() { return AmxUsable(); }
 
 // The panel width of this CPU's register kernel (for `cpu_kernels_module.cc`).
 int Qwen2JaxPanelWidth() {

@@ -7,12 +7,24 @@ and the kernel streams them: AVX-512 (NR 32) or AVX2+FMA (NR 16) register kernel
 time, split over panels with XLA's intra-op threads.
 
 `pack` / `unpack` convert kernels, `packed_matmul` multiplies, `packed_matmul_reference` is the
-plain jnp oracle. `available()` says whether the extension is built (setup.py builds it on
+plain jnp oracle.
+
+A second, opt-in packing runs the products on the AMX tile unit of Intel CPUs since Sapphire
+Rapids, in three bf16 passes accumulated in fp32 (x_hi W_hi + x_lo W_hi + x_hi W_lo, with
+v_hi = bf16(v), v_lo = bf16(v - v_hi): lax.DotAlgorithmPreset.BF16_BF16_F32_X3, what
+lax.Precision.HIGH means on TPU). `pack_bf16x3` stores W's two parts as AMX tiles,
+[ceil(N / 16), ceil(K / 32), 2, 512] bf16: 4 bytes per weight, as fp32. Each product keeps
+about 16 of fp32's 24 significand bits (relative error ~1e-5 against ~1e-7). `amx()` says
+whether the tiles run here; elsewhere the same products run in a slow portable loop.
+`packed_matmul` takes either packing; `packed_matmul_bf16x3_reference` is the jnp oracle of the
+bf16x3 products. `available()` says whether the extension is built (setup.py builds it on
 x86-64); `panel_width()` is 0 where it is not or the CPU has neither instruction set; callers
 then keep XLA's dots. No gradient: generation only.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +47,13 @@ def panel_width() -> int:
   return 0 if module is None else int(module.panel_width())
 
 
+def amx() -> bool:
+  """Whether `pack_bf16x3` kernels multiply on AMX tiles here (the extension is built, the CPU
+  has AMX-BF16, the OS grants the tile state, QWEN2_JAX_CPU_ISA is unset or "amx")."""
+  module = cpu_extension.module()
+  return module is not None and bool(module.amx())
+
+
 def pack(kernel, nr: int):
   """[K, N] -> [ceil(N / nr), K, nr], zero-padded; numpy in, numpy out (jax in, jax out)."""
   xp = np if isinstance(kernel, np.ndarray) else jnp
@@ -51,10 +70,53 @@ def unpack(packed, n: int):
   return xp.transpose(packed, (1, 0, 2)).reshape(k, p * nr)[:, :n]
 
 
+def _split_bf16(v):
+  """fp32 v -> (hi, lo) bf16 with v = hi + lo + O(2^-17 |v|) (round to nearest even)."""
+  xp = np if isinstance(v, np.ndarray) else jnp
+  hi = v.astype(jnp.bfloat16)
+  return hi, (v - hi.astype(xp.float32)).astype(jnp.bfloat16)
+
+
+def pack_bf16x3(kernel):
+  """fp32 [K, N] -> [ceil(N / 16), ceil(K / 32), 2, 512] bf16: per 16-column panel and 32-row
+  k-block, the hi then the lo part as a 16 x 32 AMX tile in VNNI order (k pairs of one column
+  adjacent), zero-padded. numpy in, numpy out (jax in, jax out)."""
+  xp = np if isinstance(kernel, np.ndarray) else jnp
+  k, n = kernel.shape
+  kb, p = -(-k // 32), -(-n // 16)
+  padded = xp.pad(xp.asarray(kernel, xp.float32), ((0, kb * 32 - k), (0, p * 16 - n)))
+  def tiles(part):  # [kb*32, p*16] -> [p, kb, 512]: (pair, column, parity) within a tile
+    t = part.reshape(kb, 16, 2, p, 16)
+    return xp.transpose(t, (3, 0, 1, 4, 2)).reshape(p, kb, 512)
+  hi, lo = _split_bf16(padded)
+  return xp.stack([tiles(hi), tiles(lo)], axis=2)
+
+
+def unpack_bf16x3(packed, k: int, n: int):
+  """[P, Kb, 2, 512] bf16 -> the fp32 [k, n] kernel hi + lo (the weight to about 2^-17)."""
+  xp = np if isinstance(packed, np.ndarray) else jnp
+  p, kb = packed.shape[:2]
+  def matrix(t):  # [p, kb, 512] -> [kb*32, p*16]
+    t = xp.transpose(t.reshape(p, kb, 16, 16, 2), (1, 2, 4, 0, 3))
+    return t.reshape(kb * 32, p * 16)[:k, :n].astype(xp.float32)
+  return matrix(packed[:, :, 0]) + matrix(packed[:, :, 1])
+
+
 def packed_matmul(x: Array, packed: Array, n: int) -> Array:
-  """x [..., K] @ W [K, n] with W given as `pack(W, nr)`; fp32 on the CPU backend only."""
+  """x [..., K] @ W [K, n] with W given as `pack(W, nr)` (fp32 products) or `pack_bf16x3(W)`
+  (bf16x3 products); x fp32, on the CPU backend only."""
   if not cpu_extension.available():
     raise cpu_extension.missing("packed_matmul")
+  if packed.dtype == jnp.bfloat16:
+    p, kb = packed.shape[:2]
+    k = x.shape[-1]
+    if x.dtype != jnp.float32:
+      raise TypeError(f"packed_matmul: x must be float32, got {x.dtype}")
+    if packed.shape[2:] != (2, 512) or kb != -(-k // 32) or p != -(-n // 16):
+      raise ValueError(f"packed_matmul: x {x.shape} and bf16x3 tiles {packed.shape} do not "
+                       f"make [..., {n}]")
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
+    return jax.ffi.ffi_call(cpu_extension.MATMUL_BF16X3_TARGET, out)(x, packed)
   if x.dtype != jnp.float32 or packed.dtype != jnp.float32:
     raise TypeError(f"packed_matmul: float32 only, got x {x.dtype}, packed {packed.dtype}")
   p, k, nr = packed.shape
@@ -68,3 +130,14 @@ def packed_matmul(x: Array, packed: Array, n: int) -> Array:
 def packed_matmul_reference(x: Array, packed: Array, n: int) -> Array:
   """The oracle: unpack and multiply with XLA's dot at full fp32 precision."""
   return jnp.matmul(x, unpack(packed, n), precision=jax.lax.Precision.HIGHEST)
+
+
+def packed_matmul_bf16x3_reference(x: Array, packed: Array, n: int) -> Array:
+  """The oracle of the bf16x3 products: the three fp32 matmuls of the bf16 parts (each product
+  of two bf16 values is exact in fp32)."""
+  k = x.shape[-1]
+  w_hi = unpack_bf16x3(packed.at[:, :, 1].set(0), k, n)
+  w_lo = unpack_bf16x3(packed.at[:, :, 0].set(0), k, n)
+  x_hi, x_lo = (part.astype(jnp.float32) for part in _split_bf16(x))
+  dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  return dot(x_hi, w_hi) + dot(x_lo, w_hi) + dot(x_hi, w_lo)
