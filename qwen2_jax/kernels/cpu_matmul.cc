@@ -288,25 +288,6 @@ inline float Bf16ToFloat(uint16_t h) {
   return f;
 }
 
-// Rows [r0, r1) of x [m, k] -> hi and lo parts [mpad, kpad], zero-padded.
-void SplitRowsScalar(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t r0, int64_t r1,
-                     uint16_t* xh, uint16_t* xl) {
-  for (int64_t r = r0; r < r1; ++r) {
-    uint16_t* h = xh + r * kpad;
-    uint16_t* l = xl + r * kpad;
-    int64_t i = 0;
-    if (r < m) {
-      for (; i < k; ++i) {
-        const float v = x[r * k + i];
-        h[i] = Bf16Scalar(v);
-        l[i] = Bf16Scalar(v - Bf16ToFloat(h[i]));
-      }
-    }
-    std::fill(h + i, h + kpad, uint16_t{0});
-    std::fill(l + i, l + kpad, uint16_t{0});
-  }
-}
-
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint16_t U16x16u __attribute__((vector_size(32), aligned(2)));
@@ -318,10 +299,9 @@ QWEN2_JAX_INLINE U32x16 Bf16Bits(F16 v) {
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded;
 }
 
-__attribute__((target("avx512f,avx512bw"))) void SplitRows512(const float* x, int64_t m,
-                                                              int64_t k, int64_t kpad, int64_t r0,
-                                                              int64_t r1, uint16_t* xh,
-                                                              uint16_t* xl) {
+// Rows [r0, r1) of x [m, k] -> hi and lo parts [mpad, kpad], zero-padded, 16 at a time.
+QWEN2_JAX_INLINE void SplitRowsBody(const float* x, int64_t m, int64_t k, int64_t kpad,
+                                    int64_t r0, int64_t r1, uint16_t* xh, uint16_t* xl) {
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t* h = xh + r * kpad;
     uint16_t* l = xl + r * kpad;
@@ -342,6 +322,23 @@ __attribute__((target("avx512f,avx512bw"))) void SplitRows512(const float* x, in
     std::fill(h + i, h + kpad, uint16_t{0});
     std::fill(l + i, l + kpad, uint16_t{0});
   }
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void SplitRows512(
+    const float* x, int64_t m, int64_t k, int64_t kpad, int64_t r0, int64_t r1, uint16_t* xh,
+    uint16_t* xl) {
+  SplitRowsBody(x, m, k, kpad, r0, r1, xh, xl);
+}
+
+__attribute__((target("avx2,fma"))) void SplitRows256(const float* x, int64_t m, int64_t k,
+                                                      int64_t kpad, int64_t r0, int64_t r1,
+                                                      uint16_t* xh, uint16_t* xl) {
+  SplitRowsBody(x, m, k, kpad, r0, r1, xh, xl);
+}
+
+void SplitRowsGeneric(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t r0,
+                      int64_t r1, uint16_t* xh, uint16_t* xl) {
+  SplitRowsBody(x, m, k, kpad, r0, r1, xh, xl);
 }
 
 struct TileConfig {
@@ -467,7 +464,7 @@ ffi::Error PackedMatmulBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   split.resize(static_cast<size_t>(2 * pb.mpad * kpad));
   uint16_t* xh = split.data();
   uint16_t* xl = split.data() + pb.mpad * kpad;
-  auto split_rows = BestIsa() == Isa::kAvx512 ? SplitRows512 : SplitRowsScalar;
+  auto split_rows = ForBestIsa(SplitRows512, SplitRows256, SplitRowsGeneric);
   const float* xs = x.typed_data();
   if (pb.mpad >= 64) {  // 16 rows per task
     ParallelFor(pool, pb.mpad / 16, [&](int64_t c) {
