@@ -7,7 +7,9 @@ and the kernel streams them: AVX-512 (NR 32) or AVX2+FMA (NR 16) register kernel
 time, split over panels with XLA's intra-op threads.
 
 `pack` / `unpack` convert kernels, `packed_matmul` multiplies, `packed_matmul_reference` is the
-plain jnp oracle.
+plain jnp oracle. `available()` says whether the extension is built (setup.py builds it on
+x86-64); `panel_width()` is 0 where it is not or the CPU has neither instruction set; callers
+then keep XLA's dots. No gradient: generation only.
 
 A second, opt-in packing runs the products on the AMX tile unit of Intel CPUs since Sapphire
 Rapids, in three bf16 passes accumulated in fp32 (x_hi W_hi + x_lo W_hi + x_hi W_lo, with
@@ -17,9 +19,7 @@ lax.Precision.HIGH means on TPU). `pack_bf16x3` stores W's two parts as AMX tile
 about 16 of fp32's 24 significand bits (relative error ~1e-5 against ~1e-7). `amx()` says
 whether the tiles run here; elsewhere the same products run in a slow portable loop.
 `packed_matmul` takes either packing; `packed_matmul_bf16x3_reference` is the jnp oracle of the
-bf16x3 products. `available()` says whether the extension is built (setup.py builds it on
-x86-64); `panel_width()` is 0 where it is not or the CPU has neither instruction set; callers
-then keep XLA's dots. No gradient: generation only.
+bf16x3 products.
 """
 
 from __future__ import annotations
