@@ -134,12 +134,16 @@ def test_engines_pack_per_the_environment_switch(monkeypatch):
     static_engine.cpu_packed_width(config)
 
 
-# (rows, K, N): one row; rows across the 16-row tiles (17, 40: a partial last tile, several row
-# blocks and the L2-sized panel chunks; 70, 130: x split into hi and lo by 16-row tasks); K not
-# a multiple of the 32-row k-block; N not a multiple of the 16-column panel, and across the
-# 4-panel tile pass; a Qwen2-0.5B MLP shape large enough for the thread split.
+# (rows, K, N): one row; rows across the 16-row tiles (17, 20, 40, 48: a partial last tile, a
+# pair of row blocks (2 x 2 tiles) without and with a last single block; 64, 70, 130:
+# four-panel passes per row block, x split into hi and lo by 16-row tasks); K not a multiple
+# of the 32-row k-block; N not a multiple of the 16-column panel, and across the 4-panel tile
+# pass and the panel pairs (an odd last panel, also in a later L2-sized chunk: 20 x 896 x 520
+# has chunks of 16, 16 and 1 panels; 64 x 96 x 336 ends on a single panel at 64 rows); a
+# Qwen2-0.5B MLP shape large enough for the thread split.
 SHAPES_X3 = [(1, 64, 96), (3, 70, 45), (16, 31, 17), (17, 100, 130), (40, 257, 70),
-             (70, 100, 40), (130, 64, 48), (16, 896, 4864), (48, 896, 1152)]
+             (70, 100, 40), (130, 64, 48), (16, 896, 4864), (48, 896, 1152), (20, 896, 520),
+             (64, 96, 336)]
 
 
 @needs_extension
