@@ -184,6 +184,12 @@ def format_report(result: dict) -> str:
     lines.append("greedy agreement with jax-new: " + ", ".join(
         f"{k}: first token {v['first_token']:.0%}, whole output {v['whole_output']:.0%}"
         for k, v in result["agreement"].items()))
+  steps = stacks.get("jax-new", {}).get("step_time_per_run")
+  if steps:
+    lines.append("jax-new steps per timed run, by padded token count: " + ", ".join(
+        f"{key}: {v['steps']:.0f} steps, {v['seconds']:.2f} s"
+        + (f" ({v['seconds'] / v['steps'] * 1e3:.0f} ms each)" if v["steps"] else "")
+        for key, v in steps.items()))
   for name, r in stacks.items():
     if r.get("note"):
       lines.append(f"{name}: {r['note']}")

@@ -7,7 +7,9 @@ stack, so that each stack has the machine's memory and threads to itself:
 
 A stack's result (OUT.json): startup_s (checkpoint load + engine build), warmup_s (each untimed
 run), compile_s (the engine's own count), runs [{wall_s, output_tokens, ttft_s [per request]}],
-outputs (the token ids of the last run), the engine's stats and the load average around it.
+outputs (the token ids of the last run), the engine's stats, for the new engine the timed runs'
+steps and seconds by padded token count, per run (step_time_per_run), and the load average
+around it.
 vLLM's worker is `scripts/vllm_serve_bench.py` (its own virtualenv) and writes the same fields.
 """
 
@@ -126,7 +128,10 @@ def bench_stack(stack: str, spec: dict) -> dict:
          "startup_s": startup, "warmup_s": [], "runs": [], "jax": jax.__version__,
          "backend": jax.default_backend(), "load_average_start": load_start}
   expected = sum(r["max_tokens"] for r in workload)
+  before = {}  # the new engine's step times before the timed runs
   for i in range(spec["warmup"] + spec["repeats"]):
+    if i == spec["warmup"]:
+      before = engine.stats.get("step_time") or {}
     t0 = time.perf_counter()
     outputs, first = one_batch(engine, requests)
     wall = time.perf_counter() - t0
@@ -143,6 +148,12 @@ def bench_stack(stack: str, spec: dict) -> dict:
           f"{n / wall:.1f} output tok/s", file=sys.stderr, flush=True)
   out["outputs"] = outputs
   out["stats"] = engine.stats
+  if "step_time" in out["stats"] and spec["repeats"]:  # timed runs' steps by T, per run
+    out["step_time_per_run"] = {
+        key: {"steps": (v["steps"] - before.get(key, {}).get("steps", 0)) / spec["repeats"],
+              "seconds": (v["seconds"] - before.get(key, {}).get("seconds", 0.0)) /
+                         spec["repeats"]}
+        for key, v in out["stats"]["step_time"].items()}
   out["compile_s"] = engine.stats.get("compile_seconds")
   if spec["warmup"] and engine.stats.get("num_compilations") != compiled:
     out["note"] = "compiled during the timed runs (more warm-up runs needed)"

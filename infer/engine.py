@@ -275,6 +275,9 @@ class _Replica:
     self.current: list[paged.Sequence_] = []  # the requests of the run in progress
     self.num_steps = 0
     self.num_step_tokens = 0
+    # Padded token count T of a step -> [steps, seconds] (wall time of `Engine._run_step`,
+    # compilations included).
+    self.step_time: dict[int, list] = {}
 
 
 class Engine:
@@ -551,7 +554,9 @@ class Engine:
   @property
   def stats(self) -> dict[str, Any]:
     """Compilations (count, seconds, each program's key and time), steps, tokens computed,
-    preemptions and prefix-cache hits, since the engine was built (summed over replicas)."""
+    steps and their wall seconds by padded token count ("step_time", keyed "T=16"; a step's
+    compilation counts in its time), preemptions and prefix-cache hits, since the engine was
+    built (summed over replicas)."""
     reps = self._replicas
     prefixes = [r.scheduler.prefix for r in reps if r.scheduler.prefix is not None]
     out = {"num_compilations": sum(len(r.compiled) for r in reps),
@@ -559,6 +564,7 @@ class Engine:
            "programs": {f"step(T={k[0]}, rows={k[1]}, pages_per_seq={k[2]})": round(v, 3)
                         for k, v in self.compile_seconds.items()},
            "steps": self.num_steps, "step_tokens": self.num_step_tokens,
+           "step_time": self._step_time(),
            "preemptions": sum(r.scheduler.num_preemptions for r in reps),
            "prefix_cache_query_tokens": sum(p.query_tokens for p in prefixes),
            "prefix_cache_hit_tokens": sum(p.hit_tokens for p in prefixes),
@@ -567,6 +573,16 @@ class Engine:
       out["replicas"] = len(reps)
       out["replica_steps"] = [r.num_steps for r in reps]
     return out
+
+  def _step_time(self) -> dict[str, dict[str, float]]:
+    total: dict[int, list] = {}
+    for r in self._replicas:
+      for T, (n, sec) in list(r.step_time.items()):  # a replica's thread may add a key
+        total.setdefault(T, [0, 0.0])
+        total[T][0] += n
+        total[T][1] += sec
+    return {f"T={T}": {"steps": n, "seconds": round(sec, 6)}
+            for T, (n, sec) in sorted(total.items())}
 
   def validate(self, prompts, sampling) -> list[tuple[list[int], SamplingParams]]:
     """Checks every request (typed errors carry the request index); returns (ids, params)."""
@@ -674,6 +690,7 @@ class Engine:
 
   def _run_step(self, replica: _Replica, plan: paged.StepPlan, table
                 ) -> tuple[np.ndarray, np.ndarray]:
+    t0 = time.perf_counter()
     T = self.token_bucket(plan.num_tokens)
     S = self.row_bucket(T)
     pps = self._step_table_width(replica, plan)
@@ -693,9 +710,13 @@ class Engine:
     fn = self._program(replica, T, S, pps, k, v, args)
     token, logprob, k, v = fn(replica.params, k, v, *args)
     replica.pools = (k, v)
+    token, logprob = np.asarray(token), np.asarray(logprob)  # waits for the step
     replica.num_steps += 1
     replica.num_step_tokens += plan.num_tokens
-    return np.asarray(token), np.asarray(logprob)
+    spent = replica.step_time.setdefault(T, [0, 0.0])
+    spent[0] += 1
+    spent[1] += time.perf_counter() - t0
+    return token, logprob
 
   def token_bucket(self, n: int) -> int:
     """Padded token count T of a step computing n tokens (one compiled program per bucket and

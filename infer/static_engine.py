@@ -53,7 +53,7 @@ from qwen2_jax.infer import sampling as sampling_lib
 from qwen2_jax.infer import validation
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
 from qwen2_jax.kernels import cpu_matmul
-from qwen2_jax.layers import PACKED_SUFFIX, dtype_of
+from qwen2_jax.layers import FUSED_KERNELS, PACKED_SUFFIX, dtype_of
 from qwen2_jax.model import KVCache, Qwen2ForCausalLM
 
 Array = jax.Array
@@ -181,7 +181,8 @@ def decode_layout(config: Qwen2Config, params, *, input_minor: bool = False,
   Two CPU variants move kernels to marked names, which only the engines' programs read:
   - `packed` = NR > 0: the attention projections, the MLP (and shared-expert) kernels and the
     head packed into NR-column panels for the prepacked CPU matmul (`to_packed`; the model
-    multiplies them with `cpu_matmul.packed_matmul`). The engines pass `cpu_packed_width(...)`.
+    multiplies them with `cpu_matmul.packed_matmul`; q/k/v and gate/up side by side, one call
+    each). The engines pass `cpu_packed_width(...)`.
     With `bf16x3` (the engines' matmul_precision "high" where `cpu_matmul.amx()`), kernels
     whose K is a multiple of 32 and N of 16 are packed as AMX tiles instead
     (`cpu_matmul.pack_bf16x3`: bf16x3 products).
@@ -260,18 +261,48 @@ def to_packed(params, nr: int, *, bf16x3: bool = False):
   a multiple of nr, packed into [N / nr, K, nr] panels (`cpu_matmul.pack`) under its name +
   PACKED_SUFFIX; with `bf16x3`, a kernel whose K is a multiple of 32 and N of 16 is packed as
   AMX tiles (`cpu_matmul.pack_bf16x3`) instead. Other kernels (another dtype, a width that is
-  not a multiple) stay as they are."""
-  def pack(name, leaf):
+  not a multiple) stay as they are. Where every kernel of a `layers.FUSED_KERNELS` group
+  (q/k/v, gate/up; not in MoE expert stacks) is packed the same way, they are packed side by
+  side as one matrix [K, sum of N] under the group's name + PACKED_SUFFIX."""
+  def how(name, leaf):  # (k, n, "bf16x3" | "panels") or None: stays as it is
     k = int(np.prod(leaf.shape[:_PACKED_IN_DIMS[name]]))
     n = leaf.size // max(k, 1)
     if leaf.dtype != jnp.float32:
       return None
     if bf16x3 and k % 32 == 0 and n % 16 == 0:
-      return name + PACKED_SUFFIX, cpu_matmul.pack_bf16x3(jnp.reshape(leaf, (k, n)))
-    if n % nr:
+      return k, n, "bf16x3"
+    return None if n % nr else (k, n, "panels")
+
+  def packed(matrix, kind):
+    return cpu_matmul.pack_bf16x3(matrix) if kind == "bf16x3" else cpu_matmul.pack(matrix, nr)
+
+  def pack(name, leaf):
+    plan = how(name, leaf)
+    if plan is None:
       return None
-    return name + PACKED_SUFFIX, cpu_matmul.pack(jnp.reshape(leaf, (k, -1)), nr)
-  return _map_kernels(params, pack, _PACKED_IN_DIMS)
+    k, n, kind = plan
+    return name + PACKED_SUFFIX, packed(jnp.reshape(leaf, (k, n)), kind)
+
+  def fuse(tree, inside_experts):
+    out = dict(tree)
+    for fused, parts in ({} if inside_experts else FUSED_KERNELS).items():
+      leaves = [tree.get(part) for part in parts]
+      if any(leaf is None or isinstance(leaf, dict) for leaf in leaves):
+        continue
+      plans = [how(part, leaf) for part, leaf in zip(parts, leaves)]
+      if None in plans or len({(k, kind) for k, _, kind in plans}) != 1:
+        continue
+      k, _, kind = plans[0]
+      matrix = jnp.concatenate([jnp.reshape(leaf, (k, n)) for leaf, (_, n, _) in
+                                zip(leaves, plans)], axis=1)
+      # In the place of the group's first kernel.
+      out = {(fused + PACKED_SUFFIX if name == parts[0] else name):
+             (packed(matrix, kind) if name == parts[0] else leaf)
+             for name, leaf in out.items() if name not in parts[1:]}
+    return {name: fuse(leaf, inside_experts or name == "experts") if isinstance(leaf, dict)
+            else leaf for name, leaf in out.items()}
+
+  return _map_kernels(fuse(params, False), pack, _PACKED_IN_DIMS)
 
 
 def from_input_minor(params):
@@ -285,6 +316,23 @@ def model_layout(params, config: Qwen2Config):
   """The model's layout of params stored by `decode_layout` for `config`: input-minor kernels
   transposed back, packed kernels unpacked (copies of them)."""
   return _restore(params, config)
+
+
+def _unpacked(name: str, matrix: Array, config: Qwen2Config) -> dict[str, Array]:
+  """The model's kernels stored in the [K, N] matrix of packed param `name` (without its
+  suffix): the kernel itself, or the kernels of a `layers.FUSED_KERNELS` group, split."""
+  k, n = matrix.shape
+  if name not in FUSED_KERNELS:
+    return {name: jnp.reshape(matrix, _unpacked_shape(name, k, n, config))}
+  parts = FUSED_KERNELS[name]
+  if name == "qkv_proj":
+    D = config.head_size
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    pieces = jnp.split(matrix, (q, q + kv), axis=1)
+  else:  # gate / up: halves
+    pieces = jnp.split(matrix, len(parts), axis=1)
+  return {part: jnp.reshape(piece, _unpacked_shape(part, k, piece.shape[1], config))
+          for part, piece in zip(parts, pieces)}
 
 
 def _unpacked_shape(name: str, k: int, n: int, config: Qwen2Config) -> tuple[int, ...]:
@@ -315,7 +363,7 @@ def _restore(params, config: Qwen2Config | None):
         else:
           p, k, nr = leaf.shape
           n, matrix = p * nr, cpu_matmul.unpack(leaf, p * nr)
-        out[base] = jnp.reshape(matrix, _unpacked_shape(base, k, n, config))
+        out.update(_unpacked(base, matrix, config))
       else:
         out[name] = leaf
     return out

@@ -43,6 +43,22 @@ def kernel_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axe
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+# Packed kernels that read the same input, stored side by side along their outputs under one
+# name (`decode_layout`): one packed matmul, its output split in this order. On a 2-core AVX-512
+# Xeon (2026-12-06), Qwen2-0.5B's 24 layers at 16 rows took 2.5 ms (q/k/v) and 1.6 ms (gate/up)
+# less this way with bf16x3 tiles, and 2.9 ms less (gate/up; q/k/v level) with fp32 panels.
+FUSED_KERNELS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                 "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_kernel(module: nn.Module, name: str, n: int) -> PackedKernel | None:
+  """The `PackedKernel` (n output columns) of FUSED_KERNELS[name] where the params hold
+  `name + PACKED_SUFFIX`, else None (the module then reads its kernels one by one)."""
+  if module.has_variable("params", name + PACKED_SUFFIX):
+    return PackedKernel(module.get_variable("params", name + PACKED_SUFFIX), n)
+  return None
+
+
 class PackedKernel:
   """A [K, n] kernel packed for `cpu_matmul.packed_matmul` (trace-time wrapper)."""
 
@@ -159,12 +175,17 @@ class SwiGLU(nn.Module):
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     init = weight_init(cfg)
     H, F = x.shape[-1], self.width
-    gate = kernel_param(self, "gate_proj", init, (H, F), ("embed", "mlp"), pdt)
-    up = kernel_param(self, "up_proj", init, (H, F), ("embed", "mlp"), pdt)
+    gate_up = fused_kernel(self, "gate_up_proj", 2 * F)
+    if gate_up is None:
+      gate = kernel_param(self, "gate_proj", init, (H, F), ("embed", "mlp"), pdt)
+      up = kernel_param(self, "up_proj", init, (H, F), ("embed", "mlp"), pdt)
     down = kernel_param(self, "down_proj", init, (F, H), ("mlp", "embed"), pdt)
-    # Names for the remat policies (`qwen2_jax.remat`).
-    g = checkpoint_name(matmul(x, gate, dt), "mlpwi_0")  # [B, T, F]
-    u = checkpoint_name(matmul(x, up, dt), "mlpwi_1")    # [B, T, F]
+    if gate_up is None:
+      # Names for the remat policies (`qwen2_jax.remat`).
+      g = checkpoint_name(matmul(x, gate, dt), "mlpwi_0")  # [B, T, F]
+      u = checkpoint_name(matmul(x, up, dt), "mlpwi_1")    # [B, T, F]
+    else:  # the engines' fused packed kernel
+      g, u = jnp.split(matmul(x, gate_up, dt), 2, axis=-1)
     h = nn.with_logical_constraint(jax.nn.silu(g) * u,
                                    ("activation_batch", "activation_length", "activation_mlp"))
     return checkpoint_name(matmul(h, down, dt), "mlpwo")

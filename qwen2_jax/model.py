@@ -42,7 +42,7 @@ from qwen2_jax import moe
 from qwen2_jax import remat as remat_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
-from qwen2_jax.layers import PackedKernel, kernel_param, matmul, weight_init
+from qwen2_jax.layers import PackedKernel, fused_kernel, kernel_param, matmul, weight_init
 
 Array = jax.Array
 
@@ -140,18 +140,27 @@ class Qwen2Attention(nn.Module):
     def w(name, shape, axes, in_dims=1):  # a kernel, or its packed matrix (CPU engines)
       kernel = kernel_param(self, name, init, shape, axes, pdt, in_dims)
       return kernel if isinstance(kernel, PackedKernel) else kernel.astype(dt)
-    wq = w("q_proj", (H, N, D), ("embed", "q_heads", "head_dim"))
+    qkv = fused_kernel(self, "qkv_proj", (N + 2 * K) * D)
+    if qkv is None:
+      wq = w("q_proj", (H, N, D), ("embed", "q_heads", "head_dim"))
     bq = p("q_bias", zeros, (N, D), ("q_heads", "head_dim"))
-    wk = w("k_proj", (H, K, D), ("embed", "kv_heads", "head_dim"))
+    if qkv is None:
+      wk = w("k_proj", (H, K, D), ("embed", "kv_heads", "head_dim"))
     bk = p("k_bias", zeros, (K, D), ("kv_heads", "head_dim"))
-    wv = w("v_proj", (H, K, D), ("embed", "kv_heads", "head_dim"))
+    if qkv is None:
+      wv = w("v_proj", (H, K, D), ("embed", "kv_heads", "head_dim"))
     bv = p("v_bias", zeros, (K, D), ("kv_heads", "head_dim"))
     wo = w("o_proj", (N, D, H), ("q_heads", "head_dim", "embed"), in_dims=2)
 
     x = x.astype(dt)
-    q = _in_proj(x, wq, "BTH,HND->BTND", N, dt) + bq  # [B, T, N, D]
-    k = _in_proj(x, wk, "BTH,HKD->BTKD", K, dt) + bk  # [B, T, K, D]
-    v = _in_proj(x, wv, "BTH,HKD->BTKD", K, dt) + bv  # [B, T, K, D]
+    if qkv is None:
+      q = _in_proj(x, wq, "BTH,HND->BTND", N, dt)  # [B, T, N, D]
+      k = _in_proj(x, wk, "BTH,HKD->BTKD", K, dt)  # [B, T, K, D]
+      v = _in_proj(x, wv, "BTH,HKD->BTKD", K, dt)  # [B, T, K, D]
+    else:  # the engines' fused packed kernel
+      q, k, v = jnp.split(matmul(x, qkv, dt).reshape(*x.shape[:-1], N + 2 * K, D),
+                          (N, N + K), axis=-2)
+    q, k, v = q + bq, k + bk, v + bv
     v = checkpoint_name(nn.with_logical_constraint(v, BTKD), "value_proj")
     if cfg.dual_chunk is not None:  # cos / sin [4, B, T, D]: keys, then three query rotations
       k = checkpoint_name(nn.with_logical_constraint(apply_rope(k, cos[0], sin[0]), BTKD),

@@ -1,5 +1,5 @@
-"""`qwen2-jax bench serve`: the workload generator, the summaries and the report (no vLLM, no
-model run; the end-to-end run is the benchmark itself)."""
+"""`qwen2-jax bench serve`: the workload generator, the summaries and the report (no vLLM; the
+jax-new worker once on a tiny random model; the full run is the benchmark itself)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def test_summaries_report_and_ratios():
   def runs(wall, ttft):
     return [{"wall_s": w, "output_tokens": 100, "ttft_s": ttft} for w in wall]
   new = {"runs": runs([1.0, 2.0, 4.0], [0.1, 0.2, 0.3, 0.4]), "startup_s": 3.0,
-         "compile_s": 5.0, "outputs": [[1, 2], [3, 4]]}
+         "compile_s": 5.0, "outputs": [[1, 2], [3, 4]],
+         "step_time_per_run": {"T=16": {"steps": 20.0, "seconds": 2.0},
+                               "T=64": {"steps": 0.0, "seconds": 0.0}}}
   vllm = {"runs": runs([2.0, 2.0, 2.0], [0.2] * 4), "startup_s": 9.0, "compile_s": None,
           "outputs": [[1, 2], [3, 5]]}
   static = {"runs": runs([4.0, 4.0, 4.0], None), "startup_s": 1.0, "compile_s": 2.0,
@@ -70,6 +72,8 @@ def test_summaries_report_and_ratios():
   assert "| jax-new | 50.0 | 250 | " in table
   assert "| jax-static | 25.0 | n/a | n/a |" in table
   assert "jax-new/jax-static 2.00x" in table
+  assert ("jax-new steps per timed run, by padded token count: T=16: 20 steps, 2.00 s (100 ms "
+          "each), T=64: 0 steps, 0.00 s") in table
   json.dumps(result)  # the report is JSON as written
   del stacks["jax-new"]
   assert "| vllm | 50.0 | 200 | 200 | 2.00 | 9.0 | n/a | n/a |" in (
@@ -106,3 +110,25 @@ def test_worker_finds_both_engines():
   from qwen2_jax.infer import Engine, StaticEngine  # pylint: disable=import-outside-toplevel
   from qwen2_jax.infer import bench_serve_worker  # pylint: disable=import-outside-toplevel
   assert bench_serve_worker.engine_classes() == (Engine, StaticEngine)
+
+
+def test_worker_times_the_new_engine_steps(tmp_path):
+  """The jax-new worker runs a small workload warm-up + repeats times on a tiny random model;
+  its result carries each timed run's output count and the steps of one timed run by padded
+  token count, which add up to the engine's steps over the timed runs."""
+  from qwen2_jax.infer import bench_serve_worker  # pylint: disable=import-outside-toplevel
+  model = str(tmp_path / "model")
+  bench_serve_worker.prepare(model, "qwen2-tiny", "float32", 0)
+  workload = bench_serve.make_workload(5, 512, prompt_len=(4, 40), output_len=(2, 12))
+  (tmp_path / "workload.json").write_text(json.dumps(workload))
+  spec = {"model_dir": model, "workload": str(tmp_path / "workload.json"), "dtype": "float32",
+          "repeats": 2, "warmup": 1, "max_num_seqs": 4, "max_num_batched_tokens": 32,
+          "kv_cache_gib": 0.01, "max_model_len": 64}
+  out = bench_serve_worker.bench_stack("jax-new", spec)
+  want = sum(r["max_tokens"] for r in workload["requests"])
+  assert [r["output_tokens"] for r in out["runs"]] == [want, want]
+  per_run = out["step_time_per_run"]
+  assert per_run and all(v["seconds"] >= 0 for v in per_run.values())
+  timed_steps = sum(v["steps"] for v in per_run.values()) * spec["repeats"]
+  warm_steps = out["stats"]["steps"] - timed_steps
+  assert timed_steps > 0 and warm_steps == pytest.approx(timed_steps / spec["repeats"])

@@ -372,6 +372,10 @@ def test_logprobs_equal_forward_with_preemption_and_prefix_hits(hf_tiny):
   res = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in news])
   st = eng.stats
   assert st["preemptions"] > 0 and st["prefix_cache_hit_tokens"] >= 12
+  # Every step is timed under its padded token count.
+  assert sum(v["steps"] for v in st["step_time"].values()) == st["steps"]
+  assert {int(k[2:]) for k in st["step_time"]} <= set(eng.token_buckets)
+  assert all(v["seconds"] > 0 for v in st["step_time"].values())
   forward = jax.jit(q.forward, static_argnums=0)
   for p, n, r in zip(prompts, news, res):
     seq = p + r.output_ids
@@ -558,9 +562,12 @@ def test_input_minor_layout_round_trips(tmp_path, tied):
 def test_packed_layout_round_trips(tmp_path, tied):
   """`decode_layout(packed=nr)` stores each float32 MLP kernel, attention projection and the
   head whose width is a multiple of nr as [N / nr, K, nr] panels of its [in, out] matrix under
-  marked names (a tied head from the embedding's transpose); `model_layout` gives back exactly
-  the model's layout; a width that is not a multiple stays plain."""
+  marked names (a tied head from the embedding's transpose), q/k/v and gate/up side by side
+  under one name each; `model_layout` gives back exactly the model's layout; a width that is not
+  a multiple stays plain, and a group fuses only where each of its kernels is packed alike (not
+  in MoE expert stacks)."""
   from qwen2_jax.infer import static_engine as se  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   make_hf_qwen2(tmp_path, seed=3, tie_word_embeddings=tied, vocab_size=256, intermediate_size=48)
   config, params = q.load_hf_checkpoint(tmp_path, show_progress=False)
   plain_cfg, plain = se.decode_layout(config, params)
@@ -568,17 +575,24 @@ def test_packed_layout_round_trips(tmp_path, tied):
   assert plain_cfg == packed_cfg
   h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
   mlp = packed["layers_0"]["mlp"]
-  assert sorted(mlp) == ["down_proj@packed", "gate_proj@packed", "up_proj@packed"]
-  assert mlp["gate_proj@packed"].shape == (f // 16, h, 16)
+  assert sorted(mlp) == ["down_proj@packed", "gate_up_proj@packed"]
+  mlp_plain = plain["layers_0"]["mlp"]
+  np.testing.assert_array_equal(  # gate's columns, then up's
+      np.asarray(mlp["gate_up_proj@packed"]),
+      np.asarray(cpu_matmul.pack(jnp.concatenate([mlp_plain["gate_proj"],
+                                                  mlp_plain["up_proj"]], axis=1), 16)))
   assert mlp["down_proj@packed"].shape == (h // 16, f, 16)
   assert packed["lm_head@packed"].shape == (v // 16, h, 16)
   attn = packed["layers_0"]["self_attn"]
   n, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_size
-  assert attn["q_proj@packed"].shape == (n * d // 16, h, 16)
-  assert attn["k_proj@packed"].shape == (kv * d // 16, h, 16)
+  attn_plain = plain["layers_0"]["self_attn"]
+  np.testing.assert_array_equal(  # q's columns, then k's, then v's
+      np.asarray(attn["qkv_proj@packed"]),
+      np.asarray(cpu_matmul.pack(jnp.concatenate(
+          [attn_plain[name].reshape(h, -1) for name in ("q_proj", "k_proj", "v_proj")],
+          axis=1), 16)))
   assert attn["o_proj@packed"].shape == (h // 16, n * d, 16)
-  assert sorted(attn) == ["k_bias", "k_proj@packed", "o_proj@packed", "q_bias", "q_proj@packed",
-                          "v_bias", "v_proj@packed"]
+  assert sorted(attn) == ["k_bias", "o_proj@packed", "q_bias", "qkv_proj@packed", "v_bias"]
   back = se.model_layout(packed, config)
   assert jax.tree.structure(back) == jax.tree.structure(plain)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(plain)):
@@ -586,11 +600,19 @@ def test_packed_layout_round_trips(tmp_path, tied):
   assert "lm_head@packed" in se.from_input_minor(packed)  # leaves packed names alone
   _, partly = se.decode_layout(config, params, packed=32)  # 48 is not a multiple of 32
   assert sorted(partly["layers_0"]["mlp"]) == ["down_proj@packed", "gate_proj", "up_proj"]
-  moe = {"experts": {"gate_proj": jnp.zeros((2, 16, 32))},
-         "shared_expert": {"gate_proj": jnp.zeros((16, 32))}}
+  assert n * d % 32 == 0 and kv * d % 32  # so q packs alone, and k and v stay plain
+  assert sorted(partly["layers_0"]["self_attn"]) == [
+      "k_bias", "k_proj", "o_proj@packed", "q_bias", "q_proj@packed", "v_bias", "v_proj"]
+  moe = {"experts": {"gate_proj": jnp.zeros((2, 16, 32)), "up_proj": jnp.zeros((2, 16, 32))},
+         "shared_expert": {"gate_proj": jnp.zeros((16, 32)), "up_proj": jnp.ones((16, 32))}}
   moved = se.to_packed({"mlp": moe}, 16)["mlp"]
-  assert list(moved["experts"]) == ["gate_proj"]
-  assert moved["shared_expert"]["gate_proj@packed"].shape == (2, 16, 16)
+  assert list(moved["experts"]) == ["gate_proj", "up_proj"]
+  assert list(moved["shared_expert"]) == ["gate_up_proj@packed"]
+  assert moved["shared_expert"]["gate_up_proj@packed"].shape == (4, 16, 16)
+  mixed = {"gate_proj": jnp.zeros((16, 32)), "up_proj": jnp.zeros((16, 32), jnp.bfloat16),
+           "down_proj": jnp.zeros((32, 16))}  # up is not float32: nothing fuses
+  assert sorted(se.to_packed({"mlp": mixed}, 16)["mlp"]) == ["down_proj@packed",
+                                                              "gate_proj@packed", "up_proj"]
 
 
 def test_cpu_attention_kernel_generates_the_same(hf_tiny, monkeypatch):
@@ -655,7 +677,9 @@ def test_cpu_layouts_generate_the_same(tmp_path, monkeypatch):
     stored[name] = eng._replicas[0].params  # pylint: disable=protected-access
     layers = config.num_hidden_layers
     assert len(marked(stored[name], "@input_minor")) == (3 * layers + 1 if minor else 0)
-    assert len(marked(stored[name], "@packed")) == (7 * layers + 1 if nr else 0)
+    # q/k/v, o, gate/up and down, fused where each part is packed (every width here is a
+    # multiple of 8, 16 and 32), and the head
+    assert len(marked(stored[name], "@packed")) == (4 * layers + 1 if nr else 0)
     assert not marked(eng.params, "@")  # the model's layout
     out[name] = eng.generate(prompts, sps)
   for name, *_ in layouts[1:]:
@@ -679,7 +703,7 @@ def test_cpu_layouts_generate_the_same(tmp_path, monkeypatch):
   patch(False, packing)
   static = StaticEngine(config, params, eos_token_ids=(), max_batch_size=8)
   # pylint: disable-next=protected-access
-  assert len(marked(static._params, "@packed")) == (7 * layers + 1 if packing else 0)
+  assert len(marked(static._params, "@packed")) == (4 * layers + 1 if packing else 0)
   assert [r.output_ids for r in static.generate(prompts, sps)] == \
       [r.output_ids for r in out["plain"]]
 
@@ -707,12 +731,12 @@ def test_bf16x3_matmuls_generate_the_same(tmp_path, monkeypatch):
   layers = config.num_hidden_layers
   monkeypatch.setattr(cpu_matmul, "amx", lambda: False)
   assert packed(Engine(config, params, matmul_precision="high", **kw)) == \
-      [jnp.float32] * (7 * layers + 1)
+      [jnp.float32] * (4 * layers + 1)
   monkeypatch.setattr(cpu_matmul, "amx", lambda: True)
   fp32 = Engine(config, params, **kw)
   x3 = Engine(config, params, matmul_precision="high", **kw)
-  assert packed(fp32) == [jnp.float32] * (7 * layers + 1)
-  assert packed(x3) == [jnp.bfloat16] * (7 * layers + 1)
+  assert packed(fp32) == [jnp.float32] * (4 * layers + 1)
+  assert packed(x3) == [jnp.bfloat16] * (4 * layers + 1)
   want, got = fp32.generate(prompts, sps), x3.generate(prompts, sps)
   assert [r.output_ids for r in got] == [r.output_ids for r in want]
   np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
@@ -722,7 +746,7 @@ def test_bf16x3_matmuls_generate_the_same(tmp_path, monkeypatch):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and np.all(np.abs(a - b) <= 2.0 ** -16 * np.abs(b)), a.shape
   x3.update_params(params)
-  assert packed(x3) == [jnp.bfloat16] * (7 * layers + 1)
+  assert packed(x3) == [jnp.bfloat16] * (4 * layers + 1)
   assert [r.output_ids for r in x3.generate(prompts, sps)] == [r.output_ids for r in want]
   with pytest.raises(validation.InvalidParameterError, match="matmul_precision"):
     Engine(config, params, matmul_precision="bf16", **kw)
@@ -763,6 +787,7 @@ def test_data_parallel_replicas(hf_tiny):
   stats = dp.stats
   assert stats["replicas"] == 2 and min(stats["replica_steps"]) > 0
   assert stats["steps"] == sum(stats["replica_steps"])
+  assert sum(v["steps"] for v in stats["step_time"].values()) == stats["steps"]
 
   calls = []
   def check():
