@@ -37,10 +37,18 @@ def kernel_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axe
   """`module.param(name, ...)` of a dense kernel whose first `in_dims` axes are its input, or
   `PackedKernel` where the params hold `name + PACKED_SUFFIX` in its place (the kernel as a
   [prod(input axes), prod(output axes)] matrix, packed)."""
-  if module.has_variable("params", name + PACKED_SUFFIX):
-    return PackedKernel(module.get_variable("params", name + PACKED_SUFFIX),
-                        math.prod(shape[in_dims:]))
+  packed = packed_kernel(module, name, math.prod(shape[in_dims:]))
+  if packed is not None:
+    return packed
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def packed_kernel(module: nn.Module, name: str, n: int) -> PackedKernel | None:
+  """The `PackedKernel` (n output columns) where the params hold `name + PACKED_SUFFIX`, else
+  None. For a FUSED_KERNELS name, None means the module reads its kernels one by one."""
+  if module.has_variable("params", name + PACKED_SUFFIX):
+    return PackedKernel(module.get_variable("params", name + PACKED_SUFFIX), n)
+  return None
 
 
 # Packed kernels that read the same input, stored side by side along their outputs under one
@@ -49,14 +57,6 @@ def kernel_param(module: nn.Module, name: str, init, shape: tuple[int, ...], axe
 # less this way with bf16x3 tiles, and 2.9 ms less (gate/up; q/k/v level) with fp32 panels.
 FUSED_KERNELS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                  "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def fused_kernel(module: nn.Module, name: str, n: int) -> PackedKernel | None:
-  """The `PackedKernel` (n output columns) of FUSED_KERNELS[name] where the params hold
-  `name + PACKED_SUFFIX`, else None (the module then reads its kernels one by one)."""
-  if module.has_variable("params", name + PACKED_SUFFIX):
-    return PackedKernel(module.get_variable("params", name + PACKED_SUFFIX), n)
-  return None
 
 
 class PackedKernel:
@@ -175,7 +175,7 @@ class SwiGLU(nn.Module):
     pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
     init = weight_init(cfg)
     H, F = x.shape[-1], self.width
-    gate_up = fused_kernel(self, "gate_up_proj", 2 * F)
+    gate_up = packed_kernel(self, "gate_up_proj", 2 * F)
     if gate_up is None:
       gate = kernel_param(self, "gate_proj", init, (H, F), ("embed", "mlp"), pdt)
       up = kernel_param(self, "up_proj", init, (H, F), ("embed", "mlp"), pdt)

@@ -42,7 +42,7 @@ from qwen2_jax import moe
 from qwen2_jax import remat as remat_lib
 from qwen2_jax.config import Qwen2Config
 from qwen2_jax.layers import RMSNorm, SwiGLU, apply_rope, dtype_of, rope_cos_sin, rope_inv_freq
-from qwen2_jax.layers import PackedKernel, fused_kernel, kernel_param, matmul, weight_init
+from qwen2_jax.layers import PackedKernel, kernel_param, matmul, packed_kernel, weight_init
 
 Array = jax.Array
 
@@ -140,7 +140,7 @@ class Qwen2Attention(nn.Module):
     def w(name, shape, axes, in_dims=1):  # a kernel, or its packed matrix (CPU engines)
       kernel = kernel_param(self, name, init, shape, axes, pdt, in_dims)
       return kernel if isinstance(kernel, PackedKernel) else kernel.astype(dt)
-    qkv = fused_kernel(self, "qkv_proj", (N + 2 * K) * D)
+    qkv = packed_kernel(self, "qkv_proj", (N + 2 * K) * D)
     if qkv is None:
       wq = w("q_proj", (H, N, D), ("embed", "q_heads", "head_dim"))
     bq = p("q_bias", zeros, (N, D), ("q_heads", "head_dim"))
