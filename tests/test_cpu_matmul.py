@@ -167,6 +167,52 @@ def test_bf16x3_matmul_equals_its_reference(m, k, n):
   np.testing.assert_allclose(got, exact, rtol=0, atol=3e-5 * scale)
 
 
+# [W_gate | W_up] shapes (m, K, F): one row; a partial row block; the row pairs (32, 40, 48
+# rows) and the four-panel loop (16, 64, 130 rows); K not a multiple of 32; chunks of several
+# tasks at Qwen2-0.5B's F; a width of one output panel pair (F 32).
+SHAPES_SWIGLU = [(1, 64, 32), (3, 70, 64), (16, 896, 4864), (32, 100, 96), (40, 257, 64),
+                 (48, 64, 160), (64, 96, 128), (130, 64, 96), (20, 896, 1024)]
+
+
+@needs_extension
+@pytest.mark.parametrize("m,k,f", SHAPES_SWIGLU)
+def test_bf16x3_swiglu_equals_its_reference(m, k, f):
+  """`packed_swiglu` (SwiGLU applied to each tile of products) equals silu(g) * u of the
+  bf16x3 reference products within 3e-6 of the largest |h|, with 8 gate columns scaled up so
+  that g reaches silu's saturated tails (|g| beyond 87, where the kernel's sigmoid is 0), on AMX
+  tiles or the portable loop."""
+  rng = np.random.default_rng(m * 1000 + k + f)
+  x = rng.standard_normal((m, k), np.float32)
+  w = rng.standard_normal((k, 2 * f), np.float32) * np.float32(4.0 / np.sqrt(k))
+  w[:, :8] *= 10  # some gate columns deep in silu's tails
+  packed = cpu_matmul.pack_bf16x3(w)
+  assert cpu_matmul.swiglu_fusable(packed, 2 * f)
+  got = np.asarray(jax.jit(cpu_matmul.packed_swiglu, static_argnums=2)(x, packed, 2 * f))
+  assert got.shape == (m, f)
+  ref = np.asarray(cpu_matmul.packed_swiglu_reference(jnp.asarray(x), jnp.asarray(packed), 2 * f))
+  np.testing.assert_allclose(got, ref, rtol=0, atol=3e-6 * np.abs(ref).max())
+  # Against silu(g) * u of `packed_matmul`'s own products (the same sums in the same order),
+  # every output agrees to 1e-6 relative: the in-kernel silu is fp32-accurate, not just close.
+  g, u = np.split(np.asarray(jax.jit(cpu_matmul.packed_matmul, static_argnums=2)(x, packed, 2 * f)),
+                  2, axis=-1)
+  g64 = g.astype(np.float64)
+  exact = g64 / (1 + np.exp(-g64)) * u
+  np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-30)
+
+
+@needs_extension
+def test_bf16x3_swiglu_refuses_what_it_cannot_fuse():
+  """F not a multiple of 32: `swiglu_fusable` is False and `packed_swiglu` names the reason;
+  fp32 panels: `swiglu_fusable` is False. `layers.SwiGLU` then splits the packed product."""
+  w = np.ones((64, 96), np.float32)  # F = 48
+  packed = cpu_matmul.pack_bf16x3(w)
+  assert not cpu_matmul.swiglu_fusable(packed, 96)
+  with pytest.raises(ValueError, match=r"n % 64 == 0 only, got bfloat16 tiles and n=96"):
+    cpu_matmul.packed_swiglu(jnp.ones((2, 64), jnp.float32), packed, 96)
+  panels = cpu_matmul.pack(np.ones((64, 128), np.float32), 16)
+  assert not cpu_matmul.swiglu_fusable(panels, 128)
+
+
 @needs_extension
 def test_bf16x3_pack_round_trip_and_leading_axes():
   """`unpack_bf16x3(pack_bf16x3(w))` is w to 2^-16 of each |w| (hi + lo keep 16 significand

@@ -266,3 +266,19 @@ def test_layer_intermediates_are_per_layer_in_both_layouts():
     assert layers[0]["mlp"][moe.STATS_NAME]["assigned"].shape == (config.num_experts,)
     per_layout.append(model_lib.sparse_layer_stats(state["intermediates"], cfg))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), *per_layout)
+
+
+def test_apply_rope_is_x_cos_plus_rotate_half_x_sin_bit_for_bit():
+  """`layers.apply_rope` (each half computed directly, one concatenate) gives exactly the bits of
+  the textbook form x * cos + rotate_half(x) * sin, for several head counts and lengths."""
+  from qwen2_jax import layers  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for b, t, h, d in [(1, 16, 14, 64), (2, 5, 2, 16), (1, 512, 2, 128)]:
+    x = jnp.asarray(rng.standard_normal((b, t, h, d), np.float32))
+    angles = rng.standard_normal((b, t, d // 2)).astype(np.float32) * 10
+    emb = np.concatenate([angles, angles], -1)
+    cos, sin = jnp.asarray(np.cos(emb)), jnp.asarray(np.sin(emb))
+    rotated = jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
+    want = jax.jit(lambda x, c, s, r: x * c[:, :, None] + r * s[:, :, None])(x, cos, sin, rotated)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layers.apply_rope)(x, cos, sin)),
+                                  np.asarray(want))

@@ -29,6 +29,7 @@ from qwen2_jax.errors import UserError
 
 MATMUL_TARGET = "qwen2_jax_packed_matmul"
 MATMUL_BF16X3_TARGET = "qwen2_jax_packed_matmul_bf16x3"
+SWIGLU_BF16X3_TARGET = "qwen2_jax_packed_swiglu_bf16x3"
 ATTENTION_TARGET = "qwen2_jax_paged_attention"
 LOGITS_TARGET = "qwen2_jax_logit_row_stats"
 ISA_VARIABLE = "QWEN2_JAX_CPU_ISA"
@@ -49,6 +50,8 @@ def module():
     return None
   jax.ffi.register_ffi_target(MATMUL_TARGET, _cpu_kernels.matmul_handler(), platform="cpu")
   jax.ffi.register_ffi_target(MATMUL_BF16X3_TARGET, _cpu_kernels.matmul_bf16x3_handler(),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(SWIGLU_BF16X3_TARGET, _cpu_kernels.swiglu_bf16x3_handler(),
                               platform="cpu")
   jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
   jax.ffi.register_ffi_target(LOGITS_TARGET, _cpu_kernels.logits_handler(), platform="cpu")

@@ -10,11 +10,13 @@
 // panels between the caller and XLA's intra-op thread pool.
 //
 // A second custom call multiplies in three bf16 passes on AMX tiles (see "bf16x3" below), for
-// the engines' opt-in matmul_precision "high".
+// the engines' opt-in matmul_precision "high"; a third does the same for an MLP's [W_gate | W_up]
+// and applies SwiGLU to each finished tile, so the [M, 2F] product is never stored.
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -271,7 +273,37 @@ struct ProblemX3 {
   const uint16_t* w;   // [P, Kb, 2, 512]
   float* y;            // [M, N]
   int64_t m, mpad, kb, n, panels;
+  // SwiGLU: W is gate's panels then up's (P = 2 * N / 16, N % 32 == 0) and y = silu(x W_gate) *
+  // (x W_up). The loops walk "logical" panels that interleave the two (Panel()).
+  bool swiglu = false;
 };
+
+// The stored panel of logical panel l: itself, or for SwiGLU, in groups of `group` (2: the row
+// pairs' loop; 4: the four-panel loop) the gate panels of group / 2 output panels, then up's.
+inline int64_t Panel(const ProblemX3& pb, int64_t l, int group) {
+  if (!pb.swiglu) return l;
+  const int64_t half = group / 2, first = l / group * half, j = l % group;
+  return j < half ? first + j : pb.n / 16 + first + j - half;
+}
+
+// y[r, c] = silu(g[r, c]) * u[r, c] for r < rows, c < 16: g, u 16 x 16 tiles as stored, y with
+// leading dimension ldy. silu(g) = g / (1 + exp(-g)), exp to ~2e-7 (ExpNonPositive of -|g|);
+// below g = -87 the sigmoid is 0 (as jax.nn.silu's, which also gives NaN at g = -inf).
+QWEN2_JAX_INLINE void SwigluTileBody(const float* g, const float* u, int64_t rows, float* y,
+                                     int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const F16 a = Load(g + r * 16), b = Load(u + r * 16);
+    const F16 e = ExpNonPositive(a > 0.0f ? -a : a);  // exp(-|g|)
+    F16 sigmoid = a > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+    sigmoid = a < -87.0f ? F16{} : sigmoid;  // ExpNonPositive stops at exp(-87)
+    Store(y + r * ldy, a * sigmoid * b);
+  }
+}
+
+[[maybe_unused]] __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void SwigluTile(
+    const float* g, const float* u, int64_t rows, float* y, int64_t ldy) {
+  SwigluTileBody(g, u, rows, y, ldy);
+}
 
 inline uint16_t Bf16Scalar(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
@@ -395,8 +427,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t b = 0; b < pb.kb; ++b) {
-        const uint16_t* t0 = tile(q, b);
-        const uint16_t* t1 = two ? tile(q + 1, b) : t0;
+        const uint16_t* t0 = tile(Panel(pb, q, 2), b);
+        const uint16_t* t1 = two ? tile(Panel(pb, q + 1, 2), b) : t0;
         // x_hi W_hi
         _tile_loadd(4, xh + b * 32, kpad * 2);
         _tile_loadd(6, t0, 64);
@@ -431,6 +463,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
       _tile_stored(1, out[1], 64);
       _tile_stored(2, out[2], 64);
       _tile_stored(3, out[3], 64);
+      if (pb.swiglu) {  // tiles 0, 2: gate's; 1, 3: up's, of output panel q / 2
+        float* y = pb.y + r0 * pb.n + q / 2 * 16;
+        SwigluTile(out[0], out[1], std::min<int64_t>(16, pb.m - r0), y, pb.n);
+        if (r0 + 16 < pb.m)
+          SwigluTile(out[2], out[3], std::min<int64_t>(16, pb.m - r0 - 16), y + 16 * pb.n, pb.n);
+        continue;
+      }
       for (int64_t j = 0; j < (two ? 2 : 1); ++j) {
         WriteTile(pb, out[j], r0, (q + j) * 16);
         WriteTile(pb, out[2 + j], r0 + 16, (q + j) * 16);
@@ -452,10 +491,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
         // Panels J and J + 1 (if present): x_hi W_hi and x_lo W_hi.
 #define QWEN2_JAX_HI_PAIR(J, J1)                   \
   if (J < np) {                                    \
-    _tile_loadd(6, tile(q + J, b), 64);            \
+    _tile_loadd(6, tile(Panel(pb, q + J, 4), b), 64);            \
     _tile_dpbf16ps(J, 4, 6);                       \
     if (J1 < np) {                                 \
-      _tile_loadd(7, tile(q + J1, b), 64);         \
+      _tile_loadd(7, tile(Panel(pb, q + J1, 4), b), 64);         \
       _tile_dpbf16ps(J1, 4, 7);                    \
     }                                              \
     _tile_dpbf16ps(J, 5, 6);                       \
@@ -467,7 +506,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
         // x_hi W_lo for each panel.
 #define QWEN2_JAX_LO(J, T)                                 \
   if (J < np) {                                            \
-    _tile_loadd(T, tile(q + J, b) + kTileElems, 64);       \
+    _tile_loadd(T, tile(Panel(pb, q + J, 4), b) + kTileElems, 64);       \
     _tile_dpbf16ps(J, 4, T);                               \
   }
         QWEN2_JAX_LO(0, 6)
@@ -480,6 +519,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
       _tile_stored(1, out[1], 64);
       _tile_stored(2, out[2], 64);
       _tile_stored(3, out[3], 64);
+      if (pb.swiglu) {  // tiles 0, 1: gate's, 2, 3: up's, of output panels q / 2 and q / 2 + 1
+        const int64_t rows = std::min<int64_t>(16, pb.m - r0);
+        float* y = pb.y + r0 * pb.n + q / 2 * 16;
+        SwigluTile(out[0], out[2], rows, y, pb.n);
+        SwigluTile(out[1], out[3], rows, y + 16, pb.n);
+        continue;
+      }
       for (int64_t j = 0; j < np; ++j) WriteTile(pb, out[j], r0, (q + j) * 16);
     }
   }
@@ -491,44 +537,59 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
 // QWEN2_JAX_CPU_ISA names a narrower build): slow, for correctness anywhere.
 void RunPanelsPortable(const ProblemX3& pb, int64_t p0, int64_t p1) {
   const int64_t kpad = pb.kb * 32;
-  for (int64_t r = 0; r < pb.m; ++r) {
+  // Column j of stored panel p, row r.
+  auto dot = [&](int64_t r, int64_t p, int64_t j) {
     const uint16_t* xh = pb.xh + r * kpad;
     const uint16_t* xl = pb.xl + r * kpad;
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t j = 0; j < 16 && p * 16 + j < pb.n; ++j) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < pb.kb; ++b) {
-          const uint16_t* t = pb.w + ((p * pb.kb + b) * 2) * kTileElems;
-          for (int64_t i = 0; i < 32; ++i) {
-            const int64_t at = (i / 2) * 32 + j * 2 + i % 2;
-            const float wh = Bf16ToFloat(t[at]), wl = Bf16ToFloat(t[kTileElems + at]);
-            const float ah = Bf16ToFloat(xh[b * 32 + i]), al = Bf16ToFloat(xl[b * 32 + i]);
-            acc += ah * wh + al * wh + ah * wl;
-          }
-        }
-        pb.y[r * pb.n + p * 16 + j] = acc;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < pb.kb; ++b) {
+      const uint16_t* t = pb.w + ((p * pb.kb + b) * 2) * kTileElems;
+      for (int64_t i = 0; i < 32; ++i) {
+        const int64_t at = (i / 2) * 32 + j * 2 + i % 2;
+        const float wh = Bf16ToFloat(t[at]), wl = Bf16ToFloat(t[kTileElems + at]);
+        const float ah = Bf16ToFloat(xh[b * 32 + i]), al = Bf16ToFloat(xl[b * 32 + i]);
+        acc += ah * wh + al * wh + ah * wl;
       }
     }
+    return acc;
+  };
+  for (int64_t r = 0; r < pb.m; ++r) {
+    if (pb.swiglu) {  // logical panels [p0, p1) hold output panels [p0 / 2, p1 / 2)
+      for (int64_t p = p0 / 2; p < p1 / 2; ++p) {
+        for (int64_t j = 0; j < 16; ++j) {
+          const float g = dot(r, p, j), u = dot(r, pb.n / 16 + p, j);
+          pb.y[r * pb.n + p * 16 + j] = g / (1.0f + std::exp(-g)) * u;
+        }
+      }
+      continue;
+    }
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t j = 0; j < 16 && p * 16 + j < pb.n; ++j) pb.y[r * pb.n + p * 16 + j] = dot(r, p, j);
   }
 }
 
-ffi::Error PackedMatmulBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+// y = x @ W, or with `swiglu`, silu(x @ W_gate) * (x @ W_up) for W = [W_gate | W_up].
+ffi::Error Bf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                  ffi::ResultBuffer<ffi::F32> y, bool swiglu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   bool shapes_ok = wd.size() == 4 && wd[2] == 2 && wd[3] == kTileElems && xd.size() >= 1 &&
                    yd.size() == xd.size();
   for (size_t i = 0; shapes_ok && i + 1 < xd.size(); ++i) shapes_ok = xd[i] == yd[i];
   if (!shapes_ok)
     return ffi::Error::InvalidArgument(
-        "packed_matmul (bf16x3): x [..., K], w [P, Kb, 2, 512], y [..., N]");
+        swiglu ? "packed_swiglu (bf16x3): x [..., K], w [P, Kb, 2, 512], y [..., N]"
+               : "packed_matmul (bf16x3): x [..., K], w [P, Kb, 2, 512], y [..., N]");
   const int64_t k = xd.back();
   ProblemX3 pb;
   pb.n = yd.back();
   pb.panels = wd[0];
   pb.kb = wd[1];
-  if (pb.kb != (k + 31) / 32 || pb.panels != (pb.n + 15) / 16)
+  if (pb.kb != (k + 31) / 32 || pb.panels != (pb.n + 15) / 16 * (swiglu ? 2 : 1) ||
+      (swiglu && pb.n % 32 != 0))
     return ffi::Error::InvalidArgument(
-        "packed_matmul (bf16x3): w's tiles do not match x's K and y's N");
+        swiglu ? "packed_swiglu (bf16x3): w's tiles do not match x's K and 2 * y's N (N % 32 == 0)"
+               : "packed_matmul (bf16x3): w's tiles do not match x's K and y's N");
+  pb.swiglu = swiglu;
   pb.m = pb.n == 0 ? 0 : y->element_count() / pb.n;
   pb.y = y->typed_data();
   if (pb.m == 0 || pb.n == 0) return ffi::Error::Success();
@@ -564,7 +625,8 @@ ffi::Error PackedMatmulBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #endif
   // A chunk of panels per task: 4 (one tile pass) for up to 16 rows, where the panels stream
   // from memory once; for more rows, as many as fit in about 1 MiB of L2, which every row block
-  // then reads.
+  // then reads. Always a multiple of 4, which SwiGLU's grouping (Panel()) relies on: with 2N / 16
+  // panels, N % 32 == 0, every task then holds whole groups of gate and up panels.
   int64_t chunk = 4;
   if (pb.mpad > 16) chunk = std::max<int64_t>(4, ((int64_t{1} << 20) / (pb.kb * 2048)) / 4 * 4);
   const int64_t chunks = (pb.panels + chunk - 1) / chunk;
@@ -577,6 +639,16 @@ ffi::Error PackedMatmulBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
   return ffi::Error::Success();
 }
+
+ffi::Error PackedMatmulBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  return Bf16x3(pool, x, w, y, false);
+}
+
+ffi::Error PackedSwigluBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  return Bf16x3(pool, x, w, y, true);
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul, PackedMatmul,
@@ -587,6 +659,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul, PackedMatmul,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMatmulBf16x3, PackedMatmulBf16x3,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedSwigluBf16x3, PackedSwigluBf16x3,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

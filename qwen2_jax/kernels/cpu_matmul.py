@@ -19,7 +19,9 @@ lax.Precision.HIGH means on TPU). `pack_bf16x3` stores W's two parts as AMX tile
 about 16 of fp32's 24 significand bits (relative error ~1e-5 against ~1e-7). `amx()` says
 whether the tiles run here; elsewhere the same products run in a slow portable loop.
 `packed_matmul` takes either packing; `packed_matmul_bf16x3_reference` is the jnp oracle of the
-bf16x3 products.
+bf16x3 products. `packed_swiglu` multiplies by a bf16x3 packing of [W_gate | W_up] and returns
+silu(x W_gate) * (x W_up), computed as each tile of products is done, so the [..., 2F] product
+never goes to memory (`packed_swiglu_reference` is its oracle).
 """
 
 from __future__ import annotations
@@ -125,6 +127,37 @@ def packed_matmul(x: Array, packed: Array, n: int) -> Array:
                      f"[..., {n}]")
   out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
   return jax.ffi.ffi_call(cpu_extension.MATMUL_TARGET, out)(x, packed)
+
+
+def swiglu_fusable(packed: Array, n: int) -> bool:
+  """Whether `packed_swiglu` takes this packing of [W_gate | W_up] (n = 2F columns): bf16x3
+  tiles and F a multiple of 32."""
+  return packed.dtype == jnp.bfloat16 and n % 64 == 0
+
+
+def packed_swiglu(x: Array, packed: Array, n: int) -> Array:
+  """silu(x @ W_gate) * (x @ W_up) [..., n / 2] for packed = `pack_bf16x3([W_gate | W_up])`
+  (n = 2F columns, F % 32 == 0); x fp32, on the CPU backend only. The bf16x3 products as
+  `packed_matmul`; silu(g) = g / (1 + exp(-g)) with exp to ~2e-7 relative."""
+  if not cpu_extension.available():
+    raise cpu_extension.missing("packed_swiglu")
+  if x.dtype != jnp.float32:
+    raise TypeError(f"packed_swiglu: x must be float32, got {x.dtype}")
+  if not swiglu_fusable(packed, n):
+    raise ValueError(f"packed_swiglu: bf16x3 tiles of [W_gate | W_up] with n % 64 == 0 only, "
+                     f"got {packed.dtype} tiles and n={n}")
+  p, kb = packed.shape[:2]
+  if packed.shape[2:] != (2, 512) or kb != -(-x.shape[-1] // 32) or p != n // 16:
+    raise ValueError(f"packed_swiglu: x {x.shape} and bf16x3 tiles {packed.shape} do not make "
+                     f"[..., {n}]")
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], n // 2), jnp.float32)
+  return jax.ffi.ffi_call(cpu_extension.SWIGLU_BF16X3_TARGET, out)(x, packed)
+
+
+def packed_swiglu_reference(x: Array, packed: Array, n: int) -> Array:
+  """The oracle of `packed_swiglu`: the bf16x3 reference product, then jax.nn.silu(g) * u."""
+  g, u = jnp.split(packed_matmul_bf16x3_reference(x, packed, n), 2, axis=-1)
+  return jax.nn.silu(g) * u
 
 
 def packed_matmul_reference(x: Array, packed: Array, n: int) -> Array:
