@@ -489,25 +489,25 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
         _tile_loadd(4, xh + b * 32, kpad * 2);
         _tile_loadd(5, xl + b * 32, kpad * 2);
         // Panels J and J + 1 (if present): x_hi W_hi and x_lo W_hi.
-#define QWEN2_JAX_HI_PAIR(J, J1)                   \
-  if (J < np) {                                    \
-    _tile_loadd(6, tile(Panel(pb, q + J, 4), b), 64);            \
-    _tile_dpbf16ps(J, 4, 6);                       \
-    if (J1 < np) {                                 \
-      _tile_loadd(7, tile(Panel(pb, q + J1, 4), b), 64);         \
-      _tile_dpbf16ps(J1, 4, 7);                    \
-    }                                              \
-    _tile_dpbf16ps(J, 5, 6);                       \
-    if (J1 < np) _tile_dpbf16ps(J1, 5, 7);         \
+#define QWEN2_JAX_HI_PAIR(J, J1)                                   \
+  if (J < np) {                                                    \
+    _tile_loadd(6, tile(Panel(pb, q + J, 4), b), 64);              \
+    _tile_dpbf16ps(J, 4, 6);                                       \
+    if (J1 < np) {                                                 \
+      _tile_loadd(7, tile(Panel(pb, q + J1, 4), b), 64);           \
+      _tile_dpbf16ps(J1, 4, 7);                                    \
+    }                                                              \
+    _tile_dpbf16ps(J, 5, 6);                                       \
+    if (J1 < np) _tile_dpbf16ps(J1, 5, 7);                         \
   }
         QWEN2_JAX_HI_PAIR(0, 1)
         QWEN2_JAX_HI_PAIR(2, 3)
 #undef QWEN2_JAX_HI_PAIR
         // x_hi W_lo for each panel.
-#define QWEN2_JAX_LO(J, T)                                 \
-  if (J < np) {                                            \
-    _tile_loadd(T, tile(Panel(pb, q + J, 4), b) + kTileElems, 64);       \
-    _tile_dpbf16ps(J, 4, T);                               \
+#define QWEN2_JAX_LO(J, T)                                         \
+  if (J < np) {                                                    \
+    _tile_loadd(T, tile(Panel(pb, q + J, 4), b) + kTileElems, 64); \
+    _tile_dpbf16ps(J, 4, T);                                       \
   }
         QWEN2_JAX_LO(0, 6)
         QWEN2_JAX_LO(1, 7)
@@ -564,7 +564,8 @@ void RunPanelsPortable(const ProblemX3& pb, int64_t p0, int64_t p1) {
       continue;
     }
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t j = 0; j < 16 && p * 16 + j < pb.n; ++j) pb.y[r * pb.n + p * 16 + j] = dot(r, p, j);
+      for (int64_t j = 0; j < 16 && p * 16 + j < pb.n; ++j)
+        pb.y[r * pb.n + p * 16 + j] = dot(r, p, j);
   }
 }
 
