@@ -7,6 +7,7 @@ against its reference on this CPU, not only on a CPU that has no wider one."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -72,3 +73,87 @@ def test_unknown_isa_name_is_a_named_error(monkeypatch):
                          "cpu_extension.available()"], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
   assert proc.returncode != 0 and "IsaChoiceError: QWEN2_JAX_CPU_ISA='avx10'" in proc.stderr
+
+
+def test_linger_variable_is_checked(monkeypatch):
+  """QWEN2_JAX_CPU_LINGER_US must be a whole number of microseconds in [0, 1000000]: anything
+  else is a one-line error naming the variable, raised when the extension is first loaded."""
+  for bad in ("-1", "1e3", "200us", "1000001", " 5"):
+    monkeypatch.setenv(cpu_extension.LINGER_VARIABLE, bad)
+    with pytest.raises(cpu_extension.LingerChoiceError,
+                       match=re.escape(f"QWEN2_JAX_CPU_LINGER_US={bad!r}")):
+      cpu_extension.check_linger_variable()
+  for good in ("0", "200", "1000000", ""):
+    monkeypatch.setenv(cpu_extension.LINGER_VARIABLE, good)
+    cpu_extension.check_linger_variable()
+  env = dict(os.environ, QWEN2_JAX_CPU_LINGER_US="fast", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", "from qwen2_jax.kernels import cpu_extension\n"
+                         "cpu_extension.available()"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode != 0
+  assert "LingerChoiceError: QWEN2_JAX_CPU_LINGER_US='fast'" in proc.stderr
+
+
+# A decode-like chain: few-row bf16x3 calls back to back (each split into several tasks), at 3
+# row counts; then the same program from two Python threads at once (two loops posting to the
+# lingering helpers together). Prints the outputs' hashes and the loop counters as JSON.
+_LINGER_PROBE = r"""
+import hashlib, json, threading
+import jax, numpy as np
+from qwen2_jax.kernels import cpu_extension, cpu_matmul
+rng = np.random.default_rng(0)
+dims = [256, 640, 256, 1536, 768, 256]
+packs = [cpu_matmul.pack_bf16x3(rng.standard_normal((k, n), np.float32) / np.sqrt(k))
+         for k, n in zip(dims, dims[1:])]
+
+@jax.jit
+def chain(x, packs):
+  for _ in range(4):
+    for p, n in zip(packs, dims[1:]):
+      x = cpu_matmul.packed_matmul(x, p, n)
+  return x
+
+def digest(a):
+  return hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
+
+xs = {m: rng.standard_normal((m, dims[0]), np.float32) for m in (4, 16, 80)}
+alone = {m: digest(chain(x, packs)) for m, x in xs.items()}
+together = {}
+def worker(m):
+  together[m] = {digest(chain(xs[m], packs)) for _ in range(6)}
+threads = [threading.Thread(target=worker, args=(m,)) for m in (4, 16)]
+for t in threads: t.start()
+for t in threads: t.join()
+kernels = cpu_extension.module()
+loops, handed = kernels.loop_stats()
+print(json.dumps({"alone": alone, "together": {m: sorted(v) for m, v in together.items()},
+                  "loops": loops, "handed": handed, "linger_us": kernels.linger_us()}))
+"""
+
+
+@needs_extension
+def test_lingering_helpers_join_loops_and_change_no_bits():
+  """With helper threads lingering (the default, 200 us) a chain of few-row matmul calls hands
+  loops to a waiting helper, and without (QWEN2_JAX_CPU_LINGER_US=0) none is handed; the outputs
+  are the same bits either way, and the same when two threads run the chain at once."""
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("one CPU: XLA's pool has no second thread to help")
+  runs = {}
+  for linger in (None, "0"):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop(cpu_extension.LINGER_VARIABLE, None)
+    if linger is not None:
+      env[cpu_extension.LINGER_VARIABLE] = linger
+    proc = subprocess.run([sys.executable, "-c", _LINGER_PROBE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs[linger] = json.loads(proc.stdout.strip().splitlines()[-1])
+  on, off = runs[None], runs["0"]
+  assert on["linger_us"] == 200 and off["linger_us"] == 0
+  assert on["loops"] > 0 and off["loops"] > 0
+  assert on["handed"] > 0, on
+  assert off["handed"] == 0, off
+  assert on["alone"] == off["alone"]
+  for run in (on, off):
+    for m, hashes in run["together"].items():
+      assert hashes == [run["alone"][m]], (m, hashes)

@@ -10,12 +10,16 @@
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -124,19 +128,109 @@ Fn ForBestIsa(Fn avx512, Fn avx2, Fn generic) {
   }
 }
 
-// fn(i) for i in [0, n), claimed one at a time by the caller and up to num_threads - 1 tasks of
-// XLA's intra-op pool; returns when all are done. The state is held by shared_ptr and every
-// index is claimed before fn runs, so a task that starts after the caller has returned finds
-// nothing left and touches nothing but the state (fn may refer to the caller's stack).
+// Helpers that linger. Waking a parked thread of XLA's pool took about 35 us per parallel loop
+// on a 2-vCPU VM, and a decode step runs about 120 loops, tens to hundreds of us apart. So a
+// helper that has done its share of one loop spins up to LingerNs() on `version` for the next
+// loop of the process, and a loop that finds helpers lingering queues itself with the number
+// it wants (`posted`, `tickets`) instead of scheduling pool tasks; concurrent loops are served
+// oldest first. QWEN2_JAX_CPU_LINGER_US (read once; default 200, 0 turns it off) bounds the
+// spin. The state is allocated once and never freed, so a helper still lingering while the
+// process exits touches live memory.
+struct LoopTask {
+  virtual ~LoopTask() = default;
+  virtual void Work() = 0;
+};
+
+struct Lingering {
+  std::mutex mu;
+  // Under mu: loops handed over, each with the helpers it still waits for (oldest first), and
+  // the lingering helpers that no loop has claimed. Lingering helpers = idle + tickets.
+  std::deque<std::pair<std::shared_ptr<LoopTask>, int64_t>> posted;
+  int64_t idle = 0;
+  // Written under mu, read by the spinning helpers: the sum of posted's counts, and a counter
+  // bumped at every hand-over (on their own cache line, away from the lock and the counters).
+  alignas(64) std::atomic<int64_t> tickets{0};
+  std::atomic<int64_t> version{0};
+  alignas(64) std::atomic<int64_t> loops{0}, handed{0};  // loops, and those handed over
+};
+
+inline Lingering& Lingerers() {
+  static Lingering* state = new Lingering;
+  return *state;
+}
+
+inline int64_t LingerNs() {
+  static const int64_t ns = [] {
+    const char* want = std::getenv("QWEN2_JAX_CPU_LINGER_US");
+    if (want == nullptr || *want == '\0') return int64_t{200'000};
+    char* end = nullptr;
+    const long long us = std::strtoll(want, &end, 10);
+    // The Python side refuses other values before any kernel runs; here they mean the default.
+    if (*end != '\0' || us < 0 || us > 1'000'000) return int64_t{200'000};
+    return static_cast<int64_t>(us) * 1000;
+  }();
+  return ns;
+}
+
+inline int64_t MonotonicNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A helper's life: its loop's work, then lingering for the next loop, until none comes in time.
+inline void Help(std::shared_ptr<LoopTask> task) {
+  Lingering& l = Lingerers();
+  for (;;) {
+    task->Work();
+    task.reset();
+    if (LingerNs() == 0) return;
+    int64_t seen;
+    {
+      std::lock_guard<std::mutex> lock(l.mu);
+      ++l.idle;
+      seen = l.version.load(std::memory_order_relaxed);
+    }
+    const int64_t deadline = MonotonicNs() + LingerNs();
+    for (int64_t spin = 0;; ++spin) {
+      const int64_t version = l.version.load(std::memory_order_acquire);
+      const bool posted = version != seen && l.tickets.load(std::memory_order_relaxed) > 0;
+      seen = version;
+      const bool late = !posted && spin % 64 == 0 && MonotonicNs() > deadline;
+      if (posted || late) {
+        std::lock_guard<std::mutex> lock(l.mu);
+        // Whichever lingering helper sees a ticket takes it: the oldest loop still waiting.
+        if (l.tickets.load(std::memory_order_relaxed) > 0) {
+          auto& oldest = l.posted.front();
+          task = oldest.first;
+          if (--oldest.second == 0) l.posted.pop_front();
+          l.tickets.fetch_sub(1, std::memory_order_relaxed);
+          break;
+        }
+        if (late) {
+          --l.idle;
+          return;
+        }
+      }
+      _mm_pause();
+    }
+  }
+}
+
+// fn(i) for i in [0, n), claimed one at a time by the caller and up to num_threads - 1 helpers
+// (lingering ones first, then tasks of XLA's intra-op pool); returns when all are done. The
+// state is held by shared_ptr and every index is claimed before fn runs, so a helper that
+// arrives after the caller has returned finds nothing left and touches nothing but the state
+// (fn may refer to the caller's stack). The caller never waits for a helper to arrive.
 template <typename Fn>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  struct State {
+  struct State final : LoopTask {
     Fn fn;
     int64_t n;
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
     State(Fn f, int64_t count) : fn(std::move(f)), n(count) {}
-    void Work() {
+    void Work() override {
       for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
         fn(i);
         done.fetch_add(1, std::memory_order_release);
@@ -146,7 +240,24 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Fn fn) {
   if (n <= 0) return;
   auto state = std::make_shared<State>(std::move(fn), n);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->Work(); });
+  int64_t handed = 0;
+  if (helpers > 0) {
+    Lingering& l = Lingerers();
+    std::lock_guard<std::mutex> lock(l.mu);
+    l.loops.fetch_add(1, std::memory_order_relaxed);
+    handed = std::min(l.idle, helpers);
+    if (handed > 0) {
+      l.idle -= handed;
+      l.posted.emplace_back(state, handed);
+      l.tickets.fetch_add(handed, std::memory_order_relaxed);
+      l.handed.fetch_add(1, std::memory_order_relaxed);
+      l.version.fetch_add(1, std::memory_order_release);
+    }
+  }
+  for (int64_t i = handed; i < helpers; ++i) {
+    std::shared_ptr<LoopTask> task = state;
+    pool.Schedule([task] { Help(task); });
+  }
   state->Work();
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }

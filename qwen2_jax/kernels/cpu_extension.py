@@ -16,6 +16,14 @@ per process, picks a narrower one (the tests run every build on one CPU that way
 CPU cannot run is never picked. `module().isa()` names the build in use. The bf16x3 matmul uses
 AMX tiles where `module().amx()` (the CPU has AMX-BF16, the OS grants the tile state, and the
 variable is unset or "amx"), else a slow portable loop.
+
+The kernels split their work between the calling thread and tasks of XLA's intra-op pool. A
+pool thread that has done its share waits (spinning) up to `QWEN2_JAX_CPU_LINGER_US`
+microseconds (default 200; 0 to 1000000, read once per process) for the kernels' next parallel
+loop and joins it directly: waking a parked pool thread took about 35 us per loop on a 2-vCPU
+VM, about 4% of a decode step. A waiting thread is busy (XLA's own pool tasks can start up to
+that much later); set it to 0 where other processes need the cores more than the engine does.
+`module().loop_stats()` counts the loops and those a lingering thread joined.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ SWIGLU_BF16X3_TARGET = "qwen2_jax_packed_swiglu_bf16x3"
 ATTENTION_TARGET = "qwen2_jax_paged_attention"
 LOGITS_TARGET = "qwen2_jax_logit_row_stats"
 ISA_VARIABLE = "QWEN2_JAX_CPU_ISA"
+LINGER_VARIABLE = "QWEN2_JAX_CPU_LINGER_US"
 ISAS = ("amx", "avx512", "avx2", "generic")
 
 
@@ -40,10 +49,15 @@ class IsaChoiceError(UserError, ValueError):
   """QWEN2_JAX_CPU_ISA names no build of the kernels."""
 
 
+class LingerChoiceError(UserError, ValueError):
+  """QWEN2_JAX_CPU_LINGER_US is not a whole number of microseconds in [0, 1000000]."""
+
+
 @functools.cache
 def module():
   """The extension module with its targets registered for the CPU platform, or None."""
   check_isa_variable()
+  check_linger_variable()
   try:
     from qwen2_jax import _cpu_kernels
   except ImportError:
@@ -55,6 +69,7 @@ def module():
                               platform="cpu")
   jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
   jax.ffi.register_ffi_target(LOGITS_TARGET, _cpu_kernels.logits_handler(), platform="cpu")
+  _cpu_kernels.linger_us()  # the kernels read QWEN2_JAX_CPU_LINGER_US once: now, as checked
   return _cpu_kernels
 
 
@@ -63,6 +78,17 @@ def check_isa_variable() -> None:
   want = os.environ.get(ISA_VARIABLE)
   if want is not None and want not in ISAS:
     raise IsaChoiceError(f"{ISA_VARIABLE}={want!r}: must be one of {', '.join(ISAS)}")
+
+
+def check_linger_variable() -> None:
+  """Raises LingerChoiceError if QWEN2_JAX_CPU_LINGER_US is set to anything but a whole number
+  of microseconds in [0, 1000000] (the kernels would otherwise fall back to the default)."""
+  want = os.environ.get(LINGER_VARIABLE)
+  if want is None or want == "":
+    return
+  if not (len(want) <= 7 and want.isascii() and want.isdigit() and int(want) <= 1_000_000):
+    raise LingerChoiceError(f"{LINGER_VARIABLE}={want!r}: must be a whole number of "
+                            "microseconds from 0 to 1000000 (0: helper threads do not wait)")
 
 
 def available() -> bool:

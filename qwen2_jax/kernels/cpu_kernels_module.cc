@@ -1,6 +1,7 @@
 // The Python module `qwen2_jax._cpu_kernels`: capsules of the XLA FFI handlers of the CPU kernels
 // (`cpu_matmul.cc`, `cpu_attention.cc`, `cpu_logits.cc`) for `jax.ffi.register_ffi_target`, and the
-// panel width of this CPU's matmul register kernel, and whether the bf16x3 matmul has AMX.
+// panel width of this CPU's matmul register kernel, whether the bf16x3 matmul has AMX, and the
+// parallel loops' lingering helpers (`cpu_common.h`).
 
 #include <Python.h>
 
@@ -14,6 +15,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxLogitRowStats);
 int Qwen2JaxPanelWidth();
 const char* Qwen2JaxIsa();
 bool Qwen2JaxAmx();
+void Qwen2JaxLoopStats(int64_t* loops, int64_t* handed);
+int64_t Qwen2JaxLingerUs();
 
 static PyObject* MatmulHandler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMatmul), nullptr, nullptr);
@@ -41,6 +44,14 @@ static PyObject* IsaName(PyObject*, PyObject*) { return PyUnicode_FromString(Qwe
 
 static PyObject* Amx(PyObject*, PyObject*) { return PyBool_FromLong(Qwen2JaxAmx()); }
 
+static PyObject* LoopStats(PyObject*, PyObject*) {
+  int64_t loops = 0, handed = 0;
+  Qwen2JaxLoopStats(&loops, &handed);
+  return Py_BuildValue("(LL)", static_cast<long long>(loops), static_cast<long long>(handed));
+}
+
+static PyObject* LingerUs(PyObject*, PyObject*) { return PyLong_FromLongLong(Qwen2JaxLingerUs()); }
+
 static PyMethodDef kMethods[] = {
     {"matmul_handler", MatmulHandler, METH_NOARGS,
      "The XLA FFI handler of the prepacked matmul (a capsule)."},
@@ -60,6 +71,12 @@ static PyMethodDef kMethods[] = {
     {"amx", Amx, METH_NOARGS,
      "Whether the bf16x3 matmul runs on AMX tiles here (the CPU has AMX-BF16, the OS grants "
      "the tile state, QWEN2_JAX_CPU_ISA is unset or 'amx')."},
+    {"loop_stats", LoopStats, METH_NOARGS,
+     "(loops, handed): the kernels' parallel loops that asked for helper threads so far in this "
+     "process, and how many of them a lingering helper joined instead of a new pool task."},
+    {"linger_us", LingerUs, METH_NOARGS,
+     "How long a helper thread waits for the next parallel loop, in us (QWEN2_JAX_CPU_LINGER_US, "
+     "default 200; 0: it returns to XLA's pool at once)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {

@@ -685,5 +685,15 @@ int Qwen2JaxPanelWidth() {
   }
 }
 
+// The parallel loops that asked for helpers so far, and those handed to a lingering helper
+// (for `cpu_kernels_module.cc`).
+void Qwen2JaxLoopStats(int64_t* loops, int64_t* handed) {
+  *loops = qwen2_jax_cpu::Lingerers().loops.load();
+  *handed = qwen2_jax_cpu::Lingerers().handed.load();
+}
+
+// How long a helper lingers, in us (for `cpu_kernels_module.cc`).
+int64_t Qwen2JaxLingerUs() { return qwen2_jax_cpu::LingerNs() / 1000; }
+
 // The instruction set the kernels run (for `cpu_kernels_module.cc`).
 const char* Qwen2JaxIsa() { return IsaName(BestIsa()); }
