@@ -13,8 +13,10 @@ All run with the params as given (layers scanned) and no remat.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import jax
 import numpy as np
 
 from qwen2_jax import aot, flops
@@ -43,10 +45,16 @@ def generation_target(program: str, new_tokens: int = 128) -> aot.Target:
 
 
 def serve_target(max_num_seqs: int, new_tokens: int, num_tokens: int, page_size: int,
-                 num_pages: int) -> aot.Target:
+                 num_pages: int, matmul_precision: str | None = None) -> aot.Target:
   """The engine step of T = num_tokens tokens for S = max_num_seqs (--batch) sequences of
   --seq-len prompt tokens + `new_tokens`, against pools of `num_pages` pages of `page_size`
-  tokens; the block table as wide as the engine makes it for such requests."""
+  tokens; the block table as wide as the engine makes it for such requests. The step's float32
+  matmuls are traced under `matmul_precision` as `Engine(matmul_precision=...)` does it (None:
+  the precision in force)."""
+  if matmul_precision not in (None, *paged_engine.MATMUL_PRECISIONS):
+    raise ValueError(f"matmul_precision: must be None or one of "
+                     f"{paged_engine.MATMUL_PRECISIONS}, got {matmul_precision!r}")
+
   def lower(config, mesh, rules, batch_size, seq_len):
     config = config.replace(remat_policy="none")
     width = paged_engine.table_width(paged.tokens_to_cache(seq_len, new_tokens), page_size,
@@ -54,13 +62,16 @@ def serve_target(max_num_seqs: int, new_tokens: int, num_tokens: int, page_size:
     args = paged_engine.abstract_step_args(
         config, mesh, rules, num_tokens=num_tokens, max_num_seqs=batch_size,
         pages_per_seq=width, num_pages=num_pages, page_size=page_size)
-    return paged_engine.jit_step(config, mesh, rules, args[1].sharding).lower(*args)
+    with (contextlib.nullcontext() if matmul_precision is None
+          else jax.default_matmul_precision(matmul_precision)):
+      return paged_engine.jit_step(config, mesh, rules, args[1].sharding).lower(*args)
 
   return aot.Target(
       "serve", lower,
       lambda config, seq_len: flops.serve_flops_per_token(config, num_tokens, max_num_seqs,
                                                           seq_len + new_tokens),
-      tokens_per_step=lambda batch, seq_len: num_tokens, training=False)
+      tokens_per_step=lambda batch, seq_len: num_tokens, training=False,
+      matmul_precision=matmul_precision)
 
 
 def pool_bytes_per_page(config, mesh, rules, page_size: int) -> int:
@@ -73,7 +84,7 @@ def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, promp
                new_tokens: int, num_tokens: int, page_size: int,
                kv_cache_bytes: int | None = None, hbm_margin: float = 0.05,
                with_cost: bool = True, rules_name: str = "custom",
-               on_compile=None) -> dict:
+               on_compile=None, matmul_precision: str | None = None) -> dict:
   """`qwen2-jax compile --target serve`: the engine step on a TPU topology with the largest page
   pool that fits beside the weights and the step's temporaries (or `kv_cache_bytes` per device).
 
@@ -81,6 +92,8 @@ def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, promp
   new_tokens); then the line through the two largest fitting probes predicts the pages at the
   budget (HBM x (1 - hbm_margin)), and a miss is bisected against the largest fit until the two
   are within 1% (at most 10 compiles). The report is that of the largest fitting pool.
+  `matmul_precision` is the engine's (`Engine(matmul_precision=...)`): it changes what a float32
+  compute dtype's step costs (`aot.MXU_PASSES`) and can change its temporaries.
   Returns `aot.plan`'s report plus "serve": the pool (pages, tokens, bytes per device), how many
   such requests it holds, and the engine settings to use.
   """
@@ -95,7 +108,7 @@ def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, promp
   def compile_with(pages):
     c = aot.compile_step(config, topology, mesh_config, rules, max_num_seqs, prompt_len,
                          target=serve_target(max_num_seqs, new_tokens, num_tokens, page_size,
-                                             pages), hbm_margin=hbm_margin, devices=devices)
+                                             pages, matmul_precision), hbm_margin=hbm_margin, devices=devices)
     if on_compile is not None:
       on_compile(pages, c)
     return c
@@ -138,10 +151,16 @@ def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, promp
         break
   fitting = [(p, c) for p, c in probes if c.fits]
   pages, final = max(fitting, key=lambda pc: pc[0]) if fitting else probes[-1]
-  target = serve_target(max_num_seqs, new_tokens, num_tokens, page_size, pages)
+  target = serve_target(max_num_seqs, new_tokens, num_tokens, page_size, pages, matmul_precision)
+  # XLA's cost analysis counts the whole pool operand as accessed, in every layer, where the
+  # kernel reads only the running sequences' pages: the estimate's FLOPs and bytes come from the
+  # same step over a pool of just those pages (max_num_seqs requests).
+  cost_pages = min(pages, max_num_seqs * request_pages)
   report = aot.plan(config, topology, mesh_config, rules, max_num_seqs, prompt_len, target=target,
                     rules_name=rules_name, hbm_margin=hbm_margin,
-                    with_cost=with_cost and final.fits, compiled=final)
+                    with_cost=with_cost and final.fits, compiled=final,
+                    cost_target=serve_target(max_num_seqs, new_tokens, num_tokens, page_size,
+                                             cost_pages, matmul_precision))
   held = pages // request_pages
   report["serve"] = {
       "page_size": page_size, "num_pages": pages, "pool_bytes_per_device": pages * per_page,
@@ -149,6 +168,8 @@ def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, promp
       "prompt_len": prompt_len, "new_tokens": new_tokens, "pages_per_request": request_pages,
       "requests_in_pool": held, "concurrent_requests": min(held, max_num_seqs),
       "max_num_seqs": max_num_seqs, "max_num_batched_tokens": num_tokens,
+      "matmul_precision": matmul_precision,
+      "cost_pool_pages": cost_pages,
       "table_width_pages": paged_engine.table_width(
           paged.tokens_to_cache(prompt_len, new_tokens), page_size,
           config.max_position_embeddings),

@@ -133,6 +133,20 @@ class Target:
   flops_per_token: Callable[[Qwen2Config, int], float]
   tokens_per_step: Callable[[int, int], int] = lambda batch, seq_len: batch * seq_len
   training: bool = True
+  # The precision `lower` traces float32 dots under (jax.default_matmul_precision); None: the
+  # default, which is one bfloat16 pass on TPU.
+  matmul_precision: str | None = None
+
+
+# TPU MXU passes per float32 dot, by lax.Precision name: DEFAULT rounds both operands to bfloat16
+# (one pass), HIGH splits each into two bfloat16 terms and multiplies three of the pairs
+# (bf16_3x), HIGHEST uses six passes (bf16_6x). Dots on bfloat16 inputs take one pass in any mode.
+MXU_PASSES = {None: 1, "default": 1, "high": 3, "highest": 6}
+
+
+def mxu_passes(config: Qwen2Config, matmul_precision: str | None) -> int:
+  """MXU passes per matmul for `config`'s compute dtype under `matmul_precision`."""
+  return MXU_PASSES[matmul_precision] if config.dtype == "float32" else 1
 
 
 # ------------------------------------------------------------------------------------- compile
@@ -210,12 +224,15 @@ def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_
 
 def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int],
              rules: sharding.Rules, tokens: int, xla: dict[str, float],
-             flops_per_token: float, *, training: bool = True) -> dict[str, float]:
+             flops_per_token: float, *, training: bool = True,
+             mxu_passes: int = 1) -> dict[str, float]:
   """Step-time ESTIMATE: max of compute, HBM traffic and collective time per device.
 
-  compute = max(XLA FLOPs, analytic model FLOPs) / peak: XLA also counts a compiler-generated
-  loop's body once (the collective matmuls that overlap FSDP all-gathers with matmuls are such
-  loops), so its count can fall below the model's. memory = XLA bytes accessed / HBM bandwidth.
+  compute = max(XLA FLOPs, analytic model FLOPs) x mxu_passes / peak bf16 FLOP/s: XLA also
+  counts a compiler-generated loop's body once (the collective matmuls that overlap FSDP
+  all-gathers with matmuls are such loops), so its count can fall below the model's; float32
+  dots under a higher precision take several bf16 passes (`MXU_PASSES`; XLA's count does not
+  change with it, and all FLOPs are counted as matmul FLOPs, which they mostly are). memory = XLA bytes accessed / HBM bandwidth.
   collectives (rough): FSDP all-gathers params twice (forward, backward) in the compute dtype and
   reduce-scatters f32 grads; tensor parallelism all-reduces the [B, T, H] activations 4 times
   per layer. Generation (`training=False`): one all-gather, no grads, 2 all-reduces per layer.
@@ -232,7 +249,8 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
   tp_bytes = ((4 if training else 2) * config.num_hidden_layers * tokens_per_group
               * config.hidden_size * itemsize * 2 * (tp - 1) / tp)
   model_flops = flops_per_token * tokens
-  t_compute = max(xla["flops"], model_flops / topology.num_chips) / chip.peak_bf16_flops
+  t_compute = (max(xla["flops"], model_flops / topology.num_chips) * mxu_passes
+               / chip.peak_bf16_flops)
   t_memory = xla["bytes_accessed"] / chip.hbm_bandwidth
   t_comm = (fsdp_bytes + tp_bytes) / chip.ici_bandwidth
   step = max(t_compute, t_memory, t_comm)
@@ -247,8 +265,9 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
 def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConfig,
          rules: sharding.Rules, batch_size: int, seq_len: int, *, target: Target,
          rules_name: str = "custom", hbm_margin: float = 0.05, with_cost: bool = True,
-         compiled: Compiled | None = None) -> dict[str, Any]:
-  """The full report of one configuration (see the module docstring); JSON-serialisable."""
+         compiled: Compiled | None = None, cost_target: Target | None = None) -> dict[str, Any]:
+  """The full report of one configuration (see the module docstring); JSON-serialisable.
+  `cost_target` (default `target`) is what the FLOPs and bytes of the estimate are taken from."""
   devices = topology_devices(topology)
   mesh_shape = mesh_config.shape(len(devices))
   if compiled is None:
@@ -270,6 +289,8 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
                    "hbm_bytes_per_chip": topology.chip.hbm_bytes,
                    "peak_bf16_flops_per_chip": topology.chip.peak_bf16_flops},
       "mesh": mesh_shape, "rules": rules_name,
+      "matmul_precision": target.matmul_precision,
+      "mxu_passes": mxu_passes(config, target.matmul_precision),
       "batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tokens,
       "compile_seconds": round(compiled.compile_seconds, 2),
       "hbm_margin": hbm_margin, "fits": compiled.fits,
@@ -282,14 +303,15 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
   }
   if with_cost and compiled.memory is not None:
     scan_flops, scan_bytes = _cost(compiled.compiled)
-    xla = xla_cost(config, topology, mesh_config, rules, batch_size, seq_len, target=target,
-                   devices=devices)
+    xla = xla_cost(config, topology, mesh_config, rules, batch_size, seq_len,
+                   target=target if cost_target is None else cost_target, devices=devices)
     report["flops_per_device"].update(xla=xla["flops"], xla_scanned_program=scan_flops)
     report["bytes_accessed_per_device"] = {"xla": xla["bytes_accessed"],
                                            "xla_scanned_program": scan_bytes}
     report["estimate"] = {"note": "ESTIMATE from peak chip numbers (roofline), not measured",
                           **roofline(config, topology, mesh_shape, rules, tokens, xla, per_token,
-                                     training=target.training)}
+                                     training=target.training,
+                                     mxu_passes=mxu_passes(config, target.matmul_precision))}
   return report
 
 

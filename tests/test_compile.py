@@ -241,3 +241,50 @@ def test_compile_serve_rejects_batch_search():
   with pytest.raises(compile_cmd.CompileSettingError, match="--search-batch"):
     compile_cmd.main(["--preset", "qwen2-tiny", "--topology", "v5e:2x2", "--search-batch",
                       "--target", "serve"])
+
+
+@needs_libtpu
+def test_compile_serve_matmul_precision(capsys):
+  """--matmul-precision traces the serve step's float32 dots as Engine(matmul_precision=...)
+  does (the TPU HLO carries the precision), puts 3 or 6 bf16 MXU passes into the compute
+  estimate (XLA's FLOP count is the same for both), and shows in the engine settings. The
+  estimate's bytes come from a pool of the step's own pages: they do not grow with the pool.
+  The flag is refused for other targets and for a bfloat16 compute dtype."""
+  from qwen2_jax.infer import targets as infer_targets  # pylint: disable=import-outside-toplevel
+  base = ["--preset", "qwen2-tiny", "--topology", "v5e:1x1", "--batch", "4", "--seq-len", "40",
+          "--new-tokens", "24", "--target", "serve", "--max-num-batched-tokens", "16",
+          "--dtype", "float32"]
+  reports = {}
+  for precision, pool in (("high", "0.01"), ("highest", "0.01"), ("highest", "0.02")):
+    assert compile_cmd.main(base + ["--matmul-precision", precision, "--kv-cache-memory", pool,
+                                    "--json"]) == 0
+    reports[precision, pool] = json.loads(capsys.readouterr().out)
+  high, highest = reports["high", "0.01"], reports["highest", "0.01"]
+  big = reports["highest", "0.02"]
+  assert (high["mxu_passes"], highest["mxu_passes"]) == (3, 6)
+  assert high["serve"]["matmul_precision"] == "high" == high["matmul_precision"]
+  assert high["flops_per_device"]["xla"] == highest["flops_per_device"]["xla"] > 0
+  assert highest["estimate"]["compute_s"] == pytest.approx(2 * high["estimate"]["compute_s"],
+                                                           rel=1e-9)
+  # Twice the pool, same cost pool (4 requests of 4 pages), same estimate.
+  assert big["serve"]["num_pages"] > highest["serve"]["num_pages"] >= 16
+  assert big["serve"]["cost_pool_pages"] == highest["serve"]["cost_pool_pages"] == 16
+  assert big["bytes_accessed_per_device"]["xla"] == highest["bytes_accessed_per_device"]["xla"]
+  assert (big["bytes_accessed_per_device"]["xla_scanned_program"]
+          > highest["bytes_accessed_per_device"]["xla_scanned_program"])
+  text = compile_cmd.format_report(high)
+  assert "matmul_precision='high'" in text and "3 bf16 MXU passes" in text
+  c = presets.get_preset("qwen2-tiny", dtype="float32", param_dtype="float32")
+  mesh = sharding.make_mesh(sharding.MeshConfig.from_string(""),
+                            aot.topology_devices(aot.parse_topology("v5e:1x1")))
+  hlo = {p: infer_targets.serve_target(4, 24, 16, 16, 16, p).lower(
+      c, mesh, sharding.get_rules("fsdp"), 4, 40).as_text() for p in (None, "high", "highest")}
+  assert "HIGHEST" in hlo["highest"] and "HIGH" in hlo["high"] and "HIGHEST" not in hlo["high"]
+  assert "HIGH" not in hlo[None]
+  with pytest.raises(compile_cmd.CompileSettingError, match="--matmul-precision: only with"):
+    compile_cmd.main(["--preset", "qwen2-tiny", "--topology", "v5e:1x1", "--batch", "4",
+                      "--target", "decode", "--dtype", "float32", "--matmul-precision", "high"])
+  with pytest.raises(compile_cmd.CompileSettingError, match="compute dtype is bfloat16"):
+    compile_cmd.main(base[:-2] + ["--matmul-precision", "high"])
+  with pytest.raises(ValueError, match="matmul_precision"):
+    infer_targets.serve_target(4, 24, 16, 16, 16, "fastest")

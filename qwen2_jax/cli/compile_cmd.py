@@ -64,6 +64,10 @@ def register(subparsers) -> None:
   p.add_argument("--page-size", type=int, default=16, help="serve: tokens per KV page (16)")
   p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                  help="serve: KV pool GiB per device (default: the most that fits)")
+  p.add_argument("--matmul-precision", choices=("high", "highest"), default=None,
+                 help="serve: the engine's matmul_precision for float32 compute (--dtype "
+                      "float32): high (3 bf16 MXU passes per dot) or highest (6); default: one "
+                      "bf16 pass, TPU's default")
   size = p.add_mutually_exclusive_group(required=True)
   size.add_argument("--batch", type=int, help="global batch size (sequences per step)")
   size.add_argument("--search-batch", action="store_true",
@@ -182,8 +186,11 @@ def run(args: argparse.Namespace) -> int:
         raise CompileSettingError(f"--new-tokens: must be >= 1, got {args.new_tokens}")
       config = config.replace(remat_policy="none")  # generation never rematerialises
     if args.target == "serve":
-      _check_serve_args(args)
+      _check_serve_args(args, config)
       target = None
+    elif args.matmul_precision is not None:
+      raise CompileSettingError("--matmul-precision: only with --target serve (the Engine's "
+                                "matmul_precision)")
     else:
       targets = compile_targets(args.new_tokens, optim)
       if args.target not in targets:
@@ -213,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
         config, topology, mesh_config, rules, max_num_seqs=args.batch, prompt_len=args.seq_len,
         new_tokens=args.new_tokens, num_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, kv_cache_bytes=kv, hbm_margin=args.hbm_margin,
-        with_cost=not args.no_cost, rules_name=rules_name, on_compile=sized)
+        with_cost=not args.no_cost, rules_name=rules_name, on_compile=sized,
+        matmul_precision=args.matmul_precision)
   elif args.search_batch:
     log = sys.stderr if args.json else sys.stdout  # with --json, stdout is only the report
 
@@ -251,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
   return 0 if report["fits"] else 3
 
 
-def _check_serve_args(args) -> None:
+def _check_serve_args(args, config) -> None:
   if args.search_batch:
     raise CompileSettingError("--search-batch: not with --target serve; give --batch (sequences "
                               "at once): the KV pool is sized to fit instead")
@@ -264,6 +272,9 @@ def _check_serve_args(args) -> None:
     raise CompileSettingError(f"--page-size: must be >= 1, got {args.page_size}")
   if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
     raise CompileSettingError(f"--kv-cache-memory: must be > 0 GiB, got {args.kv_cache_memory}")
+  if args.matmul_precision is not None and config.dtype != "float32":
+    raise CompileSettingError(f"--matmul-precision: only changes float32 dots; the compute dtype "
+                              f"is {config.dtype} (give --dtype float32)")
 
 
 def _dca_text(model: dict) -> str:
@@ -299,9 +310,11 @@ def format_report(r: dict) -> str:
                  f"per device; holds {sv['requests_in_pool']:,} such requests "
                  f"({sv['pages_per_request']} pages each), {sv['concurrent_requests']} at once "
                  f"with max_num_seqs {sv['max_num_seqs']}")
+    precision = ("" if sv.get("matmul_precision") is None
+                 else f", matmul_precision={sv['matmul_precision']!r}")
     lines.append(f"  engine settings: Engine(..., max_num_seqs={sv['max_num_seqs']}, "
                  f"max_num_batched_tokens={sv['max_num_batched_tokens']}, page_size="
-                 f"{sv['page_size']}, num_pages={sv['num_pages']})")
+                 f"{sv['page_size']}, num_pages={sv['num_pages']}{precision})")
   if r["target"] == "grpo":
     lines.append(f"  resident as inputs: the reference's params and the rollout engine's KV pools "
                  f"({r['batch_size']} sequences of {r['seq_len'] + 1:,} tokens)")
@@ -333,6 +346,9 @@ def format_report(r: dict) -> str:
                  f"{flops['xla'] / flops['analytic_model']:.2f})")
   if "estimate" in r:
     e = r["estimate"]
+    if r.get("mxu_passes", 1) > 1:
+      lines.append(f"  float32 matmuls at precision {r['matmul_precision']}: "
+                   f"{r['mxu_passes']} bf16 MXU passes each (in the compute estimate)")
     lines.append(f"  ESTIMATE (roofline from peak chip numbers, not a measurement): step "
                  f"{e['step_s']:.3g} s ({e['bound']}-bound; compute {e['compute_s']:.3g} s, HBM "
                  f"{e['hbm_s']:.3g} s, collectives {e['collectives_s']:.3g} s), MFU "
