@@ -321,6 +321,9 @@ class Qwen2ForCausalLM(nn.Module):
       x, new_kv = stack(cfg, sparse=cfg.is_sparse_layer(0), name="layers")(
           x, cos, sin, q_index, segment_ids, windows, cache_kv, cache_valid)
     else:
+      # cos / sin once for all layers: without the barrier XLA:CPU fused the sine and cosine
+      # into every layer's RoPE loops and evaluated them again per head, half and layer.
+      cos, sin = jax.lax.optimization_barrier((cos, sin))
       new_kvs = []
       # Paged, where attention can read the step's keys / values without the pools holding them
       # (`attention.paged_writes_deferred`): the layers leave the pools alone and all layers'

@@ -282,3 +282,21 @@ def test_apply_rope_is_x_cos_plus_rotate_half_x_sin_bit_for_bit():
     want = jax.jit(lambda x, c, s, r: x * c[:, :, None] + r * s[:, :, None])(x, cos, sin, rotated)
     np.testing.assert_array_equal(np.asarray(jax.jit(layers.apply_rope)(x, cos, sin)),
                                   np.asarray(want))
+
+
+def test_unrolled_layers_evaluate_rope_tables_once(tiny):
+  """With the layers unrolled, the compiled forward evaluates sine and cosine once per step, not
+  inside every layer's RoPE loops (XLA:CPU fused them into each layer's loops before the
+  barrier); the logits are the scanned layout's."""
+  import re  # pylint: disable=import-outside-toplevel
+  config, params = tiny
+  unrolled = config.replace(scan_layers=False)
+  assert unrolled.num_hidden_layers >= 2
+  ids = (np.arange(12)[None] * 7) % config.vocab_size
+  fn = jax.jit(lambda p, x: q.forward(unrolled, p, x))
+  unstacked = model_lib.unstack_layers(params, config)
+  text = fn.lower(unstacked, ids).compile().as_text()
+  assert len(re.findall(r"\bsine\(", text)) == 1, text.count("sine(")
+  assert len(re.findall(r"\bcosine\(", text)) == 1, text.count("cosine(")
+  np.testing.assert_allclose(np.asarray(fn(unstacked, ids)),
+                             np.asarray(q.forward(config, params, ids)), atol=TOL)
