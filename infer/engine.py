@@ -37,9 +37,12 @@ admitted or preempted.
 
 Sharding. With `mesh` and `rules` the params are placed with their logical shardings and the
 pools' KV-head axis follows "activation_kv_heads" (tensor parallel); step inputs are replicated.
-Where the mesh's "data" axis has size d > 1 (one process), the engine keeps d replicas
-(`_Replica`: weights, pools, scheduler and programs on the devices of one data index); a batch is
-split between them (`split_requests`) and they step concurrently, one host thread each.
+Where the mesh's "data" axis has size d > 1, the engine keeps d replicas (`_Replica`: weights,
+pools, scheduler and programs on the devices of one data index); a batch is split between them
+(`split_requests`) and they step concurrently, one host thread each. Across processes, each
+process runs the replicas whose devices are its own (`replica_layout`), and one all-gather gives
+every process every result (`Engine._exchange`); where a data index spans processes, the whole
+mesh is one replica.
 
 CPU. On the CPU backend the engine runs `decode_layout` (unrolled layers, an explicit head), as
 the static engine does. Without a mesh, for float32 on an AVX-512 CPU, the kernels of the
@@ -70,6 +73,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from qwen2_jax import api, sharding
@@ -224,15 +228,31 @@ def _memory_bytes() -> int | None:
 
 
 def replica_meshes(mesh) -> list:
-  """The device groups of the engine's data-parallel replicas: one mesh per index of `mesh`'s
-  "data" axis (each keeps every axis, "data" with size 1, so the same rules apply), or [mesh]
-  when the data axis has size 1 or the mesh spans more than one process (every process then
-  runs the one engine over the whole mesh)."""
-  if "data" not in mesh.axis_names or mesh.shape["data"] == 1 or jax.process_count() > 1:
-    return [mesh]
+  """The device groups of the engine's data-parallel replicas that this process runs (see
+  `replica_layout`)."""
+  return replica_layout(mesh)[0]
+
+
+def replica_layout(mesh) -> tuple[list, list[int], list[int]]:
+  """(meshes, indices, owners): the engine's data-parallel replicas on `mesh`, one per index of
+  its "data" axis, each a mesh of that index's devices (every axis kept, "data" with size 1, so
+  the same rules apply). `owners[i]` is the process that runs replica i (all of its devices are
+  that process's); `meshes` are the replicas this process runs and `indices` theirs. In one
+  process that is all of them. Where the data axis has size 1, or some data index has devices
+  of several processes, there is one replica, the whole mesh, which every process runs as one
+  program: ([mesh], [0], [-1])."""
+  if "data" not in mesh.axis_names or mesh.shape["data"] == 1:
+    return [mesh], [0], [-1]
   k = mesh.axis_names.index("data")
-  return [jax.sharding.Mesh(np.take(mesh.devices, [i], axis=k), mesh.axis_names,
-                            axis_types=mesh.axis_types) for i in range(mesh.shape["data"])]
+  groups = [np.take(mesh.devices, [i], axis=k) for i in range(mesh.shape["data"])]
+  processes = [{dev.process_index for dev in g.flat} for g in groups]
+  if any(len(p) > 1 for p in processes):
+    return [mesh], [0], [-1]
+  owners = [p.pop() for p in processes]
+  indices = [i for i, o in enumerate(owners) if o == jax.process_index()]
+  meshes = [jax.sharding.Mesh(groups[i], mesh.axis_names, axis_types=mesh.axis_types)
+            for i in indices]
+  return meshes, indices, owners
 
 
 def split_requests(requests: Sequence[tuple[Sequence[int], SamplingParams]], n: int
@@ -258,6 +278,14 @@ def split_requests(requests: Sequence[tuple[Sequence[int], SamplingParams]], n: 
 
 class _Stopped(Exception):
   """Another replica's run failed; this one stops (internal)."""
+
+
+class ReplicaProcessError(RuntimeError):
+  """An engine replica in another process failed; the message carries its error."""
+
+
+# Bytes of a failed process's error message in the results' all-gather.
+_ERROR_BYTES = 512
 
 
 class _Replica:
@@ -350,6 +378,11 @@ class Engine:
     if page_size < 1:
       raise bad("page_size", f"must be >= 1, got {page_size}")
     config = config.replace(remat_policy="none")
+    if mesh is not None:
+      meshes, self._replica_indices, self._replica_owners = replica_layout(mesh)
+    else:
+      meshes, self._replica_indices, self._replica_owners = [None], [0], [-1]
+    params = self._local_params(params)
     params = model_layout(params, config)  # e.g. another engine's params
     self._layout_source = None  # the config before decode_layout, when it was applied
     self._input_minor, self._packed, self._bf16x3 = False, 0, False
@@ -381,10 +414,11 @@ class Engine:
     if mesh is not None:
       self.rules = sharding.get_rules(rules)
       sharding.check_mesh_uses_rules(mesh, self.rules)
-      meshes = replica_meshes(mesh)
+      if not meshes:
+        raise bad("mesh", f"process {jax.process_index()} has no devices in the mesh; every "
+                  f"process of a multi-process engine runs at least one of its replicas")
     else:
       self.rules = None
-      meshes = [None]
     if num_pages is None:
       if kv_cache_memory is not None:
         num_pages = int(kv_cache_memory) // self.bytes_per_page
@@ -435,11 +469,21 @@ class Engine:
       return params
     return jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))
 
+  def _local_params(self, params):
+    """`params` with every leaf this process can place on its replicas: where the replicas are
+    split between processes, weights sharded across processes are gathered to every host (one
+    all-gather per such leaf, in every process: the engine is built and updated SPMD)."""
+    if len(self._replica_owners) == 1 or jax.process_count() == 1:
+      return params
+    return jax.tree.map(lambda a: multihost_utils.process_allgather(a, tiled=True)
+                        if isinstance(a, jax.Array) and not a.is_fully_addressable else a, params)
+
   # ----- public API -----
   @property
   def num_replicas(self) -> int:
-    """Data-parallel copies of the engine (the mesh's "data" axis size; else 1)."""
-    return len(self._replicas)
+    """Data-parallel copies of the engine (the mesh's "data" axis size; else 1), in all
+    processes."""
+    return len(self._replica_owners)
 
   @property
   def params(self):
@@ -491,15 +535,22 @@ class Engine:
     (of each replica, from its thread), when no computation of that replica is in flight; an
     exception it raises ends the run (every page is released, and the other replicas stop at
     their next step)."""
-    if check is not None:
-      check()
-    if len(self._replicas) == 1:
-      return self._run_on(self._replicas[0], requests, check, check_interval)
-    results: list[GenerationResult | None] = [None] * len(requests)
-    jobs = [(r, idx) for r, idx in zip(self._replicas,
-                                        split_requests(requests, len(self._replicas))) if idx]
-    stop = threading.Event()
+    across = len(self._replicas) < len(self._replica_owners)  # replicas in other processes
     errors: list[BaseException] = []
+    if check is not None:
+      try:
+        check()
+      except Exception as e:  # pylint: disable=broad-except
+        if not across:
+          raise
+        errors.append(e)  # the other processes still take their results from this one
+    if len(self._replica_owners) == 1:
+      return self._run_on(self._replicas[0], requests, check, check_interval)
+    parts = split_requests(requests, len(self._replica_owners))
+    results: list[GenerationResult | None] = [None] * len(requests)
+    jobs = [] if errors else [(r, parts[i]) for r, i in zip(self._replicas, self._replica_indices)
+                              if parts[i]]
+    stop = threading.Event()
 
     def work(replica: _Replica, idx: list[int]) -> None:
       try:
@@ -524,9 +575,50 @@ class Engine:
       stop.set()  # e.g. KeyboardInterrupt in join: the replicas stop at their next step
       for t in threads:
         t.join()
+    if across:
+      return self._exchange(requests, parts, results, errors[0] if errors else None)
     if errors:
       raise errors[0]
     return results
+
+  def _exchange(self, requests, parts: list[list[int]], results: list[GenerationResult | None],
+                error: BaseException | None) -> list[GenerationResult]:
+    """Every process's results to every process (one all-gather of padded arrays; each process
+    must call it, also after its own replicas failed, so that none waits for it forever)."""
+    n = len(requests)
+    width = max([sp.max_new_tokens for _, sp in requests] + [1])
+    tokens = np.zeros((n, width), np.int32)
+    logprobs = np.zeros((n, width), np.float32)
+    lengths = np.zeros(n, np.int32)
+    reasons = np.zeros(n, np.int32)
+    codes = {None: 0, "stop": 1, "length": 2}
+    for i, res in enumerate(results):
+      if res is not None:
+        m = len(res.output_ids)
+        tokens[i, :m], logprobs[i, :m], lengths[i] = res.output_ids, res.logprobs, m
+        reasons[i] = codes[res.finish_reason]
+    message = np.zeros(_ERROR_BYTES, np.uint8)
+    if error is not None:
+      text = f"{type(error).__name__}: {error}".encode()[:_ERROR_BYTES - 1] or b"?"
+      message[:len(text)] = np.frombuffer(text, np.uint8)
+    g = multihost_utils.process_allgather((tokens, logprobs, lengths, reasons, message))
+    g = [np.asarray(a) for a in g]  # each [processes, ...]
+    if error is not None:
+      raise error
+    failed = [p for p in range(g[4].shape[0]) if g[4][p, 0]]
+    if failed:
+      p = failed[0]
+      raise ReplicaProcessError(f"run_batch: process {p}'s replicas failed: "
+                                f"{bytes(g[4][p]).rstrip(bytes(1)).decode(errors='replace')}")
+    names = {v: k for k, v in codes.items()}
+    out: list[GenerationResult] = [None] * n  # type: ignore[list-item]
+    for j, idx in enumerate(parts):
+      p = self._replica_owners[j]
+      for i in idx:
+        m = int(g[2][p, i])
+        out[i] = GenerationResult(list(requests[i][0]), g[0][p, i, :m].tolist(),
+                                  g[1][p, i, :m].tolist(), names[int(g[3][p, i])])
+    return out
 
   def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
              interval: int = 4) -> Iterator[list[int]]:
@@ -606,7 +698,7 @@ class Engine:
     were computed with the old weights, so the prefix cache is cleared."""
     if any(r.scheduler.has_work for r in self._replicas):
       raise RuntimeError("update_params: the engine is running requests")
-    params = model_layout(params, self.config)
+    params = model_layout(self._local_params(params), self.config)
     if self._layout_source is not None:
       _, params = decode_layout(self._layout_source, params, input_minor=self._input_minor,
                                 packed=self._packed, bf16x3=self._bf16x3)

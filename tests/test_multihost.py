@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from qwen2_jax import api, distributed, presets
@@ -100,3 +101,61 @@ def test_initialize_rejects_a_partial_job_description(monkeypatch):
   monkeypatch.setenv("QWEN2_JAX_NUM_PROCESSES", "2")
   with pytest.raises(ValueError, match="process_id"):
     distributed.initialize(coordinator_address="127.0.0.1:1234")
+
+
+ENGINE_WORKER = os.path.join(os.path.dirname(__file__), "multihost_engine_worker.py")
+
+
+@pytest.mark.slow
+def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
+  """2 processes x 2 CPU devices on a data=2 x tensor=2 mesh: each process runs one replica of
+  the Engine (its own devices), and `generate` gives every process every request's tokens
+  (greedy and seeded samples) and finish reasons, as one unsharded engine computes them. A
+  `check` that raises in process 1 only makes both processes raise (process 0 names process 1's
+  error) instead of waiting for each other; the engine then runs again, also with weights
+  sharded over the whole mesh."""
+  import multihost_engine_worker as worker  # pylint: disable=import-outside-toplevel
+  from qwen2_jax.infer import Engine  # pylint: disable=import-outside-toplevel
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  procs, logs = [], []
+  for pid in range(2):
+    log = open(tmp_path / f"engine_{pid}.log", "w")  # pylint: disable=consider-using-with
+    logs.append(log)
+    procs.append(subprocess.Popen(
+        [sys.executable, ENGINE_WORKER, "--process-id", str(pid), "--num-processes", "2",
+         "--port", str(port), "--devices-per-process", "2", "--out", str(tmp_path)],
+        env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    for pid, p in enumerate(procs):
+      try:
+        p.wait(timeout=600)
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        pytest.fail(f"engine worker {pid} timed out:\n"
+                    f"{(tmp_path / f'engine_{pid}.log').read_text()[-4000:]}")
+  finally:
+    for log in logs:
+      log.close()
+  for pid, p in enumerate(procs):
+    assert p.returncode == 0, (tmp_path / f"engine_{pid}.log").read_text()[-4000:]
+  results = [json.loads((tmp_path / f"engine_{i}.json").read_text()) for i in range(2)]
+
+  config = presets.get_preset("qwen2-tiny", initializer_range=0.2)
+  params = jax.jit(lambda k: api.init_params(config, k))(jax.random.key(0))
+  prompts, sps = worker.requests(config.vocab_size)
+  want = Engine(config, params, **worker.ENGINE_KW).generate(prompts, sps)
+  for r in results:
+    assert (r["num_processes"], r["local_devices"]) == (2, 2)
+    assert (r["num_replicas"], r["local_replicas"]) == (2, 1)
+    assert r["steps"] > 0  # each process ran a share
+    for run in ("first", "again"):
+      assert [o[0] for o in r[run]] == [w.output_ids for w in want]
+      assert [o[2] for o in r[run]] == [w.finish_reason for w in want]
+      for o, w in zip(r[run], want):
+        np.testing.assert_allclose(o[1], w.logprobs, atol=1e-4)
+  assert results[1]["error"] == "ValueError: stop here"
+  assert results[0]["error"].startswith("ReplicaProcessError: run_batch: process 1's replicas "
+                                        "failed: ValueError: stop here")
