@@ -9,8 +9,8 @@
 """
 
 from qwen2_jax.infer.api import Completion, Generator, load_model
-from qwen2_jax.infer.engine import (Engine, GenerationResult, StaticEngine, decode_layout,
-                                   init_cache)
+from qwen2_jax.infer.engine import (Engine, GenerationResult, ReplicaProcessError, StaticEngine,
+                                   decode_layout, init_cache)
 from qwen2_jax.infer.paged import KVCacheTooSmallError
 from qwen2_jax.infer.sampling import SamplingParams
 from qwen2_jax.infer.validation import (ContextOverflowError, EmptyPromptError,

@@ -68,6 +68,7 @@ import contextlib
 import os
 import threading
 import time
+import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -212,9 +213,9 @@ def _bucket(n: int) -> int:
 
 
 def _memory_bytes() -> int | None:
-  """Free memory for the pools on the default device: accelerator limit minus use, or the host's
-  physical memory on CPU; None if unknown."""
-  dev = jax.devices()[0]
+  """Free memory for the pools on this process's first device: accelerator limit minus use, or
+  the host's physical memory on CPU; None if unknown."""
+  dev = jax.local_devices()[0]
   if dev.platform != "cpu":
     stats = dev.memory_stats() or {}
     if "bytes_limit" in stats:
@@ -280,6 +281,13 @@ class _Stopped(Exception):
   """Another replica's run failed; this one stops (internal)."""
 
 
+def _requests_digest(requests) -> int:
+  """A checksum of validated requests (prompts and sampling settings), equal in every process
+  that holds the same requests."""
+  text = repr([(list(map(int, ids)), repr(sp)) for ids, sp in requests]).encode()
+  return zlib.crc32(text) & 0x7FFFFFFF  # an int32
+
+
 class ReplicaProcessError(RuntimeError):
   """An engine replica in another process failed; the message carries its error."""
 
@@ -327,10 +335,12 @@ class Engine:
     eos_token_ids: ids that end a request unless `SamplingParams.ignore_eos`; default the
       config's `eos_token_id`.
     mesh, rules: optional `jax.sharding.Mesh` and `qwen2_jax.sharding` rules for sharded
-      generation. Where the mesh's "data" axis has size d > 1 (one process), the engine keeps d
-      replicas, one per data index, each with the weights placed by `rules` on its devices and
-      its own pools and scheduler; a batch's requests are split between them
-      (`split_requests`) and the replicas step concurrently, one host thread each.
+      generation. Where the mesh's "data" axis has size d > 1, the engine keeps d replicas, one
+      per data index, each with the weights placed by `rules` on its devices and its own pools
+      and scheduler; a batch's requests are split between them (`split_requests`) and the
+      replicas step concurrently, one host thread each. Across processes each process runs the
+      replicas whose devices are its own (`replica_layout`); then every process must build
+      the engine and call `run_batch` / `generate` / `update_params` with the same arguments.
     layout: "auto" (`decode_layout` on the CPU backend, the params as given elsewhere),
       "unrolled" (always `decode_layout`) or "as_is". Without a mesh, `decode_layout` packs the
       attention, MLP and head kernels (`cpu_packed_width`), or where it cannot, on an AVX-512
@@ -382,7 +392,16 @@ class Engine:
       meshes, self._replica_indices, self._replica_owners = replica_layout(mesh)
     else:
       meshes, self._replica_indices, self._replica_owners = [None], [0], [-1]
-    params = self._local_params(params)
+    self._replica_meshes = meshes
+    # Replicas in several processes: run_batch, update_params and the constructor exchange
+    # with the other processes (every process calls them with the same arguments).
+    self._across_processes = len(self._replica_owners) > 1 and jax.process_count() > 1
+    if self._across_processes:
+      have = np.asarray(multihost_utils.process_allgather(np.array([len(meshes)], np.int32)))
+      if (have == 0).any():
+        raise bad(
+            "mesh", f"{int((have == 0).sum())} of {have.size} processes have no devices in the "
+            f"mesh; each process of a multi-process engine runs at least one of its replicas")
     params = model_layout(params, config)  # e.g. another engine's params
     self._layout_source = None  # the config before decode_layout, when it was applied
     self._input_minor, self._packed, self._bf16x3 = False, 0, False
@@ -414,9 +433,6 @@ class Engine:
     if mesh is not None:
       self.rules = sharding.get_rules(rules)
       sharding.check_mesh_uses_rules(mesh, self.rules)
-      if not meshes:
-        raise bad("mesh", f"process {jax.process_index()} has no devices in the mesh; every "
-                  f"process of a multi-process engine runs at least one of its replicas")
     else:
       self.rules = None
     if num_pages is None:
@@ -429,6 +445,9 @@ class Engine:
           if jax.default_backend() == "cpu":
             limit //= len(meshes)  # CPU replicas share the host's memory
           num_pages = min(num_pages, limit // self.bytes_per_page)
+    if self._across_processes:  # the same pool everywhere (free memory differs between hosts)
+      num_pages = int(np.min(np.asarray(multihost_utils.process_allgather(
+          np.array([num_pages], np.int32)))))
     if num_pages < 1:
       raise bad("num_pages", f"the KV cache needs at least one page of {self.bytes_per_page} "
                 "bytes")
@@ -441,6 +460,7 @@ class Engine:
     # a decode step reads the weights whatever its rows, and each bucket is one more compile.
     self._min_row_bucket = _MIN_ROW_BUCKET if self._bucket_tables else S
     self._enable_prefix_caching = enable_prefix_caching
+    params = self._local_params(params)
     self._replicas = [_Replica(m, self._place(params, m), self._new_scheduler()) for m in meshes]
 
   def _new_scheduler(self) -> paged.Scheduler:
@@ -464,19 +484,37 @@ class Engine:
       return n
     return max(below)
 
+  def _local_params(self, params):
+    """`params` with every leaf this process can place on its own replicas. Where the replicas
+    are split between processes, a weight sharded across processes is first resharded on the
+    devices (in every process: the engine is built and updated SPMD) so that each data index
+    holds a whole copy, split over its devices as `_place` splits it; each local replica then
+    takes its devices' shards as they are, with no host copy. Host arrays stay as they are."""
+    if not self._across_processes or all(
+        not isinstance(a, jax.Array) or a.is_fully_addressable for a in jax.tree.leaves(params)):
+      return params
+    shardings = sharding.param_shardings(self.config, self._replica_meshes[0], self.rules)
+
+    def without_data(sh):  # the replica's spec on the whole mesh: a whole copy per data index
+      drop = lambda a: (tuple(x for x in a if x != "data") or None) if isinstance(a, tuple) \
+          else (None if a == "data" else a)
+      return NamedSharding(self.mesh, jax.sharding.PartitionSpec(*(drop(a) for a in sh.spec)))
+
+    return jax.jit(lambda p: p, out_shardings=jax.tree.map(without_data, shardings))(params)
+
   def _place(self, params, mesh):
     if mesh is None:
       return params
-    return jax.device_put(params, sharding.param_shardings(self.config, mesh, self.rules))
+    shardings = sharding.param_shardings(self.config, mesh, self.rules)
 
-  def _local_params(self, params):
-    """`params` with every leaf this process can place on its replicas: where the replicas are
-    split between processes, weights sharded across processes are gathered to every host (one
-    all-gather per such leaf, in every process: the engine is built and updated SPMD)."""
-    if len(self._replica_owners) == 1 or jax.process_count() == 1:
-      return params
-    return jax.tree.map(lambda a: multihost_utils.process_allgather(a, tiled=True)
-                        if isinstance(a, jax.Array) and not a.is_fully_addressable else a, params)
+    def put(a, sh):
+      if isinstance(a, jax.Array) and not a.is_fully_addressable:  # from `_local_params`
+        mine = set(mesh.devices.flat)
+        return jax.make_array_from_single_device_arrays(
+            a.shape, sh, [s.data for s in a.addressable_shards if s.device in mine])
+      return jax.device_put(a, sh)
+
+    return jax.tree.map(put, params, shardings)
 
   # ----- public API -----
   @property
@@ -533,10 +571,14 @@ class Engine:
 
     `check` (optional) is called before the first step and then every `check_interval` steps
     (of each replica, from its thread), when no computation of that replica is in flight; an
-    exception it raises ends the run (every page is released, and the other replicas stop at
-    their next step)."""
-    across = len(self._replicas) < len(self._replica_owners)  # replicas in other processes
+    exception it raises ends the run (every page is released, and this process's other replicas
+    stop at their next step). With replicas in several processes, every process must call this
+    with the same requests; a failure in one process reaches the others once they have run
+    their shares (`ReplicaProcessError`)."""
+    across = self._across_processes
     errors: list[BaseException] = []
+    if across:
+      self._agree("run_batch", _requests_digest(requests), "the same requests")
     if check is not None:
       try:
         check()
@@ -581,43 +623,54 @@ class Engine:
       raise errors[0]
     return results
 
+  def _agree(self, what: str, value: int, meaning: str) -> None:
+    """Raises the same error in every process unless all of them pass the same `value` (one
+    small all-gather; called in every process)."""
+    got = np.asarray(multihost_utils.process_allgather(np.array([value], np.int32)))
+    if len(set(got.ravel().tolist())) > 1:
+      raise ReplicaProcessError(f"{what}: the processes did not pass {meaning} (every process "
+                                f"of a multi-process engine calls it with the same arguments)")
+
   def _exchange(self, requests, parts: list[list[int]], results: list[GenerationResult | None],
                 error: BaseException | None) -> list[GenerationResult]:
-    """Every process's results to every process (one all-gather of padded arrays; each process
-    must call it, also after its own replicas failed, so that none waits for it forever)."""
+    """Every process's results to every process: one all-gather of one int32 array per process
+    (this process's index, its error message, and per request the finish reason, the output
+    length, then tokens and float32 logprob bits padded to the largest max_new_tokens). Each
+    process calls it, also after its own replicas failed, so that none waits for it forever."""
     n = len(requests)
     width = max([sp.max_new_tokens for _, sp in requests] + [1])
-    tokens = np.zeros((n, width), np.int32)
-    logprobs = np.zeros((n, width), np.float32)
-    lengths = np.zeros(n, np.int32)
-    reasons = np.zeros(n, np.int32)
     codes = {None: 0, "stop": 1, "length": 2}
+    head = np.zeros(1 + _ERROR_BYTES, np.int32)
+    head[0] = jax.process_index()
+    if error is not None:
+      text = f"{type(error).__name__}: {error}".encode()[:_ERROR_BYTES - 1] or b"?"
+      head[1:1 + len(text)] = np.frombuffer(text, np.uint8)
+    rows = np.zeros((n, 2 + 2 * width), np.int32)  # reason, length, tokens, logprob bits
     for i, res in enumerate(results):
       if res is not None:
         m = len(res.output_ids)
-        tokens[i, :m], logprobs[i, :m], lengths[i] = res.output_ids, res.logprobs, m
-        reasons[i] = codes[res.finish_reason]
-    message = np.zeros(_ERROR_BYTES, np.uint8)
-    if error is not None:
-      text = f"{type(error).__name__}: {error}".encode()[:_ERROR_BYTES - 1] or b"?"
-      message[:len(text)] = np.frombuffer(text, np.uint8)
-    g = multihost_utils.process_allgather((tokens, logprobs, lengths, reasons, message))
-    g = [np.asarray(a) for a in g]  # each [processes, ...]
+        rows[i, 0], rows[i, 1] = codes[res.finish_reason], m
+        rows[i, 2:2 + m] = res.output_ids
+        rows[i, 2 + width:2 + width + m] = np.asarray(res.logprobs, np.float32).view(np.int32)
+    g = np.asarray(multihost_utils.process_allgather(np.concatenate([head, rows.ravel()])))
+    by_process = {int(row[0]): row for row in g}
     if error is not None:
       raise error
-    failed = [p for p in range(g[4].shape[0]) if g[4][p, 0]]
+    failed = [p for p in sorted(by_process) if by_process[p][1]]
     if failed:
       p = failed[0]
+      text = bytes(by_process[p][1:1 + _ERROR_BYTES].astype(np.uint8)).rstrip(b"\0")
       raise ReplicaProcessError(f"run_batch: process {p}'s replicas failed: "
-                                f"{bytes(g[4][p]).rstrip(bytes(1)).decode(errors='replace')}")
+                                f"{text.decode(errors='replace')}")
     names = {v: k for k, v in codes.items()}
     out: list[GenerationResult] = [None] * n  # type: ignore[list-item]
     for j, idx in enumerate(parts):
-      p = self._replica_owners[j]
+      got = by_process[self._replica_owners[j]][1 + _ERROR_BYTES:].reshape(n, 2 + 2 * width)
       for i in idx:
-        m = int(g[2][p, i])
-        out[i] = GenerationResult(list(requests[i][0]), g[0][p, i, :m].tolist(),
-                                  g[1][p, i, :m].tolist(), names[int(g[3][p, i])])
+        m = int(got[i, 1])
+        out[i] = GenerationResult(list(requests[i][0]), got[i, 2:2 + m].tolist(),
+                                  got[i, 2 + width:2 + width + m].view(np.float32).tolist(),
+                                  names[int(got[i, 0])])
     return out
 
   def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
@@ -661,9 +714,11 @@ class Engine:
            "prefix_cache_query_tokens": sum(p.query_tokens for p in prefixes),
            "prefix_cache_hit_tokens": sum(p.hit_tokens for p in prefixes),
            "num_pages": self.num_pages, "page_size": self.page_size}
-    if len(reps) > 1:
+    if self.num_replicas > 1:
       out["replicas"] = len(reps)
       out["replica_steps"] = [r.num_steps for r in reps]
+    if self._across_processes:
+      out["all_replicas"] = self.num_replicas
     return out
 
   def _step_time(self) -> dict[str, dict[str, float]]:
@@ -696,12 +751,16 @@ class Engine:
     sharded any way: on a mesh it is resharded in memory to each replica's shardings, with no
     checkpoint round trip. Same shapes and dtypes: nothing recompiles. Cached prompt blocks
     were computed with the old weights, so the prefix cache is cleared."""
-    if any(r.scheduler.has_work for r in self._replicas):
+    busy = any(r.scheduler.has_work for r in self._replicas)
+    if self._across_processes:  # every process raises, or none does
+      self._agree("update_params", int(busy), "an idle engine (one is running requests)")
+    if busy:
       raise RuntimeError("update_params: the engine is running requests")
-    params = model_layout(self._local_params(params), self.config)
+    params = model_layout(params, self.config)
     if self._layout_source is not None:
       _, params = decode_layout(self._layout_source, params, input_minor=self._input_minor,
                                 packed=self._packed, bf16x3=self._bf16x3)
+    params = self._local_params(params)
     for r in self._replicas:
       r.params = self._place(params, r.mesh)
     self.reset_prefix_cache()

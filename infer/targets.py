@@ -108,7 +108,8 @@ def plan_serve(config, topology, mesh_config, rules, *, max_num_seqs: int, promp
   def compile_with(pages):
     c = aot.compile_step(config, topology, mesh_config, rules, max_num_seqs, prompt_len,
                          target=serve_target(max_num_seqs, new_tokens, num_tokens, page_size,
-                                             pages, matmul_precision), hbm_margin=hbm_margin, devices=devices)
+                                             pages, matmul_precision),
+                         hbm_margin=hbm_margin, devices=devices)
     if on_compile is not None:
       on_compile(pages, c)
     return c

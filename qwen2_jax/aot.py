@@ -225,14 +225,15 @@ def xla_cost(config: Qwen2Config, topology: Topology, mesh_config, rules, batch_
 def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int],
              rules: sharding.Rules, tokens: int, xla: dict[str, float],
              flops_per_token: float, *, training: bool = True,
-             mxu_passes: int = 1) -> dict[str, float]:
+             passes: int = 1) -> dict[str, float]:
   """Step-time ESTIMATE: max of compute, HBM traffic and collective time per device.
 
-  compute = max(XLA FLOPs, analytic model FLOPs) x mxu_passes / peak bf16 FLOP/s: XLA also
-  counts a compiler-generated loop's body once (the collective matmuls that overlap FSDP
-  all-gathers with matmuls are such loops), so its count can fall below the model's; float32
-  dots under a higher precision take several bf16 passes (`MXU_PASSES`; XLA's count does not
-  change with it, and all FLOPs are counted as matmul FLOPs, which they mostly are). memory = XLA bytes accessed / HBM bandwidth.
+  compute = max(XLA FLOPs, analytic model FLOPs) x passes / peak bf16 FLOP/s: XLA also counts a
+  compiler-generated loop's body once (the collective matmuls that overlap FSDP all-gathers
+  with matmuls are such loops), so its count can fall below the model's. `passes`: MXU passes
+  per float32 dot under a higher precision (`MXU_PASSES`; XLA's count does not change with it).
+  Every FLOP is multiplied, also those of a Pallas kernel whose dots may not follow the default
+  precision (attention), so it can overestimate. memory = XLA bytes accessed / HBM bandwidth.
   collectives (rough): FSDP all-gathers params twice (forward, backward) in the compute dtype and
   reduce-scatters f32 grads; tensor parallelism all-reduces the [B, T, H] activations 4 times
   per layer. Generation (`training=False`): one all-gather, no grads, 2 all-reduces per layer.
@@ -249,7 +250,7 @@ def roofline(config: Qwen2Config, topology: Topology, mesh_shape: dict[str, int]
   tp_bytes = ((4 if training else 2) * config.num_hidden_layers * tokens_per_group
               * config.hidden_size * itemsize * 2 * (tp - 1) / tp)
   model_flops = flops_per_token * tokens
-  t_compute = (max(xla["flops"], model_flops / topology.num_chips) * mxu_passes
+  t_compute = (max(xla["flops"], model_flops / topology.num_chips) * passes
                / chip.peak_bf16_flops)
   t_memory = xla["bytes_accessed"] / chip.hbm_bandwidth
   t_comm = (fsdp_bytes + tp_bytes) / chip.ici_bandwidth
@@ -311,7 +312,7 @@ def plan(config: Qwen2Config, topology: Topology, mesh_config: sharding.MeshConf
     report["estimate"] = {"note": "ESTIMATE from peak chip numbers (roofline), not measured",
                           **roofline(config, topology, mesh_shape, rules, tokens, xla, per_token,
                                      training=target.training,
-                                     mxu_passes=mxu_passes(config, target.matmul_precision))}
+                                     passes=mxu_passes(config, target.matmul_precision))}
   return report
 
 

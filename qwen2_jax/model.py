@@ -322,7 +322,8 @@ class Qwen2ForCausalLM(nn.Module):
           x, cos, sin, q_index, segment_ids, windows, cache_kv, cache_valid)
     else:
       # cos / sin once for all layers: without the barrier XLA:CPU fused the sine and cosine
-      # into every layer's RoPE loops and evaluated them again per head, half and layer.
+      # into every layer's RoPE loops and evaluated them again per head, half and layer. On
+      # every backend (the tables are [B, T, head_dim], small beside a layer's activations).
       cos, sin = jax.lax.optimization_barrier((cos, sin))
       new_kvs = []
       # Paged, where attention can read the step's keys / values without the pools holding them

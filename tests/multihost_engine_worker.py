@@ -5,9 +5,10 @@ Joins a `--num-processes` job on localhost (CPU devices, gloo collectives) and b
 continuous-batching `Engine` on a data=2 x tensor=2 mesh over all devices: with two processes of
 two devices each, every process runs one replica of the engine (its own devices) and
 `generate` returns every request's result in every process. Runs a batch of greedy and seeded
-sampled requests three times: with the weights as host arrays, after one replica's `check`
-raises (process 1's only: both processes must raise, neither may hang), and after
-`update_params` with weights sharded over the whole mesh. Writes `engine_<process>.json` into
+sampled requests: with the weights as host arrays; with a `check` that raises in process 1 only,
+before the first step and then between steps (both processes must raise, neither may hang);
+with different requests in the two processes (both refuse); and after `update_params` with
+weights split across the processes. Writes `engine_<process>.json` into
 `--out`.
 """
 
@@ -19,14 +20,15 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-from jax.experimental import multihost_utils  # noqa: E402  pylint: disable=wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from qwen2_jax import api, distributed, presets, sharding  # noqa: E402  pylint: disable=wrong-import-position
-from qwen2_jax.infer import Engine, SamplingParams  # noqa: E402  pylint: disable=wrong-import-position
-from qwen2_jax.infer.engine import ReplicaProcessError  # noqa: E402  pylint: disable=wrong-import-position
+from qwen2_jax import api, distributed, presets, sharding  # noqa: E402
+from qwen2_jax.infer import Engine, ReplicaProcessError, SamplingParams  # noqa: E402
+# pylint: enable=wrong-import-position
 
 ENGINE_KW = dict(eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8, page_size=4,
                  num_pages=64)
@@ -62,22 +64,42 @@ def main() -> None:
   prompts, sps = requests(config.vocab_size)
   first = engine.generate(prompts, sps)
 
-  def check():
-    if info.process_id == 1:
-      raise ValueError("stop here")
-  error = None
+  def failing(at: int):
+    """A check that raises at its `at`-th call in process 1 only (the 1st call comes before any
+    step, later ones between steps, in the replica's thread)."""
+    calls = [0]
+
+    def check():
+      calls[0] += 1
+      if info.process_id == 1 and calls[0] == at:
+        raise ValueError(f"stop at call {at}")
+    return check
+
+  errors = []
+  for at in (1, 3):
+    try:
+      engine.run_batch(engine.validate(prompts, sps), check=failing(at), check_interval=1)
+      errors.append(None)
+    except (ValueError, ReplicaProcessError) as e:
+      errors.append(f"{type(e).__name__}: {e}")
+  # Different requests in the two processes: both refuse before any step.
   try:
-    engine.run_batch(engine.validate(prompts, sps), check=check, check_interval=1)
-  except (ValueError, ReplicaProcessError) as e:
-    error = f"{type(e).__name__}: {e}"
-  # Weights sharded over the whole mesh (every process holds only its devices' copies).
-  replicated = NamedSharding(mesh, PartitionSpec())
-  engine.update_params(jax.tree.map(lambda a: jax.device_put(a, replicated), params))
+    engine.generate(prompts[:len(prompts) - info.process_id], sps[:len(prompts) - info.process_id])
+    errors.append(None)
+  except ReplicaProcessError as e:
+    errors.append(f"{type(e).__name__}: {e}")
+  # Weights split across the processes (leading axis over "data" where it divides).
+  def split(a):
+    spec = PartitionSpec("data") if a.ndim and a.shape[0] % 2 == 0 else PartitionSpec()
+    return jax.device_put(a, NamedSharding(mesh, spec))
+  spread = jax.tree.map(split, params)
+  assert any(not a.is_fully_addressable for a in jax.tree.leaves(spread))
+  engine.update_params(spread)
   again = engine.generate(prompts, sps)
   result = {"process_id": info.process_id, "num_processes": info.num_processes,
             "local_devices": info.local_devices, "num_replicas": engine.num_replicas,
             "local_replicas": len(engine._replicas),  # pylint: disable=protected-access
-            "steps": engine.stats["steps"], "error": error,
+            "steps": engine.stats["steps"], "errors": errors,
             "first": [[r.output_ids, r.logprobs, r.finish_reason] for r in first],
             "again": [[r.output_ids, r.logprobs, r.finish_reason] for r in again]}
   with open(os.path.join(args.out, f"engine_{info.process_id}.json"), "w") as f:

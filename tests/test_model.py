@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,7 +290,6 @@ def test_unrolled_layers_evaluate_rope_tables_once(tiny):
   """With the layers unrolled, the compiled forward evaluates sine and cosine once per step, not
   inside every layer's RoPE loops (XLA:CPU fused them into each layer's loops before the
   barrier); the logits are the scanned layout's."""
-  import re  # pylint: disable=import-outside-toplevel
   config, params = tiny
   unrolled = config.replace(scan_layers=False)
   assert unrolled.num_hidden_layers >= 2

@@ -111,9 +111,10 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
   """2 processes x 2 CPU devices on a data=2 x tensor=2 mesh: each process runs one replica of
   the Engine (its own devices), and `generate` gives every process every request's tokens
   (greedy and seeded samples) and finish reasons, as one unsharded engine computes them. A
-  `check` that raises in process 1 only makes both processes raise (process 0 names process 1's
-  error) instead of waiting for each other; the engine then runs again, also with weights
-  sharded over the whole mesh."""
+  `check` that raises in process 1 only, before the first step or between steps, makes both
+  processes raise (process 0 names process 1's error) instead of waiting for each other;
+  different requests in the two processes are refused in both; the engine then runs again with
+  weights split across the processes."""
   import multihost_engine_worker as worker  # pylint: disable=import-outside-toplevel
   from qwen2_jax.infer import Engine  # pylint: disable=import-outside-toplevel
   port = _free_port()
@@ -156,6 +157,10 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
       assert [o[2] for o in r[run]] == [w.finish_reason for w in want]
       for o, w in zip(r[run], want):
         np.testing.assert_allclose(o[1], w.logprobs, atol=1e-4)
-  assert results[1]["error"] == "ValueError: stop here"
-  assert results[0]["error"].startswith("ReplicaProcessError: run_batch: process 1's replicas "
-                                        "failed: ValueError: stop here")
+  for at, k in ((1, 0), (3, 1)):
+    assert results[1]["errors"][k] == f"ValueError: stop at call {at}"
+    assert results[0]["errors"][k] == ("ReplicaProcessError: run_batch: process 1's replicas "
+                                       f"failed: ValueError: stop at call {at}")
+  for r in results:
+    assert r["errors"][2].startswith("ReplicaProcessError: run_batch: the processes did not "
+                                     "pass the same requests")
