@@ -14,7 +14,6 @@ weights split across the processes. Writes `engine_<process>.json` into
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -28,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from qwen2_jax import api, distributed, presets, sharding  # noqa: E402
 from qwen2_jax.infer import Engine, ReplicaProcessError, SamplingParams  # noqa: E402
+from multihost_worker import job_parser  # noqa: E402  (this directory is on sys.path)
 # pylint: enable=wrong-import-position
 
 ENGINE_KW = dict(eos_token_ids=(), max_num_seqs=2, max_num_batched_tokens=8, page_size=4,
@@ -47,13 +47,7 @@ def requests(vocab_size: int) -> tuple[list[list[int]], list[SamplingParams]]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--process-id", type=int, required=True)
-  parser.add_argument("--num-processes", type=int, required=True)
-  parser.add_argument("--port", type=int, default=0)
-  parser.add_argument("--devices-per-process", type=int, required=True)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args()
+  args = job_parser().parse_args()
   info = distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
                                 num_cpu_devices=args.devices_per_process)
   config = presets.get_preset("qwen2-tiny", initializer_range=0.2)

@@ -47,14 +47,21 @@ def max_abs_diff(a, b) -> float:
   return float(np.asarray(diff(a, b).addressable_data(0)))
 
 
-def main() -> None:
+def job_parser() -> argparse.ArgumentParser:
+  """The flags every multi-process test worker takes: where it stands in the job, its CPU
+  devices and its output directory."""
   parser = argparse.ArgumentParser()
   parser.add_argument("--process-id", type=int, required=True)
   parser.add_argument("--num-processes", type=int, required=True)
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--devices-per-process", type=int, required=True)
-  parser.add_argument("--hf", required=True)
   parser.add_argument("--out", required=True)
+  return parser
+
+
+def main() -> None:
+  parser = job_parser()
+  parser.add_argument("--hf", required=True)
   parser.add_argument("--compare", default=None)
   args = parser.parse_args()
   if args.num_processes > 1:

@@ -28,16 +28,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(num_processes: int, hf_dir, out, compare=None, port=0):
+def _run_workers(worker: str, num_processes: int, out, extra=(), port=0) -> None:
+  """Runs `worker` as `num_processes` processes of one job (4 CPU devices in all) and waits;
+  fails the test with a worker's log when it times out or exits non-zero."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   procs, logs = [], []
   for pid in range(num_processes):
-    cmd = [sys.executable, WORKER, "--process-id", str(pid), "--num-processes",
+    cmd = [sys.executable, worker, "--process-id", str(pid), "--num-processes",
            str(num_processes), "--port", str(port), "--devices-per-process",
-           str(4 // num_processes), "--hf", str(hf_dir), "--out", str(out)]
-    if compare:
-      cmd += ["--compare", str(compare)]
+           str(4 // num_processes), "--out", str(out), *extra]
     # Output goes to files, not pipes: an undrained pipe of one worker would block it while
     # the test waits on the other, and the pair would deadlock in a collective.
     log = open(out / f"worker_{pid}.log", "w")  # pylint: disable=consider-using-with
@@ -50,13 +50,19 @@ def _launch(num_processes: int, hf_dir, out, compare=None, port=0):
       except subprocess.TimeoutExpired:
         for q in procs:
           q.kill()
-        pytest.fail(f"multi-host worker {pid} timed out")
+        pytest.fail(f"multi-host worker {pid} timed out:\n"
+                    f"{(out / f'worker_{pid}.log').read_text()[-4000:]}")
   finally:
     for log in logs:
       log.close()
   for pid, p in enumerate(procs):
     text = (out / f"worker_{pid}.log").read_text()
     assert p.returncode == 0, f"worker {pid} exited with {p.returncode}:\n{text[-4000:]}"
+
+
+def _launch(num_processes: int, hf_dir, out, compare=None, port=0):
+  extra = ["--hf", str(hf_dir)] + (["--compare", str(compare)] if compare else [])
+  _run_workers(WORKER, num_processes, out, extra, port)
   return [json.loads((out / f"result_{i}.json").read_text()) for i in range(num_processes)]
 
 
@@ -117,31 +123,7 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
   weights split across the processes."""
   import multihost_engine_worker as worker  # pylint: disable=import-outside-toplevel
   from qwen2_jax.infer import Engine  # pylint: disable=import-outside-toplevel
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  procs, logs = [], []
-  for pid in range(2):
-    log = open(tmp_path / f"engine_{pid}.log", "w")  # pylint: disable=consider-using-with
-    logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, ENGINE_WORKER, "--process-id", str(pid), "--num-processes", "2",
-         "--port", str(port), "--devices-per-process", "2", "--out", str(tmp_path)],
-        env=env, stdout=log, stderr=subprocess.STDOUT))
-  try:
-    for pid, p in enumerate(procs):
-      try:
-        p.wait(timeout=600)
-      except subprocess.TimeoutExpired:
-        for q in procs:
-          q.kill()
-        pytest.fail(f"engine worker {pid} timed out:\n"
-                    f"{(tmp_path / f'engine_{pid}.log').read_text()[-4000:]}")
-  finally:
-    for log in logs:
-      log.close()
-  for pid, p in enumerate(procs):
-    assert p.returncode == 0, (tmp_path / f"engine_{pid}.log").read_text()[-4000:]
+  _run_workers(ENGINE_WORKER, 2, tmp_path, port=_free_port())
   results = [json.loads((tmp_path / f"engine_{i}.json").read_text()) for i in range(2)]
 
   config = presets.get_preset("qwen2-tiny", initializer_range=0.2)
