@@ -393,15 +393,11 @@ class Engine:
     else:
       meshes, self._replica_indices, self._replica_owners = [None], [0], [-1]
     self._replica_meshes = meshes
-    # Replicas in several processes: run_batch, update_params and the constructor exchange
-    # with the other processes (every process calls them with the same arguments).
-    self._across_processes = len(self._replica_owners) > 1 and jax.process_count() > 1
-    if self._across_processes:
-      have = np.asarray(multihost_utils.process_allgather(np.array([len(meshes)], np.int32)))
-      if (have == 0).any():
-        raise bad(
-            "mesh", f"{int((have == 0).sum())} of {have.size} processes have no devices in the "
-            f"mesh; each process of a multi-process engine runs at least one of its replicas")
+    # Replicas of several processes: the constructor, run_batch and update_params exchange with
+    # every other process of the job, which must make the same calls with the same arguments.
+    self._across_processes = len(set(self._replica_owners)) > 1
+    if not meshes and not self._across_processes:
+      raise bad("mesh", f"process {jax.process_index()} has no devices in the mesh")
     params = model_layout(params, config)  # e.g. another engine's params
     self._layout_source = None  # the config before decode_layout, when it was applied
     self._input_minor, self._packed, self._bf16x3 = False, 0, False
@@ -445,9 +441,15 @@ class Engine:
           if jax.default_backend() == "cpu":
             limit //= len(meshes)  # CPU replicas share the host's memory
           num_pages = min(num_pages, limit // self.bytes_per_page)
-    if self._across_processes:  # the same pool everywhere (free memory differs between hosts)
-      num_pages = int(np.min(np.asarray(multihost_utils.process_allgather(
-          np.array([num_pages], np.int32)))))
+    if self._across_processes:
+      # Every process has a replica, and all use the same pool (free memory differs by host).
+      got = np.asarray(multihost_utils.process_allgather(
+          np.array([len(meshes), num_pages], np.int32))).reshape(-1, 2)
+      if (got[:, 0] == 0).any():
+        raise bad("mesh", f"{int((got[:, 0] == 0).sum())} of {len(got)} processes have no "
+                  f"devices in the mesh; each process of a multi-process engine runs at least one "
+                  f"of its replicas")
+      num_pages = int(got[:, 1].min())
     if num_pages < 1:
       raise bad("num_pages", f"the KV cache needs at least one page of {self.bytes_per_page} "
                 "bytes")
@@ -486,30 +488,37 @@ class Engine:
 
   def _local_params(self, params):
     """`params` with every leaf this process can place on its own replicas. Where the replicas
-    are split between processes, a weight sharded across processes is first resharded on the
-    devices (in every process: the engine is built and updated SPMD) so that each data index
-    holds a whole copy, split over its devices as `_place` splits it; each local replica then
-    takes its devices' shards as they are, with no host copy. Host arrays stay as they are."""
-    if not self._across_processes or all(
-        not isinstance(a, jax.Array) or a.is_fully_addressable for a in jax.tree.leaves(params)):
+    are split between processes, each weight that is not fully addressable is resharded on the
+    devices (`jax.device_put`, in every process: the engine is built and updated SPMD) so that
+    each data index holds a whole copy, split over its devices as `_place` splits it; `_place`
+    then gives each local replica its devices' shards, with no host copy. A weight on another
+    set of devices is gathered to every host instead. Other leaves are left as they are."""
+    if not self._across_processes:
       return params
     shardings = sharding.param_shardings(self.config, self._replica_meshes[0], self.rules)
+    devices = set(self.mesh.devices.flat)
 
-    def without_data(sh):  # the replica's spec on the whole mesh: a whole copy per data index
-      drop = lambda a: (tuple(x for x in a if x != "data") or None) if isinstance(a, tuple) \
-          else (None if a == "data" else a)
-      return NamedSharding(self.mesh, jax.sharding.PartitionSpec(*(drop(a) for a in sh.spec)))
+    def spread(a, sh):
+      if not isinstance(a, jax.Array) or a.is_fully_addressable:
+        return a
+      if a.sharding.device_set != devices:
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+      drop = lambda x: (tuple(y for y in x if y != "data") or None) if isinstance(x, tuple) \
+          else (None if x == "data" else x)
+      spec = jax.sharding.PartitionSpec(*(drop(x) for x in sh.spec))
+      return jax.device_put(a, NamedSharding(self.mesh, spec))
 
-    return jax.jit(lambda p: p, out_shardings=jax.tree.map(without_data, shardings))(params)
+    return jax.tree.map(spread, params, shardings)
 
   def _place(self, params, mesh):
     if mesh is None:
       return params
     shardings = sharding.param_shardings(self.config, mesh, self.rules)
+    mine = set(mesh.devices.flat)
 
     def put(a, sh):
-      if isinstance(a, jax.Array) and not a.is_fully_addressable:  # from `_local_params`
-        mine = set(mesh.devices.flat)
+      if self._across_processes and isinstance(a, jax.Array) and not a.is_fully_addressable:
+        # From `_local_params`: a whole copy per data index; this replica's devices' shards.
         return jax.make_array_from_single_device_arrays(
             a.shape, sh, [s.data for s in a.addressable_shards if s.device in mine])
       return jax.device_put(a, sh)
@@ -575,24 +584,36 @@ class Engine:
     stop at their next step). With replicas in several processes, every process must call this
     with the same requests; a failure in one process reaches the others once they have run
     their shares (`ReplicaProcessError`)."""
-    across = self._across_processes
-    errors: list[BaseException] = []
-    if across:
-      self._agree("run_batch", _requests_digest(requests), "the same requests")
-    if check is not None:
-      try:
+    if not self._across_processes:
+      if check is not None:
         check()
-      except Exception as e:  # pylint: disable=broad-except
-        if not across:
-          raise
-        errors.append(e)  # the other processes still take their results from this one
-    if len(self._replica_owners) == 1:
-      return self._run_on(self._replicas[0], requests, check, check_interval)
+      if len(self._replicas) == 1:
+        return self._run_on(self._replicas[0], requests, check, check_interval)
+      results, errors = self._run_replicas(requests, split_requests(requests, len(self._replicas)),
+                                           check, check_interval)
+      if errors:
+        raise errors[0]
+      return results
+    self._agree("run_batch", _requests_digest(requests), "the same requests")
     parts = split_requests(requests, len(self._replica_owners))
     results: list[GenerationResult | None] = [None] * len(requests)
-    jobs = [] if errors else [(r, parts[i]) for r, i in zip(self._replicas, self._replica_indices)
-                              if parts[i]]
+    errors: list[BaseException] = []
+    try:  # whatever happens here, the other processes wait for this one's part of the exchange
+      if check is not None:
+        check()
+      results, errors = self._run_replicas(requests, parts, check, check_interval)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+    return self._exchange(requests, parts, results, errors[0] if errors else None)
+
+  def _run_replicas(self, requests, parts: list[list[int]], check, check_interval: int
+                    ) -> tuple[list[GenerationResult | None], list[BaseException]]:
+    """Runs `parts[i]` on data index i's replica for this process's replicas, one host thread
+    each; (results, None where another process ran the request, errors)."""
+    results: list[GenerationResult | None] = [None] * len(requests)
+    jobs = [(r, parts[i]) for r, i in zip(self._replicas, self._replica_indices) if parts[i]]
     stop = threading.Event()
+    errors: list[BaseException] = []
 
     def work(replica: _Replica, idx: list[int]) -> None:
       try:
@@ -616,12 +637,9 @@ class Engine:
     finally:
       stop.set()  # e.g. KeyboardInterrupt in join: the replicas stop at their next step
       for t in threads:
-        t.join()
-    if across:
-      return self._exchange(requests, parts, results, errors[0] if errors else None)
-    if errors:
-      raise errors[0]
-    return results
+        if t.ident is not None:
+          t.join()
+    return results, errors
 
   def _agree(self, what: str, value: int, meaning: str) -> None:
     """Raises the same error in every process unless all of them pass the same `value` (one
@@ -634,24 +652,33 @@ class Engine:
   def _exchange(self, requests, parts: list[list[int]], results: list[GenerationResult | None],
                 error: BaseException | None) -> list[GenerationResult]:
     """Every process's results to every process: one all-gather of one int32 array per process
-    (this process's index, its error message, and per request the finish reason, the output
-    length, then tokens and float32 logprob bits padded to the largest max_new_tokens). Each
-    process calls it, also after its own replicas failed, so that none waits for it forever."""
-    n = len(requests)
+    (its index, its error message, and for each request its replicas ran, in the order of
+    `parts`, the finish reason, the output length, then tokens and float32 logprob bits, padded
+    to the largest max_new_tokens and to the most requests any process ran). Each process calls
+    it, also after its own replicas failed, so that none waits for it forever."""
     width = max([sp.max_new_tokens for _, sp in requests] + [1])
+    owned = {}  # process -> its requests, in the order it packs them
+    for j, idx in enumerate(parts):
+      owned.setdefault(self._replica_owners[j], []).extend(idx)
+    most = max([len(v) for v in owned.values()] + [1])
     codes = {None: 0, "stop": 1, "length": 2}
     head = np.zeros(1 + _ERROR_BYTES, np.int32)
     head[0] = jax.process_index()
     if error is not None:
-      text = f"{type(error).__name__}: {error}".encode()[:_ERROR_BYTES - 1] or b"?"
+      try:
+        text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")
+      except Exception:  # pylint: disable=broad-except  (a __str__ that raises)
+        text = type(error).__name__.encode("utf-8", "replace")
+      text = text[:_ERROR_BYTES - 1] or b"?"
       head[1:1 + len(text)] = np.frombuffer(text, np.uint8)
-    rows = np.zeros((n, 2 + 2 * width), np.int32)  # reason, length, tokens, logprob bits
-    for i, res in enumerate(results):
+    rows = np.zeros((most, 2 + 2 * width), np.int32)  # reason, length, tokens, logprob bits
+    for k, i in enumerate(owned.get(jax.process_index(), [])):
+      res = results[i]
       if res is not None:
         m = len(res.output_ids)
-        rows[i, 0], rows[i, 1] = codes[res.finish_reason], m
-        rows[i, 2:2 + m] = res.output_ids
-        rows[i, 2 + width:2 + width + m] = np.asarray(res.logprobs, np.float32).view(np.int32)
+        rows[k, 0], rows[k, 1] = codes[res.finish_reason], m
+        rows[k, 2:2 + m] = res.output_ids
+        rows[k, 2 + width:2 + width + m] = np.asarray(res.logprobs, np.float32).view(np.int32)
     g = np.asarray(multihost_utils.process_allgather(np.concatenate([head, rows.ravel()])))
     by_process = {int(row[0]): row for row in g}
     if error is not None:
@@ -663,14 +690,14 @@ class Engine:
       raise ReplicaProcessError(f"run_batch: process {p}'s replicas failed: "
                                 f"{text.decode(errors='replace')}")
     names = {v: k for k, v in codes.items()}
-    out: list[GenerationResult] = [None] * n  # type: ignore[list-item]
-    for j, idx in enumerate(parts):
-      got = by_process[self._replica_owners[j]][1 + _ERROR_BYTES:].reshape(n, 2 + 2 * width)
-      for i in idx:
-        m = int(got[i, 1])
-        out[i] = GenerationResult(list(requests[i][0]), got[i, 2:2 + m].tolist(),
-                                  got[i, 2 + width:2 + width + m].view(np.float32).tolist(),
-                                  names[int(got[i, 0])])
+    out: list[GenerationResult] = [None] * len(requests)  # type: ignore[list-item]
+    for p, idx in owned.items():
+      got = by_process[p][1 + _ERROR_BYTES:].reshape(most, 2 + 2 * width)
+      for k, i in enumerate(idx):
+        m = int(got[k, 1])
+        out[i] = GenerationResult(list(requests[i][0]), got[k, 2:2 + m].tolist(),
+                                  got[k, 2 + width:2 + width + m].view(np.float32).tolist(),
+                                  names[int(got[k, 0])])
     return out
 
   def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
@@ -749,8 +776,10 @@ class Engine:
 
     `params` has the layout the engine was built with (before `decode_layout`) and may be
     sharded any way: on a mesh it is resharded in memory to each replica's shardings, with no
-    checkpoint round trip. Same shapes and dtypes: nothing recompiles. Cached prompt blocks
-    were computed with the old weights, so the prefix cache is cleared."""
+    checkpoint round trip (with replicas in several processes, arrays on another set of devices
+    than the mesh's are gathered to every host first). Same shapes and dtypes: nothing
+    recompiles. Cached prompt blocks were computed with the old weights, so the prefix cache is
+    cleared."""
     busy = any(r.scheduler.has_work for r in self._replicas)
     if self._across_processes:  # every process raises, or none does
       self._agree("update_params", int(busy), "an idle engine (one is running requests)")

@@ -7,8 +7,9 @@ two devices each, every process runs one replica of the engine (its own devices)
 `generate` returns every request's result in every process. Runs a batch of greedy and seeded
 sampled requests: with the weights as host arrays; with a `check` that raises in process 1 only,
 before the first step and then between steps (both processes must raise, neither may hang);
-with different requests in the two processes (both refuse); and after `update_params` with
-weights split across the processes. Writes `engine_<process>.json` into
+with different requests in the two processes (both refuse); and after `update_params` to new
+weights split across the processes. Process 0 also runs an engine on its own two devices,
+which must not wait for process 1. Writes `engine_<process>.json` into
 `--out`.
 """
 
@@ -44,6 +45,12 @@ def requests(vocab_size: int) -> tuple[list[list[int]], list[SamplingParams]]:
   sps = [SamplingParams(max_new_tokens=n, temperature=0.9 if i % 3 == 0 else 0.0, seed=10 + i)
          for i, n in enumerate(news)]
   return prompts, sps
+
+
+def new_params(config):
+  """The weights `update_params` switches to (another seed), as host arrays."""
+  return jax.tree.map(np.asarray, jax.jit(lambda k: api.init_params(config, k))(
+      jax.random.key(1)))
 
 
 def main() -> None:
@@ -82,20 +89,27 @@ def main() -> None:
     errors.append(None)
   except ReplicaProcessError as e:
     errors.append(f"{type(e).__name__}: {e}")
-  # Weights split across the processes (leading axis over "data" where it divides).
+  # New weights, split across the processes (leading axis over "data" where it divides).
   def split(a):
     spec = PartitionSpec("data") if a.ndim and a.shape[0] % 2 == 0 else PartitionSpec()
     return jax.device_put(a, NamedSharding(mesh, spec))
-  spread = jax.tree.map(split, params)
+  spread = jax.tree.map(split, new_params(config))
   assert any(not a.is_fully_addressable for a in jax.tree.leaves(spread))
   engine.update_params(spread)
   again = engine.generate(prompts, sps)
+  # An engine on this process's own devices only (process 0): no exchange with process 1.
+  alone = None
+  if info.process_id == 0:
+    own = sharding.make_mesh(sharding.MeshConfig.from_string("data=2"), jax.local_devices())
+    local = Engine(config, params, mesh=own, rules="fsdp_tp", **ENGINE_KW)
+    alone = [[r.output_ids, r.logprobs, r.finish_reason] for r in local.generate(prompts, sps)]
   result = {"process_id": info.process_id, "num_processes": info.num_processes,
             "local_devices": info.local_devices, "num_replicas": engine.num_replicas,
             "local_replicas": len(engine._replicas),  # pylint: disable=protected-access
             "steps": engine.stats["steps"], "errors": errors,
             "first": [[r.output_ids, r.logprobs, r.finish_reason] for r in first],
-            "again": [[r.output_ids, r.logprobs, r.finish_reason] for r in again]}
+            "again": [[r.output_ids, r.logprobs, r.finish_reason] for r in again],
+            "alone": alone}
   with open(os.path.join(args.out, f"engine_{info.process_id}.json"), "w") as f:
     json.dump(result, f)
   multihost_utils.sync_global_devices("multihost_engine_worker:done")

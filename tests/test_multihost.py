@@ -120,7 +120,8 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
   `check` that raises in process 1 only, before the first step or between steps, makes both
   processes raise (process 0 names process 1's error) instead of waiting for each other;
   different requests in the two processes are refused in both; the engine then runs again with
-  weights split across the processes."""
+  new weights split across the processes; an engine on one process's own devices runs without
+  the other process."""
   import multihost_engine_worker as worker  # pylint: disable=import-outside-toplevel
   from qwen2_jax.infer import Engine  # pylint: disable=import-outside-toplevel
   _run_workers(ENGINE_WORKER, 2, tmp_path, port=_free_port())
@@ -129,15 +130,22 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
   config = presets.get_preset("qwen2-tiny", initializer_range=0.2)
   params = jax.jit(lambda k: api.init_params(config, k))(jax.random.key(0))
   prompts, sps = worker.requests(config.vocab_size)
-  want = Engine(config, params, **worker.ENGINE_KW).generate(prompts, sps)
+  want = {"first": Engine(config, params, **worker.ENGINE_KW).generate(prompts, sps),
+          "again": Engine(config, worker.new_params(config),
+                          **worker.ENGINE_KW).generate(prompts, sps)}
+  want["alone"] = want["first"]
+  assert [w.output_ids for w in want["again"]] != [w.output_ids for w in want["first"]]
   for r in results:
     assert (r["num_processes"], r["local_devices"]) == (2, 2)
     assert (r["num_replicas"], r["local_replicas"]) == (2, 1)
     assert r["steps"] > 0  # each process ran a share
-    for run in ("first", "again"):
-      assert [o[0] for o in r[run]] == [w.output_ids for w in want]
-      assert [o[2] for o in r[run]] == [w.finish_reason for w in want]
-      for o, w in zip(r[run], want):
+    for run in ("first", "again", "alone"):
+      if r[run] is None:  # "alone": process 0 only
+        assert run == "alone" and r["process_id"] == 1
+        continue
+      assert [o[0] for o in r[run]] == [w.output_ids for w in want[run]]
+      assert [o[2] for o in r[run]] == [w.finish_reason for w in want[run]]
+      for o, w in zip(r[run], want[run]):
         np.testing.assert_allclose(o[1], w.logprobs, atol=1e-4)
   for at, k in ((1, 0), (3, 1)):
     assert results[1]["errors"][k] == f"ValueError: stop at call {at}"
