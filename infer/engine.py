@@ -890,6 +890,8 @@ class Engine:
     fn = self._program(replica, T, S, pps, k, v, args)
     token, logprob, k, v = fn(replica.params, k, v, *args)
     replica.pools = (k, v)
+    if not token.is_fully_addressable:  # one program over several processes: replicated
+      token, logprob = token.addressable_data(0), logprob.addressable_data(0)
     token, logprob = np.asarray(token), np.asarray(logprob)  # waits for the step
     replica.num_steps += 1
     replica.num_step_tokens += plan.num_tokens

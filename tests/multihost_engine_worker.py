@@ -8,8 +8,9 @@ two devices each, every process runs one replica of the engine (its own devices)
 sampled requests: with the weights as host arrays; with a `check` that raises in process 1 only,
 before the first step and then between steps (both processes must raise, neither may hang);
 with different requests in the two processes (both refuse); and after `update_params` to new
-weights split across the processes. Process 0 also runs an engine on its own two devices,
-which must not wait for process 1. Writes `engine_<process>.json` into
+weights split across the processes. Then one engine program over both processes' devices
+(fsdp=2 x tensor=2, no data axis), and process 0 alone an engine on its own two devices, which
+must not wait for process 1. Writes `engine_<process>.json` into
 `--out`.
 """
 
@@ -97,6 +98,11 @@ def main() -> None:
   assert any(not a.is_fully_addressable for a in jax.tree.leaves(spread))
   engine.update_params(spread)
   again = engine.generate(prompts, sps)
+  # One program over both processes (no data axis; fsdp spans the processes).
+  whole = sharding.make_mesh(sharding.MeshConfig.from_string("fsdp=2,tensor=2"))
+  one = Engine(config, params, mesh=whole, rules="fsdp_tp", **ENGINE_KW)
+  assert one.num_replicas == 1
+  together = [[r.output_ids, r.logprobs, r.finish_reason] for r in one.generate(prompts, sps)]
   # An engine on this process's own devices only (process 0): no exchange with process 1.
   alone = None
   if info.process_id == 0:
@@ -109,7 +115,7 @@ def main() -> None:
             "steps": engine.stats["steps"], "errors": errors,
             "first": [[r.output_ids, r.logprobs, r.finish_reason] for r in first],
             "again": [[r.output_ids, r.logprobs, r.finish_reason] for r in again],
-            "alone": alone}
+            "alone": alone, "together": together}
   with open(os.path.join(args.out, f"engine_{info.process_id}.json"), "w") as f:
     json.dump(result, f)
   multihost_utils.sync_global_devices("multihost_engine_worker:done")

@@ -120,8 +120,9 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
   `check` that raises in process 1 only, before the first step or between steps, makes both
   processes raise (process 0 names process 1's error) instead of waiting for each other;
   different requests in the two processes are refused in both; the engine then runs again with
-  new weights split across the processes; an engine on one process's own devices runs without
-  the other process."""
+  new weights split across the processes; one engine program over both processes' devices (no
+  data axis) gives the same results; an engine on one process's own devices runs without the
+  other process."""
   import multihost_engine_worker as worker  # pylint: disable=import-outside-toplevel
   from qwen2_jax.infer import Engine  # pylint: disable=import-outside-toplevel
   _run_workers(ENGINE_WORKER, 2, tmp_path, port=_free_port())
@@ -133,13 +134,13 @@ def test_engine_replicas_in_two_processes_match_one_engine(tmp_path):
   want = {"first": Engine(config, params, **worker.ENGINE_KW).generate(prompts, sps),
           "again": Engine(config, worker.new_params(config),
                           **worker.ENGINE_KW).generate(prompts, sps)}
-  want["alone"] = want["first"]
+  want["alone"] = want["together"] = want["first"]
   assert [w.output_ids for w in want["again"]] != [w.output_ids for w in want["first"]]
   for r in results:
     assert (r["num_processes"], r["local_devices"]) == (2, 2)
     assert (r["num_replicas"], r["local_replicas"]) == (2, 1)
     assert r["steps"] > 0  # each process ran a share
-    for run in ("first", "again", "alone"):
+    for run in ("first", "again", "together", "alone"):
       if r[run] is None:  # "alone": process 0 only
         assert run == "alone" and r["process_id"] == 1
         continue
