@@ -439,7 +439,7 @@ class Engine:
         limit = _memory_bytes()
         if limit is not None:
           if jax.default_backend() == "cpu":
-            limit //= len(meshes)  # CPU replicas share the host's memory
+            limit //= max(1, len(meshes))  # CPU replicas share the host's memory
           num_pages = min(num_pages, limit // self.bytes_per_page)
     if self._across_processes:
       # Every process has a replica, and all use the same pool (free memory differs by host).
