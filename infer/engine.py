@@ -84,10 +84,10 @@ from qwen2_jax.infer import sampling as sampling_lib
 from qwen2_jax.infer import validation
 from qwen2_jax.infer.paged import KVCacheTooSmallError
 from qwen2_jax.infer.sampling import RowParams, SamplingParams
-from qwen2_jax.infer.static_engine import (DecodeState, GenerationResult, StaticEngine,
-                                           compile_lowered, cpu_input_minor, cpu_packed_width,
-                                           decode_layout, default_dots, from_input_minor,
-                                           init_cache, model_layout, write_kv)
+from qwen2_jax.infer.static_engine import (FINISH_REASONS, DecodeState, GenerationResult,
+                                           StaticEngine, compile_lowered, cpu_input_minor,
+                                           cpu_packed_width, decode_layout, default_dots,
+                                           from_input_minor, init_cache, model_layout, write_kv)
 from qwen2_jax.kernels import cpu_matmul
 from qwen2_jax.layers import dtype_of
 from qwen2_jax.model import PagedKVCache, Qwen2ForCausalLM
@@ -226,12 +226,6 @@ def _memory_bytes() -> int | None:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _CPU_MEMORY_FRACTION)
   except (ValueError, OSError, AttributeError):
     return None
-
-
-def replica_meshes(mesh) -> list:
-  """The device groups of the engine's data-parallel replicas that this process runs (see
-  `replica_layout`)."""
-  return replica_layout(mesh)[0]
 
 
 def replica_layout(mesh) -> tuple[list, list[int], list[int]]:
@@ -661,7 +655,7 @@ class Engine:
     for j, idx in enumerate(parts):
       owned.setdefault(self._replica_owners[j], []).extend(idx)
     most = max([len(v) for v in owned.values()] + [1])
-    codes = {None: 0, "stop": 1, "length": 2}
+    codes = {reason: code for code, reason in FINISH_REASONS.items()}
     head = np.zeros(1 + _ERROR_BYTES, np.int32)
     head[0] = jax.process_index()
     if error is not None:
@@ -689,7 +683,6 @@ class Engine:
       text = bytes(by_process[p][1:1 + _ERROR_BYTES].astype(np.uint8)).rstrip(b"\0")
       raise ReplicaProcessError(f"run_batch: process {p}'s replicas failed: "
                                 f"{text.decode(errors='replace')}")
-    names = {v: k for k, v in codes.items()}
     out: list[GenerationResult] = [None] * len(requests)  # type: ignore[list-item]
     for p, idx in owned.items():
       got = by_process[p][1 + _ERROR_BYTES:].reshape(most, 2 + 2 * width)
@@ -697,7 +690,7 @@ class Engine:
         m = int(got[k, 1])
         out[i] = GenerationResult(list(requests[i][0]), got[k, 2:2 + m].tolist(),
                                   got[k, 2 + width:2 + width + m].view(np.float32).tolist(),
-                                  names[int(got[k, 0])])
+                                  FINISH_REASONS[int(got[k, 0])])
     return out
 
   def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
