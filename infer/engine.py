@@ -4,11 +4,14 @@ Cache. Two pools, k and v [L, P, K, page_size, D] in the compute dtype, live on 
 the engine's lifetime (`model.PagedKVCache`). Sequences own pages through block tables; the host
 side (page pool, prefix cache, scheduler) is `qwen2_jax.infer.paged`.
 
-Steps. Each engine step is one call of one jit-compiled program: a flat batch of T tokens from up
-to S = max_num_seqs sequences (decode tokens and prefill chunks mixed) runs through the model;
+Steps. Each engine step is one call of one jit-compiled program (two on the CPU, see below): a
+flat batch of T tokens from up to S = max_num_seqs sequences (decode tokens and prefill chunks
+mixed) runs through the model;
 every layer writes its new keys / values into the pools and attends over each sequence's pages
 (`attention.paged_attention`); logits are computed only at each sequence's last token of the
 step, and a token is sampled per sequence. The pools are donated, so they are updated in place.
+On the CPU backend without a mesh, the step is two programs, the model and the sampler
+(`_SplitStep`; why: `Engine._split_sampler`).
 The host reads back the step's sampled tokens (one per row), records them for the sequences
 whose chunk ended at their last token, finishes sequences (stop id, EOS, max_new_tokens), and
 plans the next step.
@@ -65,6 +68,7 @@ fusions and decode programs with oneDNN matmuls (`static_engine.compile_lowered`
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -121,18 +125,65 @@ _MIN_TABLE_TOKENS = 256
 _FIT_UTIL = 0.75
 
 
-def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_ids: Array,
-               positions: Array, slot_mapping: Array, kv_lens: Array, page_indices: Array,
-               cu_q_lens: Array, num_seqs: Array, logits_index: Array, rp: RowParams,
-               out_index: Array) -> tuple[Array, Array, Array, Array]:
-  """One continuous-batching step: the model over a ragged token batch [T] against the pools,
-  then a sample per sequence row. Returns (token [S], logprob [S], k_pool, v_pool)."""
+def paged_logits(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_ids: Array,
+                 positions: Array, slot_mapping: Array, kv_lens: Array, page_indices: Array,
+                 cu_q_lens: Array, num_seqs: Array, logits_index: Array
+                 ) -> tuple[Array, Array, Array]:
+  """The model part of a step: the model over a ragged token batch [T] against the pools.
+  Returns (logits [S, V] at each sequence row's `logits_index` token, k_pool, v_pool)."""
   cache = PagedKVCache(k_pool, v_pool, slot_mapping, kv_lens, page_indices, cu_q_lens, num_seqs)
   logits, (k_pool, v_pool) = Qwen2ForCausalLM(config).apply(
       {"params": from_input_minor(params)}, token_ids[None], positions[None], None, cache,
       logits_index[None])
-  token, logprob = sampling_lib.sample(logits[0], rp, out_index)
+  return logits[0], k_pool, v_pool
+
+
+def paged_step(config: Qwen2Config, params, k_pool: Array, v_pool: Array, token_ids: Array,
+               positions: Array, slot_mapping: Array, kv_lens: Array, page_indices: Array,
+               cu_q_lens: Array, num_seqs: Array, logits_index: Array, rp: RowParams,
+               out_index: Array) -> tuple[Array, Array, Array, Array]:
+  """One continuous-batching step: `paged_logits`, then a sample per sequence row. Returns
+  (token [S], logprob [S], k_pool, v_pool)."""
+  logits, k_pool, v_pool = paged_logits(config, params, k_pool, v_pool, token_ids, positions,
+                                        slot_mapping, kv_lens, page_indices, cu_q_lens,
+                                        num_seqs, logits_index)
+  token, logprob = sampling_lib.sample(logits, rp, out_index)
   return token, logprob, k_pool, v_pool
+
+
+def split_logits(config: Qwen2Config, params, k_pool: Array, v_pool: Array, logits_out: Array,
+                 *args) -> tuple[Array, Array, Array]:
+  """`paged_logits` with the logits as float32 (what the sampler reads them as) in the shape of
+  `logits_out`, a donated buffer whose memory they reuse (its values are not read)."""
+  del logits_out
+  logits, k_pool, v_pool = paged_logits(config, params, k_pool, v_pool, *args)
+  return logits.astype(jnp.float32), k_pool, v_pool
+
+
+class _SplitStep:
+  """A step as two programs: the model part (`split_logits`: pools and the replica's logits
+  buffer donated, so a call allocates only its small temporaries) and the sampler
+  (`sampling.sample`, one program per row count S, shared by the steps of that S). Called as
+  the one-program step is."""
+
+  def __init__(self, replica: "_Replica", model, sampler, rows: int, vocab: int):
+    self.replica, self.model, self.sampler = replica, model, sampler
+    self.rows, self.vocab = rows, vocab
+
+  def __call__(self, params, k, v, *args):
+    buffers = self.replica.logits_buffers
+    out = buffers.pop(self.rows, None)
+    if out is None or out.is_deleted():
+      out = jnp.zeros((self.rows, self.vocab), jnp.float32)
+    logits, k, v = self.model(params, k, v, out, *args[:_MODEL_ARGS])
+    token, logprob = self.sampler(logits, *args[_MODEL_ARGS:])
+    buffers[self.rows] = logits  # the next step of S rows writes its logits here
+    return token, logprob, k, v
+
+
+# Step inputs of `paged_logits` (after params and pools); the rest (rp, out_index) are the
+# sampler's.
+_MODEL_ARGS = 8
 
 
 ADMISSION_ORDERS = ("longest_first", "fifo")
@@ -302,6 +353,10 @@ class _Replica:
     self.pools: tuple[Array, Array] | None = None
     self.compiled: dict[tuple, Any] = {}
     self.compile_seconds: dict[tuple, float] = {}
+    # Split steps (`_SplitStep`): row count S -> the sampler program, and -> the float32
+    # logits [S, V] of the last such step (donated to the next one).
+    self.samplers: dict[int, Any] = {}
+    self.logits_buffers: dict[int, Array] = {}
     self.current: list[paged.Sequence_] = []  # the requests of the run in progress
     self.num_steps = 0
     self.num_step_tokens = 0
@@ -406,6 +461,13 @@ class Engine:
       config, params = decode_layout(config, params, input_minor=self._input_minor,
                                      packed=self._packed, bf16x3=self._bf16x3)
     self.config = config
+    # On the CPU backend a step is two programs (`_SplitStep`), the model and the sampler.
+    # XLA:CPU allocates a program's temporaries as one block per call, and glibc maps a block
+    # over 32 MiB afresh each time, so every page the step touches faults (about 0.9 us each on
+    # a 2-core Xeon VM). The sampler's [S, V] temporaries took a 16-row Qwen2-0.5B step's block
+    # to 65 MiB: 3,845 faults per greedy decode step and 85.9 ms, against 3 faults and 82.4 ms
+    # with the sampler apart (2026-12-06), whose own block is only touched where rows sample.
+    self._split_sampler = jax.default_backend() == "cpu"
     self.max_num_seqs = self.max_batch_size = S
     self.max_num_batched_tokens = T
     self.page_size = int(page_size)
@@ -725,6 +787,7 @@ class Engine:
     reps = self._replicas
     prefixes = [r.scheduler.prefix for r in reps if r.scheduler.prefix is not None]
     out = {"num_compilations": sum(len(r.compiled) for r in reps),
+           "num_sampler_compilations": sum(len(r.samplers) for r in reps),
            "compile_seconds": round(sum(sum(r.compile_seconds.values()) for r in reps), 3),
            "programs": {f"step(T={k[0]}, rows={k[1]}, pages_per_seq={k[2]})": round(v, 3)
                         for k, v in self.compile_seconds.items()},
@@ -943,18 +1006,31 @@ class Engine:
   def _program(self, replica: _Replica, T: int, S: int, pps: int, k, v, args):
     key = (T, S, pps)
     if key not in replica.compiled:
-      jitted = jit_step(self.config, replica.mesh, self.rules,
-                        None if replica.mesh is None else pool_sharding(replica.mesh, self.rules,
-                                                                        k.shape))
+      split = replica.mesh is None and self._split_sampler
+      if split:
+        # keep_unused: the logits buffer is only there to be donated.
+        jitted = jax.jit(functools.partial(split_logits, self.config),
+                         donate_argnums=(1, 2, 3), keep_unused=True)
+        logits = jax.ShapeDtypeStruct((S, self.config.vocab_size), jnp.float32)
+        step_args = (logits, *args[:_MODEL_ARGS])
+      else:
+        jitted = jit_step(self.config, replica.mesh, self.rules,
+                          None if replica.mesh is None else pool_sharding(replica.mesh,
+                                                                          self.rules, k.shape))
+        step_args = args
       t0 = time.perf_counter()
       # None leaves the precision in force (jax's config, an enclosing context) as it is.
       with (contextlib.nullcontext() if self.matmul_precision is None
             else jax.default_matmul_precision(self.matmul_precision)):
-        lowered = jitted.lower(replica.params, k, v, *args)
-      replica.compiled[key] = compile_lowered(lowered,
-                                              decode=T == S,
-                                              default_dots=default_dots(self._input_minor,
-                                                                        self._packed))
+        lowered = jitted.lower(replica.params, k, v, *step_args)
+      program = compile_lowered(lowered, decode=T == S,
+                                default_dots=default_dots(self._input_minor, self._packed))
+      if split:
+        if S not in replica.samplers:
+          replica.samplers[S] = jax.jit(sampling_lib.sample).lower(
+              logits, *args[_MODEL_ARGS:]).compile()
+        program = _SplitStep(replica, program, replica.samplers[S], S, self.config.vocab_size)
+      replica.compiled[key] = program
       replica.compile_seconds[key] = time.perf_counter() - t0
     return replica.compiled[key]
 

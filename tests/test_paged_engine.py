@@ -437,6 +437,41 @@ def test_sampled_tokens_do_not_depend_on_neighbours_or_admission(hf_tiny):
                              np.concatenate([r.logprobs for r in batch]), atol=1e-4)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's split step")
+def test_split_step_equals_the_one_program_step(hf_tiny):
+  """On the CPU backend a step is two programs, the model (its float32 logits written into a
+  donated buffer per row count) and the sampler: the same requests through the one-program step
+  give the same tokens and logprobs, greedy and sampled rows mixed; the model programs alias
+  their logits output to the donated buffer, so steps write them into the same memory."""
+  _, config, params = hf_tiny
+  prompts, news = _stream(config.vocab_size, 7, 11, max_new=10)
+  sps = [SamplingParams(max_new_tokens=n, temperature=0.0 if i % 2 else 0.8,
+                        top_k=0 if i % 3 else 5, seed=40 + i) for i, n in enumerate(news)]
+  kw = dict(eos_token_ids=(), max_num_seqs=3, max_num_batched_tokens=16, page_size=4)
+  split = Engine(config, params, **kw)
+  one = Engine(config, params, **kw)
+  one._split_sampler = False  # pylint: disable=protected-access
+  got, want = split.generate(prompts, sps), one.generate(prompts, sps)
+  assert [r.output_ids for r in got] == [r.output_ids for r in want]
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
+                             np.concatenate([r.logprobs for r in want]), rtol=1e-6, atol=1e-6)
+  assert split.stats["num_sampler_compilations"] >= 1
+  assert one.stats["num_sampler_compilations"] == 0
+  buffers = split._replicas[0].logits_buffers  # pylint: disable=protected-access
+  assert buffers and all(b.shape == (s, config.vocab_size) and b.dtype == jnp.float32
+                         for s, b in buffers.items())
+  for program in split._replicas[0].compiled.values():  # pylint: disable=protected-access
+    header = program.model.as_text().split("\n", 1)[0]
+    # Output 0 (the logits) reuses a parameter (the donated buffer), as outputs 1 and 2 (the
+    # pools) do.
+    aliases = header.split("input_output_alias={", 1)[1].split("}, entry", 1)[0]
+    assert "{0}: (" in aliases and "{1}: (" in aliases and "{2}: (" in aliases, header[:300]
+  before = {s: b.unsafe_buffer_pointer() for s, b in buffers.items()}
+  again = split.generate(prompts[:3], sps[:3])  # another number of steps
+  assert [r.output_ids for r in again] == [r.output_ids for r in got[:3]]
+  assert {s: b.unsafe_buffer_pointer() for s, b in buffers.items()} == before
+
+
 def test_finish_reasons_and_a_pool_too_small(hf_tiny):
   """Stop ids end a request with "stop" (the stop token included), EOS too unless ignore_eos,
   max_new_tokens with "length"; a request the pool can never hold is refused before any step

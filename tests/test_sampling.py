@@ -60,6 +60,57 @@ def test_temperature_sampling_follows_the_distribution():
     assert np.all(np.abs(freq - expected) <= tolerance), (t, freq, expected)
 
 
+def _inverse_cdf_reference(u, x):
+  """searchsorted over the float64 cumulative weights of each row's ids of positive weight."""
+  out = []
+  for ui, row in zip(u, x):
+    w = np.exp(row.astype(np.float64) - row.max())
+    live = np.nonzero(w > 0)[0]
+    c = np.cumsum(w[live])
+    out.append(int(live[min(np.searchsorted(c, ui * c[-1], side="right"), len(live) - 1)]))
+  return np.array(out)
+
+
+def test_inverse_cdf_edges_against_the_cumulative_reference():
+  """`inverse_cdf` picks, for each u, the first live id whose cumulative weight exceeds u times
+  the total (a float64 searchsorted reference on random rows with -inf ids at the start, middle
+  and end); u = 0 gives the first live id, u just below 1 the last; a row whose max is not
+  finite (+inf, all -inf, a NaN) gives -1, which `sample` turns into the greedy id."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((6, 50)).astype(np.float32) * 2
+  x[:, :3] = -np.inf
+  x[:, 20:25] = -np.inf
+  x[:, -4:] = -np.inf
+  u = np.array([0.0, 0.25, 0.5, 0.9, np.nextafter(np.float32(1), np.float32(0)), 0.999],
+               np.float32)
+  got = np.asarray(S.inverse_cdf(jnp.asarray(u), jnp.asarray(x)))
+  np.testing.assert_array_equal(got, _inverse_cdf_reference(u, x))
+  assert got[0] == 3 and got[4] == 45
+  odd = np.zeros((4, 8), np.float32)
+  odd[:2, 5] = np.inf
+  odd[2] = -np.inf
+  odd[3, 6] = np.nan
+  assert np.asarray(S.inverse_cdf(jnp.asarray([0.0, 0.99, 0.5, 0.5], jnp.float32),
+                                  jnp.asarray(odd))).tolist() == [-1, -1, -1, -1]
+  rp = _rows(3, temperature=1.0)
+  tokens, _ = jax.jit(S.sample)(jnp.asarray(odd[1:]), rp, jnp.int32(0))
+  # Greedy: the +inf id, id 0 of a -inf row, the first NaN.
+  assert np.asarray(tokens).tolist() == [5, 0, 6]
+
+
+def test_inverse_cdf_never_picks_masked_ids_at_qwen2_vocab_size():
+  """At Qwen2's 151,936 ids with all but 50 masked (top-k), 1,000 uniforms (the cumulative sum is
+  summed in blocks there) all give one of the 50, and each of them is drawn."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((1, 151936)).astype(np.float32))
+  x = S.mask_top_k(x, jnp.asarray([50]))
+  keep = set(np.nonzero(np.isfinite(np.asarray(x[0])))[0].tolist())
+  pick = jax.jit(lambda u: S.inverse_cdf(u, jnp.broadcast_to(x, (u.shape[0], x.shape[1]))))
+  got = np.concatenate([np.asarray(pick(jnp.asarray(rng.random(100, dtype=np.float32))))
+                        for _ in range(10)])
+  assert set(got.tolist()) == keep
+
+
 def test_masks_keep_exactly_the_intended_tokens():
   """mask_top_k / mask_top_p keep the k largest / the nucleus; 0 and 1 disable them per row."""
   logits = jnp.asarray(np.stack([LOGITS, LOGITS[::-1]]))
