@@ -191,6 +191,12 @@ class SwiGLU(nn.Module):
       u = checkpoint_name(matmul(x, up, dt), "mlpwi_1")    # [B, T, F]
       h = jax.nn.silu(g) * u
     elif cpu_matmul.swiglu_fusable(gate_up.panels, gate_up.n):
+      if (isinstance(down, PackedKernel) and down.panels.dtype == jnp.bfloat16
+          and dt == jnp.float32):
+        # The engines' whole-MLP bf16x3 kernel: the SwiGLU tiles go straight into the down
+        # projection's bf16 parts (the same bits as the two calls below).
+        return checkpoint_name(cpu_matmul.packed_mlp(x.astype(jnp.float32), gate_up.panels,
+                                                     down.panels, F, down.n), "mlpwo")
       # The engines' fused bf16x3 kernel: SwiGLU applied in the kernel, tile by tile.
       h = cpu_matmul.packed_swiglu(x.astype(jnp.float32), gate_up.panels, gate_up.n).astype(dt)
     else:  # the engines' fused packed kernel

@@ -34,6 +34,8 @@ KERNEL_TESTS = [
     "tests/test_cpu_matmul.py::test_bf16x3_matmul_equals_its_reference",
     "tests/test_cpu_matmul.py::test_bf16x3_pack_round_trip_and_leading_axes",
     "tests/test_cpu_matmul.py::test_bf16x3_swiglu_equals_its_reference",
+    "tests/test_cpu_matmul.py::test_bf16x3_mlp_is_swiglu_then_down_bit_for_bit",
+    "tests/test_cpu_matmul.py::test_bf16x3_mlp_refuses_mismatched_tiles",
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_matches_reference",
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_window_edge_values",
     "tests/test_ragged_paged_attention.py::test_cpu_kernel_refuses_bad_inputs",

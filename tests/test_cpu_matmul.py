@@ -213,6 +213,67 @@ def test_bf16x3_swiglu_refuses_what_it_cannot_fuse():
   assert not cpu_matmul.swiglu_fusable(panels, 128)
 
 
+# (m, K, F, N): one row; a partial row block; Qwen2-0.5B's decode MLP; K and N not multiples of
+# 32 and 16; the row pairs (40 rows) and the four-panel loop (64, 130 rows); several tasks.
+SHAPES_MLP = [(1, 64, 32, 40), (5, 100, 64, 896), (16, 896, 4864, 896), (17, 70, 96, 33),
+              (40, 257, 64, 20), (64, 128, 160, 64), (130, 96, 128, 50)]
+
+
+@needs_extension
+@pytest.mark.parametrize("m,k,f,n", SHAPES_MLP)
+def test_bf16x3_mlp_is_swiglu_then_down_bit_for_bit(m, k, f, n):
+  """`packed_mlp` (the SwiGLU tiles stored as the down products' bf16 parts) gives the same bits
+  as `packed_swiglu` followed by `packed_matmul`, and equals its bf16x3 reference within 1e-5 of
+  the largest |y|, with some gate columns in silu's saturated tails; leading axes are kept. (The
+  reference's silu differs from the kernel's in the last bits, which can move an activation's
+  bf16 split; over F = 4864 terms that reached 3.7e-6 of the largest |y| in the portable loop.)"""
+  rng = np.random.default_rng(m * 1000 + k + f + n)
+  x = rng.standard_normal((m, k), np.float32)
+  w = rng.standard_normal((k, 2 * f), np.float32) * np.float32(4.0 / np.sqrt(k))
+  w[:, :8] *= 10
+  gate_up = cpu_matmul.pack_bf16x3(w)
+  down = cpu_matmul.pack_bf16x3(rng.standard_normal((f, n), np.float32) / np.float32(np.sqrt(f)))
+  got = np.asarray(jax.jit(cpu_matmul.packed_mlp, static_argnums=(3, 4))(x, gate_up, down, f, n))
+  assert got.shape == (m, n)
+  two = jax.jit(lambda x: cpu_matmul.packed_matmul(cpu_matmul.packed_swiglu(x, gate_up, 2 * f),
+                                                   down, n))(x)
+  np.testing.assert_array_equal(got.view(np.uint32), np.asarray(two).view(np.uint32))
+  ref = np.asarray(cpu_matmul.packed_mlp_reference(jnp.asarray(x), jnp.asarray(gate_up),
+                                                   jnp.asarray(down), f, n))
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  batched = cpu_matmul.packed_mlp(jnp.asarray(x).reshape(1, m, k), gate_up, down, f, n)
+  np.testing.assert_array_equal(np.asarray(batched)[0], got)
+
+
+@needs_extension
+def test_bf16x3_mlp_refuses_mismatched_tiles():
+  """`packed_mlp` names what does not fit: f not a multiple of 32 (48; and 60, whose 120 gate/up
+  columns pack into as many tiles as f = 64 would), fp32 panels, gate/up or down tiles of
+  another f; K = 0 and f = 0 (20 rows: more than one row block) give zeros."""
+  x = jnp.ones((2, 64), jnp.float32)
+  down = cpu_matmul.pack_bf16x3(np.ones((48, 8), np.float32))
+  for f in (48, 60):
+    gate_up = cpu_matmul.pack_bf16x3(np.ones((64, 2 * f), np.float32))
+    with pytest.raises(ValueError, match=rf"packed_mlp: bf16x3 tiles with f % 32 == 0 only.*f={f}"):
+      cpu_matmul.packed_mlp(x, gate_up, cpu_matmul.pack_bf16x3(np.ones((f, 8), np.float32)), f, 8)
+  with pytest.raises(ValueError, match=r"packed_mlp: bf16x3 tiles with f % 32 == 0 only"):
+    cpu_matmul.packed_mlp(x, cpu_matmul.pack(np.ones((64, 128), np.float32), 16), down, 64, 8)
+  with pytest.raises(ValueError, match=r"do not make \[\.\.\., 8\] through f=64"):  # down's f: 96
+    cpu_matmul.packed_mlp(x, cpu_matmul.pack_bf16x3(np.ones((64, 128), np.float32)),
+                          cpu_matmul.pack_bf16x3(np.ones((96, 8), np.float32)), 64, 8)
+  with pytest.raises(ValueError, match=r"do not make \[\.\.\., 8\] through f=32"):  # gate/up's: 64
+    cpu_matmul.packed_mlp(x, cpu_matmul.pack_bf16x3(np.ones((64, 128), np.float32)),
+                          cpu_matmul.pack_bf16x3(np.ones((32, 8), np.float32)), 32, 8)
+  empty = cpu_matmul.packed_mlp(jnp.ones((3, 0), jnp.float32),
+                                cpu_matmul.pack_bf16x3(np.ones((0, 64), np.float32)),
+                                cpu_matmul.pack_bf16x3(np.ones((32, 5), np.float32)), 32, 5)
+  np.testing.assert_array_equal(np.asarray(empty), np.zeros((3, 5), np.float32))
+  no_f = cpu_matmul.packed_mlp(jnp.ones((20, 64), jnp.float32),
+                               cpu_matmul.pack_bf16x3(np.ones((64, 0), np.float32)),
+                               cpu_matmul.pack_bf16x3(np.ones((0, 5), np.float32)), 0, 5)
+  np.testing.assert_array_equal(np.asarray(no_f), np.zeros((20, 5), np.float32))
+
+
 @needs_extension
 def test_bf16x3_pack_round_trip_and_leading_axes():
   """`unpack_bf16x3(pack_bf16x3(w))` is w to 2^-16 of each |w| (hi + lo keep 16 significand

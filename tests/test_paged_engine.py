@@ -749,8 +749,8 @@ def test_bf16x3_matmuls_generate_the_same(tmp_path, monkeypatch):
   logprobs within 1e-4, on a stream with prompt chunks and decodes; `params` gives the weights
   back to 2^-16 of each; update_params keeps the tiles. Where AMX is missing it keeps fp32
   panels. (`amx()` is patched to True off AMX CPUs: the kernel then runs the same products in
-  its portable loop.) The MLP's SwiGLU then runs inside the gate/up kernel. Another precision
-  name is a named error."""
+  its portable loop.) Each MLP then runs as one kernel call (`packed_mlp`, SwiGLU inside).
+  Another precision name is a named error."""
   from qwen2_jax.kernels import cpu_matmul  # pylint: disable=import-outside-toplevel
   if not cpu_matmul.available():
     pytest.skip("qwen2_jax._cpu_kernels is not built here (test_cpu_matmul checks it on x86-64)")
@@ -773,11 +773,12 @@ def test_bf16x3_matmuls_generate_the_same(tmp_path, monkeypatch):
   x3 = Engine(config, params, matmul_precision="high", **kw)
   assert packed(fp32) == [jnp.float32] * (4 * layers + 1)
   assert packed(x3) == [jnp.bfloat16] * (4 * layers + 1)
-  fused = []  # the bf16x3 gate/up tiles take the MLP's SwiGLU into the kernel (F = 64)
-  swiglu = cpu_matmul.packed_swiglu
-  monkeypatch.setattr(cpu_matmul, "packed_swiglu", lambda *a: fused.append(a[2]) or swiglu(*a))
+  fused = []  # the bf16x3 tiles run each MLP as one call, SwiGLU inside (F = 64)
+  mlp = cpu_matmul.packed_mlp
+  monkeypatch.setattr(cpu_matmul, "packed_mlp",
+                      lambda *a: fused.append((a[3], a[4])) or mlp(*a))
   want, got = fp32.generate(prompts, sps), x3.generate(prompts, sps)
-  assert fused and set(fused) == {2 * config.intermediate_size}
+  assert fused and set(fused) == {(config.intermediate_size, config.hidden_size)}
   assert [r.output_ids for r in got] == [r.output_ids for r in want]
   np.testing.assert_allclose(np.concatenate([r.logprobs for r in got]),
                              np.concatenate([r.logprobs for r in want]), atol=1e-4)

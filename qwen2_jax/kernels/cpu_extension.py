@@ -2,7 +2,8 @@
 custom calls for the generation engines, registered with jax on first use.
 
 - `cpu_matmul.cc`: the prepacked fp32 matmul (`cpu_matmul.packed_matmul`), and its bf16x3
-  variant on AMX tiles (`cpu_matmul.pack_bf16x3`);
+  variant on AMX tiles (`cpu_matmul.pack_bf16x3`), with SwiGLU fused (`packed_swiglu`) and as
+  a whole SwiGLU MLP (`packed_mlp`);
 - `cpu_attention.cc`: ragged paged attention over fp32 pools
   (`ragged_paged_attention.ragged_paged_attention_cpu`);
 - `cpu_logits.cc`: the sampler's per-row argmax / max / sum of exp (`cpu_logits.row_stats`).
@@ -38,6 +39,7 @@ from qwen2_jax.errors import UserError
 MATMUL_TARGET = "qwen2_jax_packed_matmul"
 MATMUL_BF16X3_TARGET = "qwen2_jax_packed_matmul_bf16x3"
 SWIGLU_BF16X3_TARGET = "qwen2_jax_packed_swiglu_bf16x3"
+MLP_BF16X3_TARGET = "qwen2_jax_packed_mlp_bf16x3"
 ATTENTION_TARGET = "qwen2_jax_paged_attention"
 LOGITS_TARGET = "qwen2_jax_logit_row_stats"
 ISA_VARIABLE = "QWEN2_JAX_CPU_ISA"
@@ -66,6 +68,8 @@ def module():
   jax.ffi.register_ffi_target(MATMUL_BF16X3_TARGET, _cpu_kernels.matmul_bf16x3_handler(),
                               platform="cpu")
   jax.ffi.register_ffi_target(SWIGLU_BF16X3_TARGET, _cpu_kernels.swiglu_bf16x3_handler(),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(MLP_BF16X3_TARGET, _cpu_kernels.mlp_bf16x3_handler(),
                               platform="cpu")
   jax.ffi.register_ffi_target(ATTENTION_TARGET, _cpu_kernels.attention_handler(), platform="cpu")
   jax.ffi.register_ffi_target(LOGITS_TARGET, _cpu_kernels.logits_handler(), platform="cpu")

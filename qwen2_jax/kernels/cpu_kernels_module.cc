@@ -10,6 +10,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmul);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMatmulBf16x3);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedSwigluBf16x3);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPackedMlpBf16x3);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxPagedAttention);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Qwen2JaxLogitRowStats);
 int Qwen2JaxPanelWidth();
@@ -28,6 +29,10 @@ static PyObject* MatmulBf16x3Handler(PyObject*, PyObject*) {
 
 static PyObject* SwigluBf16x3Handler(PyObject*, PyObject*) {
   return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedSwigluBf16x3), nullptr, nullptr);
+}
+
+static PyObject* MlpBf16x3Handler(PyObject*, PyObject*) {
+  return PyCapsule_New(reinterpret_cast<void*>(&Qwen2JaxPackedMlpBf16x3), nullptr, nullptr);
 }
 
 static PyObject* AttentionHandler(PyObject*, PyObject*) {
@@ -59,6 +64,8 @@ static PyMethodDef kMethods[] = {
      "The XLA FFI handler of the prepacked bf16x3 matmul (a capsule)."},
     {"swiglu_bf16x3_handler", SwigluBf16x3Handler, METH_NOARGS,
      "The XLA FFI handler of the prepacked bf16x3 gate/up matmul with SwiGLU (a capsule)."},
+    {"mlp_bf16x3_handler", MlpBf16x3Handler, METH_NOARGS,
+     "The XLA FFI handler of the prepacked bf16x3 SwiGLU MLP (a capsule)."},
     {"attention_handler", AttentionHandler, METH_NOARGS,
      "The XLA FFI handler of the ragged paged attention (a capsule)."},
     {"logits_handler", LogitsHandler, METH_NOARGS,

@@ -11,7 +11,8 @@
 //
 // A second custom call multiplies in three bf16 passes on AMX tiles (see "bf16x3" below), for
 // the engines' opt-in matmul_precision "high"; a third does the same for an MLP's [W_gate | W_up]
-// and applies SwiGLU to each finished tile, so the [M, 2F] product is never stored.
+// and applies SwiGLU to each finished tile, so the [M, 2F] product is never stored; a fourth runs
+// a whole SwiGLU MLP, the SwiGLU tiles going straight into the down projection's bf16 parts.
 
 #include <immintrin.h>
 
@@ -268,11 +269,15 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 constexpr int64_t kTileElems = 512;  // bf16 per 16 x 32 tile
 
 struct ProblemX3 {
-  const uint16_t* xh;  // [mpad, kpad] hi parts of x, zero-padded
-  const uint16_t* xl;  // [mpad, kpad] lo parts
-  const uint16_t* w;   // [P, Kb, 2, 512]
-  float* y;            // [M, N]
+  const uint16_t* xh = nullptr;  // [mpad, kpad] hi parts of x, zero-padded
+  const uint16_t* xl = nullptr;  // [mpad, kpad] lo parts
+  const uint16_t* w = nullptr;   // [P, Kb, 2, 512]
+  float* y = nullptr;            // [M, N]
   int64_t m, mpad, kb, n, panels;
+  // Where set (SwiGLU only): y's hi and lo bf16 parts [mpad, n] instead of y (the input split of
+  // a bf16x3 matmul that reads y).
+  uint16_t* yh = nullptr;
+  uint16_t* yl = nullptr;
   // SwiGLU: W is gate's panels then up's (P = 2 * N / 16, N % 32 == 0) and y = silu(x W_gate) *
   // (x W_up). The loops walk "logical" panels that interleave the two (Panel()).
   bool swiglu = false;
@@ -305,6 +310,53 @@ QWEN2_JAX_INLINE void SwigluTileBody(const float* g, const float* u, int64_t row
   SwigluTileBody(g, u, rows, y, ldy);
 }
 
+// The bf16 bits of 16 floats, in the low halves (round to nearest even; NaN stays NaN).
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint16_t U16x16u __attribute__((vector_size(32), aligned(2)));
+
+QWEN2_JAX_INLINE U32x16 Bf16Bits(F16 v) {
+  const U32x16 u = reinterpret_cast<U32x16>(v);
+  const U32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded;
+}
+
+// 16 floats -> their hi and lo bf16 parts (v_hi = bf16(v), v_lo = bf16(v - v_hi)).
+QWEN2_JAX_INLINE void StoreSplit(F16 v, uint16_t* h, uint16_t* l) {
+  const U32x16 hb = Bf16Bits(v);
+  const U32x16 lb = Bf16Bits(v - reinterpret_cast<F16>(hb << 16));
+  *reinterpret_cast<U16x16u*>(h) = __builtin_convertvector(hb, U16x16);
+  *reinterpret_cast<U16x16u*>(l) = __builtin_convertvector(lb, U16x16);
+}
+
+// SwigluTileBody's values, stored as their bf16 parts (leading dimension ld).
+QWEN2_JAX_INLINE void SwigluTileSplitBody(const float* g, const float* u, int64_t rows,
+                                          uint16_t* yh, uint16_t* yl, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const F16 a = Load(g + r * 16), b = Load(u + r * 16);
+    const F16 e = ExpNonPositive(a > 0.0f ? -a : a);
+    F16 sigmoid = a > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+    sigmoid = a < -87.0f ? F16{} : sigmoid;
+    StoreSplit(a * sigmoid * b, yh + r * ld, yl + r * ld);
+  }
+}
+
+[[maybe_unused]] __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void
+SwigluTileSplit(const float* g, const float* u, int64_t rows, uint16_t* yh, uint16_t* yl,
+                int64_t ld) {
+  SwigluTileSplitBody(g, u, rows, yh, yl, ld);
+}
+
+// The SwiGLU tiles of output columns [col, col + 16), rows [row, row + rows): to y, or split.
+[[maybe_unused]] inline void SwigluOut(const ProblemX3& pb, const float* g, const float* u,
+                                       int64_t row, int64_t rows, int64_t col) {
+  if (pb.yh != nullptr) {
+    SwigluTileSplit(g, u, rows, pb.yh + row * pb.n + col, pb.yl + row * pb.n + col, pb.n);
+  } else {
+    SwigluTile(g, u, rows, pb.y + row * pb.n + col, pb.n);
+  }
+}
+
 inline uint16_t Bf16Scalar(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -320,17 +372,6 @@ inline float Bf16ToFloat(uint16_t h) {
   return f;
 }
 
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint16_t U16x16u __attribute__((vector_size(32), aligned(2)));
-
-// The bf16 bits of 16 floats, in the low halves (round to nearest even; NaN stays NaN).
-QWEN2_JAX_INLINE U32x16 Bf16Bits(F16 v) {
-  const U32x16 u = reinterpret_cast<U32x16>(v);
-  const U32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded;
-}
-
 // Rows [r0, r1) of x [m, k] -> hi and lo parts [mpad, kpad], zero-padded, 16 at a time.
 QWEN2_JAX_INLINE void SplitRowsBody(const float* x, int64_t m, int64_t k, int64_t kpad,
                                     int64_t r0, int64_t r1, uint16_t* xh, uint16_t* xl) {
@@ -339,13 +380,7 @@ QWEN2_JAX_INLINE void SplitRowsBody(const float* x, int64_t m, int64_t k, int64_
     uint16_t* l = xl + r * kpad;
     const int64_t valid = r < m ? k : 0;
     int64_t i = 0;
-    for (; i + 16 <= valid; i += 16) {
-      const F16 v = Load(x + r * k + i);
-      const U32x16 hb = Bf16Bits(v);
-      const U32x16 lb = Bf16Bits(v - reinterpret_cast<F16>(hb << 16));
-      *reinterpret_cast<U16x16u*>(h + i) = __builtin_convertvector(hb, U16x16);
-      *reinterpret_cast<U16x16u*>(l + i) = __builtin_convertvector(lb, U16x16);
-    }
+    for (; i + 16 <= valid; i += 16) StoreSplit(Load(x + r * k + i), h + i, l + i);
     for (; i < valid; ++i) {
       const float v = x[r * k + i];
       h[i] = Bf16Scalar(v);
@@ -464,10 +499,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
       _tile_stored(2, out[2], 64);
       _tile_stored(3, out[3], 64);
       if (pb.swiglu) {  // tiles 0, 2: gate's; 1, 3: up's, of output panel q / 2
-        float* y = pb.y + r0 * pb.n + q / 2 * 16;
-        SwigluTile(out[0], out[1], std::min<int64_t>(16, pb.m - r0), y, pb.n);
+        SwigluOut(pb, out[0], out[1], r0, std::min<int64_t>(16, pb.m - r0), q / 2 * 16);
         if (r0 + 16 < pb.m)
-          SwigluTile(out[2], out[3], std::min<int64_t>(16, pb.m - r0 - 16), y + 16 * pb.n, pb.n);
+          SwigluOut(pb, out[2], out[3], r0 + 16, std::min<int64_t>(16, pb.m - r0 - 16), q / 2 * 16);
         continue;
       }
       for (int64_t j = 0; j < (two ? 2 : 1); ++j) {
@@ -521,9 +555,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void RunPanelsAmx(const ProblemX3& 
       _tile_stored(3, out[3], 64);
       if (pb.swiglu) {  // tiles 0, 1: gate's, 2, 3: up's, of output panels q / 2 and q / 2 + 1
         const int64_t rows = std::min<int64_t>(16, pb.m - r0);
-        float* y = pb.y + r0 * pb.n + q / 2 * 16;
-        SwigluTile(out[0], out[2], rows, y, pb.n);
-        SwigluTile(out[1], out[3], rows, y + 16, pb.n);
+        SwigluOut(pb, out[0], out[2], r0, rows, q / 2 * 16);
+        SwigluOut(pb, out[1], out[3], r0, rows, q / 2 * 16 + 16);
         continue;
       }
       for (int64_t j = 0; j < np; ++j) WriteTile(pb, out[j], r0, (q + j) * 16);
@@ -558,7 +591,14 @@ void RunPanelsPortable(const ProblemX3& pb, int64_t p0, int64_t p1) {
       for (int64_t p = p0 / 2; p < p1 / 2; ++p) {
         for (int64_t j = 0; j < 16; ++j) {
           const float g = dot(r, p, j), u = dot(r, pb.n / 16 + p, j);
-          pb.y[r * pb.n + p * 16 + j] = g / (1.0f + std::exp(-g)) * u;
+          const float v = g / (1.0f + std::exp(-g)) * u;
+          const int64_t at = r * pb.n + p * 16 + j;
+          if (pb.yh != nullptr) {
+            pb.yh[at] = Bf16Scalar(v);
+            pb.yl[at] = Bf16Scalar(v - Bf16ToFloat(pb.yh[at]));
+          } else {
+            pb.y[at] = v;
+          }
         }
       }
       continue;
@@ -567,6 +607,51 @@ void RunPanelsPortable(const ProblemX3& pb, int64_t p0, int64_t p1) {
       for (int64_t j = 0; j < 16 && p * 16 + j < pb.n; ++j)
         pb.y[r * pb.n + p * 16 + j] = dot(r, p, j);
   }
+}
+
+// pb.xh and pb.xl: the hi and lo parts of x [pb.m, k], zero-padded to [pb.mpad, pb.kb * 32], in
+// the caller's scratch. It is reused across calls and keeps its largest size (10 MiB for 512
+// rows of K 4864) for the life of the thread.
+void SplitInput(ffi::ThreadPool& pool, const float* x, int64_t k, ProblemX3& pb) {
+  const int64_t kpad = pb.kb * 32;
+  thread_local std::vector<uint16_t> split;
+  split.resize(static_cast<size_t>(2 * pb.mpad * kpad));
+  uint16_t* xh = split.data();
+  uint16_t* xl = split.data() + pb.mpad * kpad;
+  auto split_rows = ForBestIsa(SplitRows512, SplitRows256, SplitRowsGeneric);
+  if (pb.mpad >= 64) {  // 16 rows per task
+    ParallelFor(pool, pb.mpad / 16, [&](int64_t c) {
+      split_rows(x, pb.m, k, kpad, c * 16, c * 16 + 16, xh, xl);
+    });
+  } else {
+    split_rows(x, pb.m, k, kpad, 0, pb.mpad, xh, xl);
+  }
+  pb.xh = xh;
+  pb.xl = xl;
+}
+
+// The products of pb (x's parts set), split over the caller and XLA's pool.
+void RunX3(ffi::ThreadPool& pool, const ProblemX3& pb) {
+#if QWEN2_JAX_HAVE_AMX
+  void (*run)(const ProblemX3&, int64_t, int64_t) =
+      AmxUsable() ? RunPanelsAmx : RunPanelsPortable;
+#else
+  void (*run)(const ProblemX3&, int64_t, int64_t) = RunPanelsPortable;
+#endif
+  // A chunk of panels per task: 4 (one tile pass) for up to 16 rows, where the panels stream
+  // from memory once; for more rows, as many as fit in about 1 MiB of L2, which every row block
+  // then reads. Always a multiple of 4, which SwiGLU's grouping (Panel()) relies on: with 2N / 16
+  // panels, N % 32 == 0, every task then holds whole groups of gate and up panels.
+  int64_t chunk = 4;
+  if (pb.mpad > 16) chunk = std::max<int64_t>(4, ((int64_t{1} << 20) / (pb.kb * 2048)) / 4 * 4);
+  const int64_t chunks = (pb.panels + chunk - 1) / chunk;
+  if (chunks < 2) {
+    run(pb, 0, pb.panels);
+    return;
+  }
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    run(pb, c * chunk, std::min(pb.panels, (c + 1) * chunk));
+  });
 }
 
 // y = x @ W, or with `swiglu`, silu(x @ W_gate) * (x @ W_up) for W = [W_gate | W_up].
@@ -599,45 +684,69 @@ ffi::Error Bf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     return ffi::Error::Success();
   }
   pb.mpad = (pb.m + 15) / 16 * 16;
-  const int64_t kpad = pb.kb * 32;
-  // The caller's scratch, reused across calls: it keeps its largest size (10 MiB for 512 rows
-  // of K 4864) for the life of the thread.
-  thread_local std::vector<uint16_t> split;
-  split.resize(static_cast<size_t>(2 * pb.mpad * kpad));
-  uint16_t* xh = split.data();
-  uint16_t* xl = split.data() + pb.mpad * kpad;
-  auto split_rows = ForBestIsa(SplitRows512, SplitRows256, SplitRowsGeneric);
-  const float* xs = x.typed_data();
-  if (pb.mpad >= 64) {  // 16 rows per task
-    ParallelFor(pool, pb.mpad / 16, [&](int64_t c) {
-      split_rows(xs, pb.m, k, kpad, c * 16, c * 16 + 16, xh, xl);
-    });
-  } else {
-    split_rows(xs, pb.m, k, kpad, 0, pb.mpad, xh, xl);
-  }
-  pb.xh = xh;
-  pb.xl = xl;
+  SplitInput(pool, x.typed_data(), k, pb);
   pb.w = reinterpret_cast<const uint16_t*>(w.untyped_data());
-#if QWEN2_JAX_HAVE_AMX
-  void (*run)(const ProblemX3&, int64_t, int64_t) =
-      AmxUsable() ? RunPanelsAmx : RunPanelsPortable;
-#else
-  void (*run)(const ProblemX3&, int64_t, int64_t) = RunPanelsPortable;
-#endif
-  // A chunk of panels per task: 4 (one tile pass) for up to 16 rows, where the panels stream
-  // from memory once; for more rows, as many as fit in about 1 MiB of L2, which every row block
-  // then reads. Always a multiple of 4, which SwiGLU's grouping (Panel()) relies on: with 2N / 16
-  // panels, N % 32 == 0, every task then holds whole groups of gate and up panels.
-  int64_t chunk = 4;
-  if (pb.mpad > 16) chunk = std::max<int64_t>(4, ((int64_t{1} << 20) / (pb.kb * 2048)) / 4 * 4);
-  const int64_t chunks = (pb.panels + chunk - 1) / chunk;
-  if (chunks < 2) {
-    run(pb, 0, pb.panels);
+  RunX3(pool, pb);
+  return ffi::Error::Success();
+}
+
+// y = down(silu(x W_gate) * (x W_up)) for w_gu = the bf16x3 packing of [W_gate | W_up] (F columns
+// each, F % 32 == 0) and w_down that of W_down [F, N]: the packed_swiglu products, their SwiGLU
+// tiles stored straight as the bf16 parts that the down products read (the same bits as
+// packed_swiglu followed by the bf16x3 matmul, without the [M, F] fp32 activations or their
+// split: at 16 rows of F 4864 the split alone took about 48 us per call).
+ffi::Error PackedMlpBf16x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::BF16> w_gu, ffi::Buffer<ffi::BF16> w_down,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), gd = w_gu.dimensions(), dd = w_down.dimensions();
+  const auto yd = y->dimensions();
+  bool shapes_ok = gd.size() == 4 && gd[2] == 2 && gd[3] == kTileElems && dd.size() == 4 &&
+                   dd[2] == 2 && dd[3] == kTileElems && xd.size() >= 1 && yd.size() == xd.size();
+  for (size_t i = 0; shapes_ok && i + 1 < xd.size(); ++i) shapes_ok = xd[i] == yd[i];
+  if (!shapes_ok)
+    return ffi::Error::InvalidArgument(
+        "packed_mlp (bf16x3): x [..., K], w_gu and w_down [P, Kb, 2, 512], y [..., N]");
+  const int64_t k = xd.back(), n = yd.back(), f = gd[0] * 8;
+  if (gd[1] != (k + 31) / 32 || gd[0] % 4 != 0 || dd[1] * 32 != f || dd[0] != (n + 15) / 16)
+    return ffi::Error::InvalidArgument(
+        "packed_mlp (bf16x3): w_gu's tiles do not match x's K and 2F (F % 32 == 0), or "
+        "w_down's do not match F and y's N");
+  const int64_t m = n == 0 ? 0 : y->element_count() / n;
+  float* out = y->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0 || f == 0) {  // silu(0) * 0, or no activations
+    std::fill(out, out + m * n, 0.0f);
     return ffi::Error::Success();
   }
-  ParallelFor(pool, chunks, [&](int64_t c) {
-    run(pb, c * chunk, std::min(pb.panels, (c + 1) * chunk));
-  });
+  ProblemX3 up;
+  up.m = m;
+  up.mpad = (m + 15) / 16 * 16;
+  up.kb = gd[1];
+  up.n = f;
+  up.panels = gd[0];
+  up.swiglu = true;
+  SplitInput(pool, x.typed_data(), k, up);
+  up.w = reinterpret_cast<const uint16_t*>(w_gu.untyped_data());
+  // The activations' parts, the caller's scratch as SplitInput's (10 MiB at 512 rows of F 4864);
+  // rows past m stay zero.
+  thread_local std::vector<uint16_t> hidden;
+  hidden.resize(static_cast<size_t>(2 * up.mpad * f));
+  up.yh = hidden.data();
+  up.yl = hidden.data() + up.mpad * f;
+  for (uint16_t* part : {up.yh, up.yl})
+    std::fill(part + m * f, part + up.mpad * f, uint16_t{0});
+  RunX3(pool, up);
+  ProblemX3 down;
+  down.m = m;
+  down.mpad = up.mpad;
+  down.kb = dd[1];
+  down.n = n;
+  down.panels = dd[0];
+  down.xh = up.yh;
+  down.xl = up.yl;
+  down.w = reinterpret_cast<const uint16_t*>(w_down.untyped_data());
+  down.y = out;
+  RunX3(pool, down);
   return ffi::Error::Success();
 }
 
@@ -670,6 +779,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedSwigluBf16x3, PackedSwigluBf16x3,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Qwen2JaxPackedMlpBf16x3, PackedMlpBf16x3,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

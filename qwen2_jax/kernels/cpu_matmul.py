@@ -21,7 +21,10 @@ whether the tiles run here; elsewhere the same products run in a slow portable l
 `packed_matmul` takes either packing; `packed_matmul_bf16x3_reference` is the jnp oracle of the
 bf16x3 products. `packed_swiglu` multiplies by a bf16x3 packing of [W_gate | W_up] and returns
 silu(x W_gate) * (x W_up), computed as each tile of products is done, so the [..., 2F] product
-never goes to memory (`packed_swiglu_reference` is its oracle).
+never goes to memory (`packed_swiglu_reference` is its oracle). `packed_mlp` runs a whole SwiGLU
+MLP, down(silu(x W_gate) * (x W_up)), as one call: its SwiGLU tiles are stored straight as the
+bf16 parts that the down products read, so the [..., F] activations are neither stored in fp32
+nor split again (the same bits as `packed_swiglu` then `packed_matmul`; `packed_mlp_reference`).
 """
 
 from __future__ import annotations
@@ -152,6 +155,31 @@ def packed_swiglu(x: Array, packed: Array, n: int) -> Array:
                      f"[..., {n}]")
   out = jax.ShapeDtypeStruct((*x.shape[:-1], n // 2), jnp.float32)
   return jax.ffi.ffi_call(cpu_extension.SWIGLU_BF16X3_TARGET, out)(x, packed)
+
+
+def packed_mlp(x: Array, gate_up: Array, down: Array, f: int, n: int) -> Array:
+  """down(silu(x @ W_gate) * (x @ W_up)) [..., n] for gate_up = `pack_bf16x3([W_gate | W_up])`
+  (f columns each, f % 32 == 0) and down = `pack_bf16x3(W_down)` (W_down [f, n]); x fp32, on
+  the CPU backend only. The same bits as `packed_matmul(packed_swiglu(x, gate_up, 2f), down, n)`
+  in one call."""
+  if not cpu_extension.available():
+    raise cpu_extension.missing("packed_mlp")
+  if x.dtype != jnp.float32:
+    raise TypeError(f"packed_mlp: x must be float32, got {x.dtype}")
+  if not (swiglu_fusable(gate_up, 2 * f) and down.dtype == jnp.bfloat16):
+    raise ValueError(f"packed_mlp: bf16x3 tiles with f % 32 == 0 only, got {gate_up.dtype} "
+                     f"{gate_up.shape} and {down.dtype} {down.shape} tiles, f={f}")
+  if (gate_up.shape != (2 * f // 16, -(-x.shape[-1] // 32), 2, 512)
+      or down.shape != (-(-n // 16), f // 32, 2, 512)):
+    raise ValueError(f"packed_mlp: x {x.shape}, gate_up tiles {gate_up.shape} and down tiles "
+                     f"{down.shape} do not make [..., {n}] through f={f}")
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
+  return jax.ffi.ffi_call(cpu_extension.MLP_BF16X3_TARGET, out)(x, gate_up, down)
+
+
+def packed_mlp_reference(x: Array, gate_up: Array, down: Array, f: int, n: int) -> Array:
+  """The oracle of `packed_mlp`: `packed_swiglu_reference`, then the bf16x3 reference product."""
+  return packed_matmul_bf16x3_reference(packed_swiglu_reference(x, gate_up, 2 * f), down, n)
 
 
 def packed_swiglu_reference(x: Array, packed: Array, n: int) -> Array:
