@@ -294,15 +294,17 @@ inline int64_t Panel(const ProblemX3& pb, int64_t l, int group) {
 // y[r, c] = silu(g[r, c]) * u[r, c] for r < rows, c < 16: g, u 16 x 16 tiles as stored, y with
 // leading dimension ldy. silu(g) = g / (1 + exp(-g)), exp to ~2e-7 (ExpNonPositive of -|g|);
 // below g = -87 the sigmoid is 0 (as jax.nn.silu's, which also gives NaN at g = -inf).
+QWEN2_JAX_INLINE F16 SwigluRow(const float* g, const float* u) {
+  const F16 a = Load(g), b = Load(u);
+  const F16 e = ExpNonPositive(a > 0.0f ? -a : a);  // exp(-|g|)
+  F16 sigmoid = a > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+  sigmoid = a < -87.0f ? F16{} : sigmoid;  // ExpNonPositive stops at exp(-87)
+  return a * sigmoid * b;
+}
+
 QWEN2_JAX_INLINE void SwigluTileBody(const float* g, const float* u, int64_t rows, float* y,
                                      int64_t ldy) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const F16 a = Load(g + r * 16), b = Load(u + r * 16);
-    const F16 e = ExpNonPositive(a > 0.0f ? -a : a);  // exp(-|g|)
-    F16 sigmoid = a > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-    sigmoid = a < -87.0f ? F16{} : sigmoid;  // ExpNonPositive stops at exp(-87)
-    Store(y + r * ldy, a * sigmoid * b);
-  }
+  for (int64_t r = 0; r < rows; ++r) Store(y + r * ldy, SwigluRow(g + r * 16, u + r * 16));
 }
 
 [[maybe_unused]] __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void SwigluTile(
@@ -332,13 +334,8 @@ QWEN2_JAX_INLINE void StoreSplit(F16 v, uint16_t* h, uint16_t* l) {
 // SwigluTileBody's values, stored as their bf16 parts (leading dimension ld).
 QWEN2_JAX_INLINE void SwigluTileSplitBody(const float* g, const float* u, int64_t rows,
                                           uint16_t* yh, uint16_t* yl, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const F16 a = Load(g + r * 16), b = Load(u + r * 16);
-    const F16 e = ExpNonPositive(a > 0.0f ? -a : a);
-    F16 sigmoid = a > 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-    sigmoid = a < -87.0f ? F16{} : sigmoid;
-    StoreSplit(a * sigmoid * b, yh + r * ld, yl + r * ld);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    StoreSplit(SwigluRow(g + r * 16, u + r * 16), yh + r * ld, yl + r * ld);
 }
 
 [[maybe_unused]] __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma"))) void
