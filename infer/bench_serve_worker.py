@@ -1,9 +1,10 @@
 """The worker processes of `qwen2-jax bench serve` (`qwen2_jax.infer.bench_serve`), one per
-stack, so that each stack has the machine's memory and threads to itself:
+stack, so that each stack has its own threads and none runs while another is timed:
 
   python -m qwen2_jax.infer.bench_serve_worker prepare --model-dir DIR --preset P --dtype D \
       --seed S --out OUT.json           # random weights of a preset, written as an HF directory
-  python -m qwen2_jax.infer.bench_serve_worker {jax-new,jax-static} --spec SPEC.json --out OUT.json
+  python -m qwen2_jax.infer.bench_serve_worker {jax-new,jax-static} --spec SPEC.json --out OUT.json \
+      [--gated]                         # --gated: wait for the driver before each timed run
 
 A stack's result (OUT.json): startup_s (checkpoint load + engine build), warmup_s (each untimed
 run), compile_s (the engine's own count), runs [{wall_s, output_tokens, ttft_s [per request]}],
@@ -16,6 +17,7 @@ vLLM's worker is `scripts/vllm_serve_bench.py` (its own virtualenv) and writes t
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -107,8 +109,19 @@ def run_static(engine, requests) -> tuple[list[list[int]], list[float | None]]:
   return outputs, first
 
 
-def bench_stack(stack: str, spec: dict) -> dict:
-  """Loads the checkpoint, builds the engine, runs the workload warmup + repeats times."""
+def wait_for_go(out: str, run: int) -> None:
+  """`bench serve --order interleaved`: tells the driver that this worker is idle before timed
+  run `run` (it writes the file OUT.wait<run>), then blocks until the driver writes a line to
+  stdin; exits if the driver has gone (EOF)."""
+  with open(f"{out}.wait{run}", "w", encoding="utf-8"):
+    pass
+  if not sys.stdin.readline():
+    raise SystemExit("bench serve worker: the driver closed stdin before the timed run")
+
+
+def bench_stack(stack: str, spec: dict, gate=None) -> dict:
+  """Loads the checkpoint, builds the engine, runs the workload warmup + repeats times;
+  `gate(run)`, where given, is called before each timed run (`wait_for_go`)."""
   from qwen2_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from qwen2_jax.infer.sampling import SamplingParams  # pylint: disable=import-outside-toplevel
   load_start = _load_avg()
@@ -132,6 +145,8 @@ def bench_stack(stack: str, spec: dict) -> dict:
   for i in range(spec["warmup"] + spec["repeats"]):
     if i == spec["warmup"]:
       before = engine.stats.get("step_time") or {}
+    if gate is not None and i >= spec["warmup"]:
+      gate(i - spec["warmup"])
     t0 = time.perf_counter()
     outputs, first = one_batch(engine, requests)
     wall = time.perf_counter() - t0
@@ -173,14 +188,19 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--preset", default="qwen2-0.5b")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--gated", action="store_true",
+                      help="wait for a line on stdin before each timed run (interleaved order)")
   args = parser.parse_args(argv)
   if args.stack == "prepare":
     result = prepare(args.model_dir, args.preset, args.dtype, args.seed)
   else:
     with open(args.spec, encoding="utf-8") as f:
-      result = bench_stack(args.stack, json.load(f))
-  with open(args.out, "w", encoding="utf-8") as f:
+      result = bench_stack(args.stack, json.load(f),
+                           functools.partial(wait_for_go, args.out) if args.gated else None)
+  tmp = f"{args.out}.tmp"  # written whole, then renamed: the driver waits for OUT to appear
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(result, f, default=lambda x: np.asarray(x).tolist())
+  os.replace(tmp, args.out)
   return 0
 
 

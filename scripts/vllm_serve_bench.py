@@ -5,7 +5,10 @@ qwen2-jax; it reads the spec the benchmark wrote and writes the same result fiel
 workers (`qwen2_jax.infer.bench_serve_worker`):
 
   .venv-vllm/bin/python scripts/vllm_serve_bench.py --spec runs/bench_serve/spec.json \
-      --out runs/bench_serve/result-vllm.json
+      --out runs/bench_serve/result-vllm.json [--gated]
+
+With --gated (the benchmark's interleaved order) it writes OUT.wait<i> and waits for a line on
+stdin before timed run i, as the JAX workers do.
 
 No tokenizer and no network: prompts are token ids (`TokensPrompt`), the model is the local HF
 directory, sampling is greedy with EOS ignored. The batch is added to the engine at once and
@@ -22,6 +25,15 @@ import time
 
 def _load_avg():
   return [round(x, 2) for x in os.getloadavg()]
+
+
+def wait_for_go(out, run):
+  """--gated (`bench serve --order interleaved`): writes OUT.wait<run> (this worker is idle
+  before timed run `run`), then blocks until the driver writes a line to stdin."""
+  with open(f"{out}.wait{run}", "w", encoding="utf-8"):
+    pass
+  if not sys.stdin.readline():
+    sys.exit("vllm: the driver closed stdin before the timed run")
 
 
 def run_batch(engine, workload, vllm_api, run_index, admission="fifo"):
@@ -56,6 +68,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--spec", required=True)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--gated", action="store_true",
+                      help="wait for a line on stdin before each timed run (interleaved order)")
   args = parser.parse_args()
   with open(args.spec, encoding="utf-8") as f:
     spec = json.load(f)
@@ -87,6 +101,8 @@ def main():
   expected = sum(r["max_tokens"] for r in workload)
   api = (TokensPrompt, SamplingParams, RequestOutputKind)
   for i in range(spec["warmup"] + spec["repeats"]):
+    if args.gated and i >= spec["warmup"]:
+      wait_for_go(args.out, i - spec["warmup"])
     t0 = time.perf_counter()
     outputs, first = run_batch(engine, workload, api, i, spec.get("admission", "fifo"))
     wall = time.perf_counter() - t0
@@ -102,8 +118,10 @@ def main():
           f"{n / wall:.1f} output tok/s", file=sys.stderr, flush=True)
   out["outputs"] = outputs
   out["load_average_end"] = _load_avg()
-  with open(args.out, "w", encoding="utf-8") as f:
+  tmp = f"{args.out}.tmp"  # written whole, then renamed: the driver waits for OUT to appear
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(out, f)
+  os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

